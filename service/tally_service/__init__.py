@@ -1,0 +1,1 @@
+"""Tally: a gRPC metering, credits and ledger service."""

@@ -1,0 +1,119 @@
+"""Domain errors, and the one place they become gRPC statuses (AIP-193).
+
+Handlers and the store raise these; ``interceptors.ErrorMappingInterceptor`` turns them
+into a ``google.rpc.Status`` with an ``ErrorInfo`` (and a ``BadRequest`` for validation).
+"""
+
+from collections.abc import Mapping, Sequence
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "tally"
+
+
+class DomainError(Exception):
+    """An error a caller can act on, with a gRPC code and a machine-readable reason."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = dict(metadata or {})
+        self.field_violations = list(field_violations)
+
+    def to_status(self) -> grpc.Status:
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
+        info.metadata.update(self.metadata)
+        details = [info]
+        if self.field_violations:
+            details.append(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                        for f, d in self.field_violations
+                    ]
+                )
+            )
+        packed = []
+        for detail in details:
+            any_detail = any_pb2.Any()
+            any_detail.Pack(detail)
+            packed.append(any_detail)
+        status = status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=packed
+        )
+        return rpc_status.to_status(status)
+
+
+class InvalidArgument(DomainError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "VALIDATION_FAILED"
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(
+            f"invalid {field}: {description}",
+            metadata={"field": field},
+            field_violations=[(field, description)],
+        )
+        self.field = field
+
+
+class CaptureExceedsHold(InvalidArgument):
+    reason = "CAPTURE_EXCEEDS_HOLD"
+
+
+class NotFound(DomainError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, resource: str, resource_id: str) -> None:
+        super().__init__(
+            f"{resource} {resource_id!r} not found",
+            metadata={"resource": resource, "id": resource_id},
+        )
+        self.reason = f"{resource.upper()}_NOT_FOUND"
+
+
+class AccountAlreadyExists(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ACCOUNT_ALREADY_EXISTS"
+
+
+class RequestIdReused(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "REQUEST_ID_REUSED"
+
+
+class InsufficientCredits(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "INSUFFICIENT_CREDITS"
+
+
+class ReservationNotPending(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "RESERVATION_NOT_PENDING"
+
+
+class BalanceLimit(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "BALANCE_LIMIT"
+
+
+class DatabaseUnavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"
+
+
+class Internal(DomainError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"

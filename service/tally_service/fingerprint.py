@@ -1,0 +1,20 @@
+"""The fingerprint of a request: what "the same payload" means for an idempotency key."""
+
+import hashlib
+
+from google.protobuf.message import Message
+
+
+def of(method: str, request: Message) -> bytes:
+    """SHA-256 of the method name and the request without its request_id.
+
+    Deterministic serialisation orders map entries (Struct fields), so equal requests
+    give equal bytes within one protobuf runtime.
+    """
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    digest = hashlib.sha256(method.encode())
+    digest.update(b"\x00")
+    digest.update(copy.SerializeToString(deterministic=True))
+    return digest.digest()

@@ -1,0 +1,92 @@
+"""The one layer that turns exceptions into gRPC statuses.
+
+Domain errors carry their code and ErrorInfo; database errors are translated first;
+anything else is logged with its traceback and answered INTERNAL (never UNKNOWN, and
+never a traceback on the wire).
+"""
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from sqlalchemy.exc import DBAPIError
+
+from tally_service import errors
+from tally_service.db import translate
+
+log = logging.getLogger(__name__)
+
+
+def _as_domain_error(exc: BaseException, method: str) -> errors.DomainError:
+    if isinstance(exc, errors.DomainError):
+        return exc
+    if isinstance(exc, DBAPIError):
+        translated = translate(exc)
+        if isinstance(translated, errors.DomainError):
+            return translated
+    if isinstance(exc, OSError | TimeoutError):
+        return errors.DatabaseUnavailable("a dependency is unavailable; retry")
+    log.error("unhandled error in %s", method, exc_info=exc)
+    return errors.Internal("internal error")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    status = _as_domain_error(exc, method).to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        kwargs: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method), **kwargs
+        )
+
+
+def _wrap_unary(behavior: Any, method: str) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method)
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Any, method: str) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method)
+
+    return wrapped

@@ -1,0 +1,86 @@
+"""Typed SQLAlchemy models of the tables created by the migrations.
+
+The migrations are the source of the schema (they also create the server-side money
+functions); these models are how Python code reads the tables.
+"""
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Identity, LargeBinary, Text
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        datetime: TIMESTAMP(timezone=True),
+        dict[str, Any]: JSONB,
+        int: BigInteger,
+        str: Text,
+    }
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    account_id: Mapped[str] = mapped_column(primary_key=True)
+    email: Mapped[str]
+    name: Mapped[str]
+    time_zone: Mapped[str]
+    currency: Mapped[str]
+    overdraft_limit: Mapped[int]
+    trial_ends_at: Mapped[datetime | None]
+    balance: Mapped[int]
+    reserved: Mapped[int]
+    last_sequence: Mapped[int]
+    auto_reload_enabled: Mapped[bool]
+    auto_reload_threshold: Mapped[int]
+    auto_reload_amount: Mapped[int]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    balance_updated_at: Mapped[datetime]
+
+
+class Hold(Base):
+    __tablename__ = "holds"
+
+    reservation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    account_id: Mapped[str]
+    status: Mapped[str]
+    amount: Mapped[int]
+    captured: Mapped[int]
+    expires_at: Mapped[datetime]
+    reference: Mapped[str]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata")
+    request_id: Mapped[str]
+    created_at: Mapped[datetime]
+    finalized_at: Mapped[datetime | None]
+
+
+class LedgerEntry(Base):
+    __tablename__ = "ledger_entries"
+
+    entry_id: Mapped[int] = mapped_column(Identity(always=True), primary_key=True)
+    account_id: Mapped[str]
+    sequence: Mapped[int]
+    entry_type: Mapped[str]
+    amount: Mapped[int]
+    balance_after: Mapped[int]
+    description: Mapped[str]
+    reference: Mapped[str]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata")
+    request_id: Mapped[str]
+    reservation_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    created_at: Mapped[datetime]
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    request_id: Mapped[str] = mapped_column(primary_key=True)
+    method: Mapped[str]
+    fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
+    response: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]

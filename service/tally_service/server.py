@@ -1,0 +1,123 @@
+"""The gRPC server: services, health, reflection, the sweeper, and graceful shutdown."""
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from tally.v1 import (
+    accounts_pb2,
+    accounts_pb2_grpc,
+    credits_pb2,
+    credits_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+)
+
+from tally_service import sweeper
+from tally_service.config import Settings
+from tally_service.db import Database, make_engine, migrate, start_embedded
+from tally_service.interceptors import ErrorMappingInterceptor
+from tally_service.servicers.accounts import AccountsServicer
+from tally_service.servicers.credits import CreditsServicer
+from tally_service.servicers.ledger import LedgerServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name,
+    credits_pb2.DESCRIPTOR.services_by_name["CreditsService"].full_name,
+    ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+]
+HEALTH_PROBE_SECONDS = 5.0
+
+
+def resolve_database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded(settings.data_dir)
+
+
+async def _watch_database(db: Database, health: HealthServicer) -> None:
+    """SERVING only while the database answers (readiness)."""
+    while True:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if await db.ping()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *SERVICE_NAMES]:
+            await health.set(name, status)
+        await asyncio.sleep(HEALTH_PROBE_SECONDS)
+
+
+async def serve(settings: Settings, database_url: str) -> None:
+    db = Database(
+        make_engine(
+            database_url,
+            pool_size=settings.db_pool_size,
+            statement_timeout_ms=settings.db_statement_timeout_ms,
+        )
+    )
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    accounts_pb2_grpc.add_AccountsServiceServicer_to_server(AccountsServicer(db), server)
+    credits_pb2_grpc.add_CreditsServiceServicer_to_server(CreditsServicer(db), server)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(db), server)
+    health = HealthServicer()
+    for name in ["", *SERVICE_NAMES]:
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(settings.listen_address)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.listen_address}")
+    await server.start()
+    log.info("tally listening on %s", settings.listen_address)
+    print(f"tally: serving on {settings.listen_address}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    background = [
+        asyncio.create_task(_watch_database(db, health)),
+        asyncio.create_task(sweeper.run(db, settings.sweep_interval_seconds)),
+    ]
+    await stop.wait()
+    log.info("stopping: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds)
+    await health.enter_graceful_shutdown()
+    for task in background:
+        task.cancel()
+    for task in background:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await server.stop(settings.shutdown_grace_seconds)
+    await db.engine.dispose()
+    log.info("stopped")
+
+
+def run(settings: Settings) -> None:
+    url = resolve_database_url(settings)
+    if settings.migrate_on_start or not settings.database_url:
+        migrate(url)
+    asyncio.run(serve(settings, url))

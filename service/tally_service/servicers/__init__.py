@@ -1,0 +1,1 @@
+"""gRPC servicers: validate the request, call the store or a money function, convert."""

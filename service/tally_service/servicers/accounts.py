@@ -1,0 +1,92 @@
+"""tally.v1.AccountsService."""
+
+import grpc
+from tally.v1 import accounts_pb2, accounts_pb2_grpc
+
+from tally_service import convert, fingerprint, models, pagination, store, validation
+from tally_service.db import Database
+from tally_service.errors import InvalidArgument
+from tally_service.money import parse_amount
+
+UPDATABLE = {"email", "name", "time_zone", "overdraft_limit", "trial_end_time"}
+
+
+def _overdraft(value: str) -> int:
+    return parse_amount("account.overdraft_limit", value or "0", allow_zero=True)
+
+
+class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def CreateAccount(
+        self, request: accounts_pb2.CreateAccountRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.CreateAccountResponse:
+        a = request.account
+        response, _ = await self.db.call(
+            "tally_create_account",
+            {
+                "request_id": validation.request_id(request.request_id),
+                "fingerprint": fingerprint.of("CreateAccount", request),
+                "account_id": validation.account_id(a.account_id, "account.account_id"),
+                "email": validation.email(a.email),
+                "name": validation.text(a.name, "account.name", 200),
+                "time_zone": validation.time_zone(a.time_zone),
+                "currency": validation.currency(a.currency),
+                "overdraft_limit": _overdraft(a.overdraft_limit),
+                "trial_ends_at": validation.optional_time(a, "trial_end_time", a.trial_end_time),
+            },
+        )
+        row = convert.from_json(models.Account, response["account"])
+        return accounts_pb2.CreateAccountResponse(account=convert.account(row))
+
+    async def GetAccount(
+        self, request: accounts_pb2.GetAccountRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.GetAccountResponse:
+        row = await store.get_account(self.db, validation.account_id(request.account_id))
+        return accounts_pb2.GetAccountResponse(account=convert.account(row))
+
+    async def UpdateAccount(
+        self, request: accounts_pb2.UpdateAccountRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.UpdateAccountResponse:
+        a = request.account
+        paths = list(request.update_mask.paths)
+        if not paths:
+            raise InvalidArgument("update_mask", "name at least one field to update")
+        for path in paths:
+            if path not in UPDATABLE:
+                raise InvalidArgument(
+                    "update_mask", f"{path!r} cannot be updated; updatable: {sorted(UPDATABLE)}"
+                )
+        response, _ = await self.db.call(
+            "tally_update_account",
+            {
+                "request_id": validation.request_id(request.request_id),
+                "fingerprint": fingerprint.of("UpdateAccount", request),
+                "account_id": validation.account_id(a.account_id, "account.account_id"),
+                "mask": paths,
+                "email": validation.email(a.email),
+                "name": validation.text(a.name, "account.name", 200),
+                "time_zone": validation.time_zone(a.time_zone),
+                "overdraft_limit": _overdraft(a.overdraft_limit),
+                "trial_ends_at": validation.optional_time(a, "trial_end_time", a.trial_end_time),
+            },
+        )
+        row = convert.from_json(models.Account, response["account"])
+        return accounts_pb2.UpdateAccountResponse(account=convert.account(row))
+
+    async def ListAccounts(
+        self, request: accounts_pb2.ListAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.ListAccountsResponse:
+        limit = validation.page_size(request.page_size)
+        after = pagination.decode(request.page_token, "accounts")
+        if after is not None and not isinstance(after, str):
+            raise InvalidArgument("page_token", "malformed page token")
+        rows = await store.list_accounts(self.db, after, limit + 1)
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_token = pagination.encode(rows[-1].account_id, "accounts")
+        return accounts_pb2.ListAccountsResponse(
+            accounts=[convert.account(r) for r in rows], next_page_token=next_token
+        )

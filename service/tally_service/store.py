@@ -1,0 +1,182 @@
+"""Read queries. Each opens its own session (one per RPC) and answers model objects."""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tally_service import errors, models
+from tally_service.db import Database
+
+
+async def _account(session: AsyncSession, account_id: str) -> models.Account:
+    row = await session.get(models.Account, account_id)
+    if row is None:
+        raise errors.NotFound("account", account_id)
+    return row
+
+
+async def get_account(db: Database, account_id: str) -> models.Account:
+    async with db.sessions() as session:
+        return await _account(session, account_id)
+
+
+async def list_accounts(db: Database, after: str | None, limit: int) -> list[models.Account]:
+    query = select(models.Account).order_by(models.Account.account_id).limit(limit)
+    if after is not None:
+        query = query.where(models.Account.account_id > after)
+    async with db.sessions() as session:
+        return list((await session.scalars(query)).all())
+
+
+@dataclass
+class Balance:
+    account: models.Account
+    reserved: int  # as of this instant: holds past expiry no longer count
+    update_time: datetime
+
+
+_OVERDUE = text(
+    "SELECT coalesce(sum(amount - captured), 0), max(expires_at) FROM holds "
+    "WHERE account_id = :account_id AND status = 'pending' AND expires_at <= clock_timestamp()"
+)
+
+
+async def get_balance(db: Database, account_id: str) -> Balance:
+    async with db.sessions() as session, session.begin():
+        # One snapshot for the account row and its overdue holds.
+        await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        account = await _account(session, account_id)
+        overdue, last_expiry = (await session.execute(_OVERDUE, {"account_id": account_id})).one()
+    update_time = account.balance_updated_at
+    if last_expiry is not None and last_expiry > update_time:
+        update_time = last_expiry
+    return Balance(account, account.reserved - int(overdue), update_time)
+
+
+async def get_reservation(db: Database, reservation_id: str) -> models.Hold:
+    async with db.sessions() as session:
+        hold = await session.get(models.Hold, uuid.UUID(reservation_id))
+        now = (await session.execute(select(func.clock_timestamp()))).scalar_one()
+    if hold is None:
+        raise errors.NotFound("reservation", reservation_id)
+    if hold.status == "pending" and hold.expires_at <= now:
+        # Expired at that instant; the sweeper will write it down.
+        hold.status, hold.finalized_at = "expired", hold.expires_at
+    return hold
+
+
+async def list_entries(
+    db: Database,
+    account_id: str,
+    *,
+    entry_type: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    before_sequence: int | None,
+    limit: int,
+) -> list[models.LedgerEntry]:
+    e = models.LedgerEntry
+    conditions: list[Any] = [e.account_id == account_id]
+    if entry_type is not None:
+        conditions.append(e.entry_type == entry_type)
+    if start is not None:
+        conditions.append(e.created_at >= start)
+    if end is not None:
+        conditions.append(e.created_at < end)
+    if before_sequence is not None:
+        conditions.append(e.sequence < before_sequence)
+    query = select(e).where(and_(*conditions)).order_by(e.sequence.desc()).limit(limit)
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        return list((await session.scalars(query)).all())
+
+
+async def get_entry(db: Database, entry_id: int) -> models.LedgerEntry:
+    async with db.sessions() as session:
+        row = await session.get(models.LedgerEntry, entry_id)
+    if row is None:
+        raise errors.NotFound("entry", str(entry_id))
+    return row
+
+
+@dataclass
+class Verification:
+    stored_balance: int
+    ledger_balance: int
+    stored_reserved: int
+    holds_reserved: int
+    entry_count: int
+    violations: list[str]
+
+
+_LEDGER_FACTS = text(
+    """
+    SELECT coalesce(sum(amount), 0) AS total,
+           count(*) AS entries,
+           coalesce(max(sequence), 0) AS last_sequence,
+           count(*) FILTER (WHERE broken) AS broken_links
+    FROM (
+        SELECT amount, sequence,
+               balance_after <> coalesce(lag(balance_after) OVER w, 0) + amount
+               OR sequence <> coalesce(lag(sequence) OVER w, 0) + 1 AS broken
+        FROM ledger_entries WHERE account_id = :account_id
+        WINDOW w AS (ORDER BY sequence)
+    ) chain
+    """
+)
+_LAST_BALANCE = text(
+    "SELECT balance_after FROM ledger_entries WHERE account_id = :account_id "
+    "ORDER BY sequence DESC LIMIT 1"
+)
+_HOLD_FACTS = text(
+    """
+    SELECT coalesce(sum(amount - captured), 0) AS pending_all,
+           coalesce(sum(amount - captured) FILTER (WHERE expires_at > clock_timestamp()), 0)
+               AS pending_live
+    FROM holds WHERE account_id = :account_id AND status = 'pending'
+    """
+)
+
+
+async def verify_account(db: Database, account_id: str) -> Verification:
+    """Recomputes balance and reserved from the rows, in one snapshot."""
+    params = {"account_id": account_id}
+    async with db.sessions() as session, session.begin():
+        await session.connection(
+            execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        )
+        account = await _account(session, account_id)
+        ledger = (await session.execute(_LEDGER_FACTS, params)).one()
+        last_balance = (await session.execute(_LAST_BALANCE, params)).scalar_one_or_none()
+        holds = (await session.execute(_HOLD_FACTS, params)).one()
+    violations = []
+    if account.balance != ledger.total:
+        violations.append(
+            f"stored balance {account.balance} differs from the ledger sum {ledger.total}"
+        )
+    if (last_balance or 0) != account.balance:
+        violations.append(
+            f"the last entry's balance_after {last_balance} differs from the stored balance"
+        )
+    if ledger.broken_links:
+        violations.append(f"{ledger.broken_links} entries break the balance_after chain")
+    if ledger.last_sequence != account.last_sequence:
+        violations.append(
+            f"last sequence {ledger.last_sequence} differs from stored {account.last_sequence}"
+        )
+    if account.reserved != holds.pending_all:
+        violations.append(
+            f"stored reserved {account.reserved} differs from pending holds {holds.pending_all}"
+        )
+    return Verification(
+        stored_balance=account.balance,
+        ledger_balance=int(ledger.total),
+        stored_reserved=account.reserved - (int(holds.pending_all) - int(holds.pending_live)),
+        holds_reserved=int(holds.pending_live),
+        entry_count=int(ledger.entries),
+        violations=violations,
+    )
