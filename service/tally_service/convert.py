@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sqlalchemy import inspect
 from sqlalchemy.dialects.postgresql import TIMESTAMP, UUID
-from tally.v1 import accounts_pb2, credits_pb2, ledger_pb2
 
+from tally.v1 import accounts_pb2, credits_pb2, ledger_pb2
 from tally_service import models
 from tally_service.money import format_amount
 

@@ -12,7 +12,7 @@ MICROS_PER_CREDIT = 10**SCALE_DIGITS
 # One movement moves at most this much; keeps every sum far from BIGINT overflow.
 MAX_MOVEMENT_MICROS = 1_000_000_000 * MICROS_PER_CREDIT
 
-_AMOUNT = re.compile(r"([+-]?)(\d+)(?:\.(\d+))?")
+_AMOUNT = re.compile(r"([+-]?)([0-9]+)(?:\.([0-9]+))?")
 
 
 def parse_amount(

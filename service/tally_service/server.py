@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
 from tally.v1 import (
     accounts_pb2,
     accounts_pb2_grpc,
@@ -17,7 +18,6 @@ from tally.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
 )
-
 from tally_service import sweeper
 from tally_service.config import Settings
 from tally_service.db import Database, make_engine, migrate, start_embedded

@@ -1,8 +1,8 @@
 """tally.v1.AccountsService."""
 
 import grpc
-from tally.v1 import accounts_pb2, accounts_pb2_grpc
 
+from tally.v1 import accounts_pb2, accounts_pb2_grpc
 from tally_service import convert, fingerprint, models, pagination, store, validation
 from tally_service.db import Database
 from tally_service.errors import InvalidArgument

@@ -3,8 +3,8 @@
 from typing import Any
 
 import grpc
-from tally.v1 import credits_pb2, credits_pb2_grpc
 
+from tally.v1 import credits_pb2, credits_pb2_grpc
 from tally_service import convert, fingerprint, models, store, validation
 from tally_service.db import Database
 from tally_service.money import format_amount, parse_amount

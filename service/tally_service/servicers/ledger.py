@@ -1,8 +1,8 @@
 """tally.v1.LedgerService."""
 
 import grpc
-from tally.v1 import ledger_pb2, ledger_pb2_grpc
 
+from tally.v1 import ledger_pb2, ledger_pb2_grpc
 from tally_service import convert, pagination, store, validation
 from tally_service.db import Database
 from tally_service.errors import InvalidArgument
