@@ -1,0 +1,127 @@
+"""AccountsService against a real server."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from tally_client import (
+    AccountAlreadyExists,
+    InvalidArgument,
+    NotFound,
+    RequestIdReused,
+    TallyClient,
+)
+
+
+def test_create_get_defaults(client: TallyClient, account_id: str) -> None:
+    trial = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    created = client.create_account(
+        account_id, email="ops@acme.test", name="Acme", trial_end_time=trial
+    )
+    assert (created.account_id, created.email, created.name) == (
+        account_id,
+        "ops@acme.test",
+        "Acme",
+    )
+    assert (created.time_zone, created.currency, created.overdraft_limit) == ("UTC", "CREDIT", "0")
+    assert created.trial_end_time.ToDatetime(tzinfo=UTC) == trial
+    assert created.HasField("create_time")
+    assert client.get_account(account_id) == created
+
+
+def test_create_is_idempotent_and_ids_are_unique(client: TallyClient, account_id: str) -> None:
+    first = client.create_account(account_id, time_zone="Asia/Kolkata", request_id=account_id)
+    assert (
+        client.create_account(account_id, time_zone="Asia/Kolkata", request_id=account_id) == first
+    )
+    with pytest.raises(RequestIdReused):
+        client.create_account(account_id, time_zone="UTC", request_id=account_id)
+    with pytest.raises(AccountAlreadyExists) as exists:
+        client.create_account(account_id)
+    assert exists.value.metadata["account_id"] == account_id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"account_id": ""}, "account.account_id"),
+        ({"account_id": "has space"}, "account.account_id"),
+        ({"account_id": "x" * 65}, "account.account_id"),
+        ({"time_zone": "Mars/Olympus"}, "time_zone"),
+        ({"currency": "usd"}, "currency"),
+        ({"overdraft_limit": "-1"}, "account.overdraft_limit"),
+        ({"overdraft_limit": "0.0000001"}, "account.overdraft_limit"),
+        ({"email": "not-an-email"}, "email"),
+    ],
+)
+def test_create_validation(
+    client: TallyClient, account_id: str, kwargs: dict[str, str], field: str
+) -> None:
+    args = {"account_id": account_id, **kwargs}
+    with pytest.raises(InvalidArgument) as info:
+        client.create_account(**args)  # type: ignore[arg-type]
+    assert info.value.reason == "VALIDATION_FAILED"
+    assert info.value.field_violations[0][0] == field
+    if args["account_id"] == account_id:
+        with pytest.raises(NotFound):
+            client.get_account(account_id)
+
+
+def test_update_with_field_mask(client: TallyClient, account_id: str) -> None:
+    client.create_account(account_id, email="a@b.test", name="Before")
+    updated = client.update_account(account_id, name="After", overdraft_limit="2.5")
+    assert (updated.email, updated.name, updated.overdraft_limit) == ("a@b.test", "After", "2.5")
+    assert updated.update_time.ToDatetime() >= updated.create_time.ToDatetime()
+    assert client.get_balance(account_id).overdraft_limit == "2.5"
+    assert client.update_account(account_id, time_zone="America/Los_Angeles").name == "After"
+    with pytest.raises(InvalidArgument):
+        client.update_account(account_id, time_zone="Nowhere/Else")
+    with pytest.raises(InvalidArgument) as empty:
+        client.update_account(account_id)
+    assert empty.value.field_violations[0][0] == "update_mask"
+    with pytest.raises(NotFound):
+        client.update_account("missing-account", name="x")
+
+
+def test_update_rejects_immutable_paths(client: TallyClient, account_id: str) -> None:
+    from google.protobuf import field_mask_pb2
+
+    from tally.v1 import accounts_pb2
+
+    client.create_account(account_id)
+    request = accounts_pb2.UpdateAccountRequest(
+        request_id=f"u-{account_id}",
+        account=accounts_pb2.Account(account_id=account_id, currency="USD"),
+        update_mask=field_mask_pb2.FieldMask(paths=["currency"]),
+    )
+    with pytest.raises(Exception) as info:
+        client.stubs.accounts.UpdateAccount(request, timeout=5)
+    assert "currency" in str(info.value)
+    assert client.get_account(account_id).currency == "CREDIT"
+
+
+def test_list_accounts_paginates(client: TallyClient) -> None:
+    prefix = "list-" + datetime.now(UTC).strftime("%H%M%S%f")
+    ids = [f"{prefix}-{i:02d}" for i in range(7)]
+    for account in ids:
+        client.create_account(account)
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = client.list_accounts(page_size=3, page_token=token)
+        assert len(page.accounts) <= 3
+        seen += [a.account_id for a in page.accounts]
+        token = page.next_page_token
+        pages += 1
+        if not token:
+            break
+    assert seen == sorted(seen)
+    assert [s for s in seen if s.startswith(prefix)] == ids
+    with pytest.raises(InvalidArgument) as negative:
+        client.list_accounts(page_size=-1)
+    assert negative.value.field_violations[0][0] == "page_size"
+    with pytest.raises(InvalidArgument) as bad_token:
+        client.list_accounts(page_token="garbage!")
+    assert bad_token.value.field_violations[0][0] == "page_token"
+    assert len(client.list_accounts(page_size=1000).accounts) <= 100
