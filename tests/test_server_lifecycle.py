@@ -1,0 +1,144 @@
+"""The server as an operator sees it: health, reflection, graceful shutdown, the CLI."""
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tally_client import TallyClient, TallyError, Unavailable
+from tally_client.cli import main as tallyctl
+from tally_service.db import async_url
+from tests.conftest import ServerProcess, free_port, start_server
+
+
+def test_health_and_reflection(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tally.v1.CreditsService", "tally.v1.LedgerService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {
+        "tally.v1.AccountsService",
+        "tally.v1.CreditsService",
+        "tally.v1.LedgerService",
+        "grpc.health.v1.Health",
+    } <= names
+
+
+def test_not_serving_without_a_database(database_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    bad_url = database_url.rsplit("/", 1)[0] + "/no_such_database?" + database_url.split("?", 1)[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tally_service",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--database-url",
+            bad_url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 20
+            status = None
+            while time.monotonic() < deadline and status is None:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError:
+                    time.sleep(0.2)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with TallyClient(channel=channel, max_attempts=1) as client:
+                with pytest.raises(Unavailable) as info:
+                    client.get_balance("anyone")
+                assert info.value.reason == "DATABASE_UNAVAILABLE"
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def test_sigterm_drains_in_flight_rpcs(
+    database_url: str, server_log_dir: Path, client: TallyClient, funded: str
+) -> None:
+    replica = start_server(database_url, server_log_dir)
+    engine = create_async_engine(async_url(database_url))
+    locked = threading.Event()
+    release = threading.Event()
+
+    async def hold_row_lock() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("SELECT 1 FROM accounts WHERE account_id = :a FOR UPDATE"), {"a": funded}
+            )
+            locked.set()
+            await asyncio.to_thread(release.wait, 30)
+        await engine.dispose()
+
+    locker = threading.Thread(target=lambda: asyncio.run(hold_row_lock()))
+    locker.start()
+    assert locked.wait(10)
+    outcome: dict[str, object] = {}
+
+    def debit() -> None:
+        with TallyClient(replica.target, timeout_seconds=30, max_attempts=1) as c:
+            outcome["entry"] = c.debit(funded, "1", request_id=f"drain-{funded}")
+
+    caller = threading.Thread(target=debit)
+    caller.start()
+    time.sleep(0.5)  # the debit is now waiting on the row lock inside the server
+    replica.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with (
+        TallyClient(replica.target, timeout_seconds=2, max_attempts=1) as late,
+        pytest.raises(TallyError),  # refused or unavailable, never served
+    ):
+        late.get_balance(funded)
+    release.set()
+    locker.join(10)
+    caller.join(30)
+    assert replica.process.wait(30) == 0
+    entry = outcome["entry"]
+    assert getattr(entry, "balance_after") == "99"  # noqa: B009
+    assert client.get_balance(funded).balance == "99"
+
+
+def test_tallyctl(
+    server: ServerProcess, account_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--target", server.target]
+    assert tallyctl([*base, "accounts", "create", account_id, "--email", "ops@acme.test"]) == 0
+    assert tallyctl([*base, "topup", account_id, "100", "--reference", "pay_1"]) == 0
+    assert tallyctl([*base, "debit", account_id, "2.95", "--description", "PAN-Plus"]) == 0
+    capsys.readouterr()
+    assert tallyctl([*base, "balance", account_id]) == 0
+    out = capsys.readouterr().out
+    assert "97.05" in out
+    assert tallyctl([*base, "ledger", account_id]) == 0
+    out = capsys.readouterr().out
+    assert "PAN-Plus" in out and "-2.95" in out and "pay_1" in out
+    assert tallyctl([*base, "verify", account_id]) == 0
+    assert tallyctl([*base, "debit", account_id, "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "INSUFFICIENT_CREDITS" in err
+    assert tallyctl([*base, "debit", account_id, "1.0000001"]) == 1
+    assert "amount" in capsys.readouterr().err
