@@ -86,12 +86,12 @@ def test_update_with_field_mask(client: TallyClient, account_id: str) -> None:
 def test_update_rejects_immutable_paths(client: TallyClient, account_id: str) -> None:
     from google.protobuf import field_mask_pb2
 
-    from tally.v1 import accounts_pb2
+    from tally.v1 import account_pb2, accounts_pb2
 
     client.create_account(account_id)
     request = accounts_pb2.UpdateAccountRequest(
         request_id=f"u-{account_id}",
-        account=accounts_pb2.Account(account_id=account_id, currency="USD"),
+        account=account_pb2.Account(account_id=account_id, currency="USD"),
         update_mask=field_mask_pb2.FieldMask(paths=["currency"]),
     )
     with pytest.raises(Exception) as info:

@@ -18,7 +18,7 @@ from typing import Any, Generic, Literal, TypeVar
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from tally.v1 import accounts_pb2, credits_pb2, ledger_pb2
+from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2
 
 from .amounts import Amount, to_wire
 
@@ -104,8 +104,8 @@ def create_account(
     overdraft_limit: Amount | None = None,
     trial_end_time: datetime | None = None,
     request_id: str | None = None,
-) -> Rpc[accounts_pb2.CreateAccountResponse, accounts_pb2.Account]:
-    account = accounts_pb2.Account(
+) -> Rpc[accounts_pb2.CreateAccountResponse, account_pb2.Account]:
+    account = account_pb2.Account(
         account_id=account_id,
         email=email,
         name=name,
@@ -119,7 +119,7 @@ def create_account(
     return Rpc("accounts", "CreateAccount", req, lambda r: r.account, mutating=True)
 
 
-def get_account(account_id: str) -> Rpc[accounts_pb2.GetAccountResponse, accounts_pb2.Account]:
+def get_account(account_id: str) -> Rpc[accounts_pb2.GetAccountResponse, account_pb2.Account]:
     req = accounts_pb2.GetAccountRequest(account_id=account_id)
     return Rpc("accounts", "GetAccount", req, lambda r: r.account)
 
@@ -134,7 +134,7 @@ def update_account(
     trial_end_time: datetime | None = None,
     clear_trial_end_time: bool = False,
     request_id: str | None = None,
-) -> Rpc[accounts_pb2.UpdateAccountResponse, accounts_pb2.Account]:
+) -> Rpc[accounts_pb2.UpdateAccountResponse, account_pb2.Account]:
     """Only the arguments that are not None go into the update mask.
 
     ``clear_trial_end_time=True`` removes the trial end (the mask names the
@@ -143,7 +143,7 @@ def update_account(
     """
     if clear_trial_end_time and trial_end_time is not None:
         raise ValueError("give either trial_end_time or clear_trial_end_time=True, not both")
-    account = accounts_pb2.Account(account_id=account_id)
+    account = account_pb2.Account(account_id=account_id)
     paths: list[str] = []
     if email is not None:
         account.email = email

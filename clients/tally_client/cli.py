@@ -18,7 +18,7 @@ from typing import TextIO
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from tally.v1 import accounts_pb2, credits_pb2, ledger_pb2
+from tally.v1 import account_pb2, credits_pb2, ledger_pb2
 
 from .client import DEFAULT_TIMEOUT_SECONDS, TallyClient
 from .errors import TallyError
@@ -79,7 +79,7 @@ def _type_name(t: ledger_pb2.EntryType.ValueType) -> str:
         return str(t)
 
 
-def _account_fields(a: accounts_pb2.Account) -> list[tuple[str, str]]:
+def _account_fields(a: account_pb2.Account) -> list[tuple[str, str]]:
     return [
         ("account_id", a.account_id),
         ("name", a.name),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 import grpc
 
 from tally.v1 import (
+    account_pb2,
     accounts_pb2,
     accounts_pb2_grpc,
     credits_pb2,
@@ -198,7 +199,7 @@ class TallyClient:
         overdraft_limit: Amount | None = None,
         trial_end_time: datetime | None = None,
         request_id: str | None = None,
-    ) -> accounts_pb2.Account:
+    ) -> account_pb2.Account:
         """Create an account; empty strings leave the server defaults."""
         return self._call(
             rq.create_account(
@@ -213,7 +214,7 @@ class TallyClient:
             )
         )
 
-    def get_account(self, account_id: str) -> accounts_pb2.Account:
+    def get_account(self, account_id: str) -> account_pb2.Account:
         return self._call(rq.get_account(account_id))
 
     def update_account(
@@ -227,7 +228,7 @@ class TallyClient:
         trial_end_time: datetime | None = None,
         clear_trial_end_time: bool = False,
         request_id: str | None = None,
-    ) -> accounts_pb2.Account:
+    ) -> account_pb2.Account:
         """Update the fields given (not None); the update mask names exactly those."""
         return self._call(
             rq.update_account(
@@ -247,7 +248,7 @@ class TallyClient:
     ) -> accounts_pb2.ListAccountsResponse:
         return self._call(rq.list_accounts(page_size, page_token))
 
-    def iter_accounts(self, page_size: int = 0) -> Iterator[accounts_pb2.Account]:
+    def iter_accounts(self, page_size: int = 0) -> Iterator[account_pb2.Account]:
         """All accounts, ordered by id, fetching page after page."""
         token = ""
         while True:
@@ -554,7 +555,7 @@ class AsyncTallyClient:
         overdraft_limit: Amount | None = None,
         trial_end_time: datetime | None = None,
         request_id: str | None = None,
-    ) -> accounts_pb2.Account:
+    ) -> account_pb2.Account:
         return await self._call(
             rq.create_account(
                 account_id,
@@ -568,7 +569,7 @@ class AsyncTallyClient:
             )
         )
 
-    async def get_account(self, account_id: str) -> accounts_pb2.Account:
+    async def get_account(self, account_id: str) -> account_pb2.Account:
         return await self._call(rq.get_account(account_id))
 
     async def update_account(
@@ -582,7 +583,7 @@ class AsyncTallyClient:
         trial_end_time: datetime | None = None,
         clear_trial_end_time: bool = False,
         request_id: str | None = None,
-    ) -> accounts_pb2.Account:
+    ) -> account_pb2.Account:
         return await self._call(
             rq.update_account(
                 account_id,
@@ -601,7 +602,7 @@ class AsyncTallyClient:
     ) -> accounts_pb2.ListAccountsResponse:
         return await self._call(rq.list_accounts(page_size, page_token))
 
-    async def iter_accounts(self, page_size: int = 0) -> AsyncIterator[accounts_pb2.Account]:
+    async def iter_accounts(self, page_size: int = 0) -> AsyncIterator[account_pb2.Account]:
         token = ""
         while True:
             page = await self.list_accounts(page_size, token)

@@ -39,6 +39,18 @@ class Settings:
     max_concurrent_rpcs: int = field(
         default_factory=lambda: _env_int("TALLY_MAX_CONCURRENT_RPCS", 1000)
     )
+    # Usage events may be dated this far in the past (backdating window).
+    usage_backdate_days: int = field(
+        default_factory=lambda: _env_int("TALLY_USAGE_BACKDATE_DAYS", 35)
+    )
+    # Longest range of ListUsageEvents (the Usage Report document allows 7 days).
+    usage_list_max_days: int = field(
+        default_factory=lambda: _env_int("TALLY_USAGE_LIST_MAX_DAYS", 7)
+    )
+    # Longest range of ExportUsageReport.
+    usage_export_max_days: int = field(
+        default_factory=lambda: _env_int("TALLY_USAGE_EXPORT_MAX_DAYS", 366)
+    )
     # Apply migrations at start-up (convenient on the embedded database; in production
     # run `tally migrate` as its own step).
     migrate_on_start: bool = field(

@@ -10,8 +10,8 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sqlalchemy import inspect
 from sqlalchemy.dialects.postgresql import TIMESTAMP, UUID
 
-from tally.v1 import accounts_pb2, credits_pb2, ledger_pb2
-from tally_service import models
+from tally.v1 import account_pb2, credits_pb2, ledger_pb2, metering_pb2
+from tally_service import models, store
 from tally_service.money import format_amount
 
 M = TypeVar("M", bound=models.Base)
@@ -58,8 +58,8 @@ def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-def account(row: models.Account) -> accounts_pb2.Account:
-    return accounts_pb2.Account(
+def account(row: models.Account) -> account_pb2.Account:
+    return account_pb2.Account(
         account_id=row.account_id,
         email=row.email,
         name=row.name,
@@ -101,5 +101,82 @@ def entry(row: models.LedgerEntry) -> ledger_pb2.LedgerEntry:
         metadata=struct(row.metadata_),
         create_time=timestamp(row.created_at),
         request_id=row.request_id,
+        reservation_id=str(row.reservation_id) if row.reservation_id else "",
+    )
+
+
+USAGE_STATUSES = {
+    "pending": metering_pb2.USAGE_STATUS_PENDING,
+    "processing": metering_pb2.USAGE_STATUS_PROCESSING,
+    "completed": metering_pb2.USAGE_STATUS_COMPLETED,
+    "failed": metering_pb2.USAGE_STATUS_FAILED,
+}
+CREDIT_TYPES = {
+    "subscription": metering_pb2.CREDIT_TYPE_SUBSCRIPTION,
+    "purchased": metering_pb2.CREDIT_TYPE_PURCHASED,
+}
+
+
+def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
+    a = b.account
+    return credits_pb2.CreditBalance(
+        account_id=a.account_id,
+        balance=format_amount(a.balance),
+        reserved=format_amount(b.reserved),
+        available=format_amount(a.balance - b.reserved),
+        currency=a.currency,
+        update_time=timestamp(b.update_time),
+        auto_reload=credits_pb2.AutoReloadSettings(
+            enabled=a.auto_reload_enabled,
+            threshold=format_amount(a.auto_reload_threshold),
+            amount=format_amount(a.auto_reload_amount),
+        ),
+        overdraft_limit=format_amount(a.overdraft_limit),
+    )
+
+
+def product(row: models.Product) -> metering_pb2.Product:
+    return metering_pb2.Product(
+        product_id=row.product_id,
+        display_name=row.display_name,
+        credits_per_unit=format_amount(row.credits_per_unit),
+        charge_failed=row.charge_failed,
+        minimum_charge=format_amount(row.minimum_charge),
+        create_time=timestamp(row.created_at),
+        update_time=timestamp(row.updated_at),
+    )
+
+
+def usage_event(
+    row: models.UsageEvent, hold_expires_at: datetime | None = None
+) -> metering_pb2.UsageEvent:
+    status, success, message, completed = row.status, row.success, row.message, row.completed_at
+    if (
+        status in ("pending", "processing")
+        and hold_expires_at is not None
+        and hold_expires_at <= datetime.now(hold_expires_at.tzinfo)
+    ):
+        # Its hold expired at that instant; the sweeper will write it down.
+        status, success, message, completed = "failed", False, "EXPIRED", hold_expires_at
+    return metering_pb2.UsageEvent(
+        account_id=row.account_id,
+        event_id=row.event_id,
+        product_id=row.product_id,
+        endpoint=row.endpoint,
+        status=USAGE_STATUSES[status],
+        success=success,
+        status_code=row.status_code,
+        message=message,
+        quantity=row.quantity,
+        credits=format_amount(row.credits),
+        credit_type=CREDIT_TYPES.get(row.credit_type, metering_pb2.CREDIT_TYPE_UNSPECIFIED),
+        start_time=timestamp(row.started_at),
+        complete_time=timestamp(completed),
+        processing_time_ms=row.processing_time_ms,
+        request_metadata=struct(row.request_metadata),
+        result_metadata=struct(row.result_metadata),
+        webhook_url=row.webhook_url,
+        create_time=timestamp(row.created_at),
+        entry_id=row.entry_id or 0,
         reservation_id=str(row.reservation_id) if row.reservation_id else "",
     )

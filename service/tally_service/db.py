@@ -85,6 +85,19 @@ def _detail(exc: DBAPIError) -> dict[str, Any]:
     return parsed
 
 
+def insufficient_credits(detail: Mapping[str, Any]) -> errors.InsufficientCredits:
+    return errors.InsufficientCredits(
+        f"available credit {format_amount(detail['available'])} cannot cover "
+        f"{format_amount(detail['requested'])}",
+        metadata={
+            "account_id": str(detail["account_id"]),
+            "available": format_amount(detail["available"]),
+            "requested": format_amount(detail["requested"]),
+            "overdraft_limit": format_amount(detail["overdraft_limit"]),
+        },
+    )
+
+
 def translate(exc: DBAPIError) -> Exception:
     """Maps a database error to a domain error (or to _LostRace)."""
     sqlstate = getattr(exc.orig, "sqlstate", None) or ""
@@ -102,16 +115,7 @@ def translate(exc: DBAPIError) -> Exception:
             f"account {detail['id']!r} already exists", metadata={"account_id": detail["id"]}
         )
     if sqlstate == "TA402":
-        return errors.InsufficientCredits(
-            f"available credit {format_amount(detail['available'])} cannot cover "
-            f"{format_amount(detail['requested'])}",
-            metadata={
-                "account_id": detail["account_id"],
-                "available": format_amount(detail["available"]),
-                "requested": format_amount(detail["requested"]),
-                "overdraft_limit": format_amount(detail["overdraft_limit"]),
-            },
-        )
+        return insufficient_credits(detail)
     if sqlstate == "TA412":
         return errors.ReservationNotPending(
             f"reservation {detail['reservation_id']} is {detail['status']}, not pending",
@@ -122,6 +126,16 @@ def translate(exc: DBAPIError) -> Exception:
             "amount",
             f"{format_amount(detail['requested'])} exceeds the held "
             f"{format_amount(detail['held'])}",
+        )
+    if sqlstate == "TA419":
+        return errors.EventIdReused(
+            f"event_id {detail['event_id']!r} was already recorded with another payload",
+            metadata={k: str(v) for k, v in detail.items()},
+        )
+    if sqlstate == "TA413":
+        return errors.EventNotPending(
+            f"event {detail['event_id']!r} is already {detail['status']}",
+            metadata={k: str(v) for k, v in detail.items()},
         )
     if sqlstate == "22003":
         return errors.BalanceLimit("the movement would take the balance out of range")
@@ -147,7 +161,7 @@ class Database:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
 
-    async def call(self, function: str, params: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    async def call(self, function: str, params: Mapping[str, Any]) -> tuple[Any, bool]:
         """Calls a money function; returns (response, replayed)."""
         arguments = ", ".join(f":{name}" for name in params)
         statement = text(f"SELECT {function}({arguments})")

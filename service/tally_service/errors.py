@@ -32,7 +32,8 @@ class DomainError(Exception):
         self.metadata = dict(metadata or {})
         self.field_violations = list(field_violations)
 
-    def to_status(self) -> grpc.Status:
+    def to_rpc_status(self) -> status_pb2.Status:
+        """The error as a google.rpc.Status (also used per item of a batch)."""
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
         info.metadata.update(self.metadata)
         details = [info]
@@ -50,10 +51,12 @@ class DomainError(Exception):
             any_detail = any_pb2.Any()
             any_detail.Pack(detail)
             packed.append(any_detail)
-        status = status_pb2.Status(
+        return status_pb2.Status(
             code=getattr(code_pb2, self.code.name), message=self.message, details=packed
         )
-        return rpc_status.to_status(status)
+
+    def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_rpc_status())
 
 
 class InvalidArgument(DomainError):
@@ -97,6 +100,16 @@ class RequestIdReused(DomainError):
 class InsufficientCredits(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "INSUFFICIENT_CREDITS"
+
+
+class EventIdReused(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "EVENT_ID_REUSED"
+
+
+class EventNotPending(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "EVENT_NOT_PENDING"
 
 
 class ReservationNotPending(DomainError):

@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Identity, LargeBinary, Text
+from sqlalchemy import BigInteger, Identity, Integer, LargeBinary, Text
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -38,6 +38,8 @@ class Account(Base):
     auto_reload_enabled: Mapped[bool]
     auto_reload_threshold: Mapped[int]
     auto_reload_amount: Mapped[int]
+    usage_requests: Mapped[int]
+    last_activity_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     balance_updated_at: Mapped[datetime]
@@ -84,3 +86,56 @@ class IdempotencyKey(Base):
     fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
     response: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+
+
+class Product(Base):
+    __tablename__ = "products"
+
+    product_id: Mapped[str] = mapped_column(primary_key=True)
+    display_name: Mapped[str]
+    credits_per_unit: Mapped[int]
+    charge_failed: Mapped[bool]
+    minimum_charge: Mapped[int]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class UsageEvent(Base):
+    __tablename__ = "usage_events"
+
+    account_id: Mapped[str] = mapped_column(primary_key=True)
+    event_id: Mapped[str] = mapped_column(primary_key=True)
+    product_id: Mapped[str]
+    endpoint: Mapped[str]
+    status: Mapped[str]
+    success: Mapped[bool]
+    status_code: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str]
+    quantity: Mapped[int]
+    credits: Mapped[int]
+    credit_type: Mapped[str]
+    started_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+    processing_time_ms: Mapped[int]
+    request_metadata: Mapped[dict[str, Any]]
+    result_metadata: Mapped[dict[str, Any]]
+    webhook_url: Mapped[str]
+    created_at: Mapped[datetime]
+    entry_id: Mapped[int | None]
+    reservation_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    fingerprint: Mapped[bytes] = mapped_column(LargeBinary)
+    finish_fingerprint: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class UsageRollup(Base):
+    __tablename__ = "usage_rollups"
+
+    account_id: Mapped[str] = mapped_column(primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
+    product_id: Mapped[str] = mapped_column(primary_key=True)
+    endpoint: Mapped[str] = mapped_column(primary_key=True)
+    requests: Mapped[int]
+    successful: Mapped[int]
+    failed: Mapped[int]
+    credits: Mapped[int]
+    quantity: Mapped[int]

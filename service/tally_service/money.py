@@ -8,7 +8,7 @@ import re
 from tally_service.errors import InvalidArgument
 
 SCALE_DIGITS = 6
-MICROS_PER_CREDIT = 10**SCALE_DIGITS
+MICROS_PER_CREDIT: int = 10**SCALE_DIGITS
 # One movement moves at most this much; keeps every sum far from BIGINT overflow.
 MAX_MOVEMENT_MICROS = 1_000_000_000 * MICROS_PER_CREDIT
 

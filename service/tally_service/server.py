@@ -17,6 +17,8 @@ from tally.v1 import (
     credits_pb2_grpc,
     ledger_pb2,
     ledger_pb2_grpc,
+    metering_pb2,
+    metering_pb2_grpc,
 )
 from tally_service import sweeper
 from tally_service.config import Settings
@@ -25,6 +27,7 @@ from tally_service.interceptors import ErrorMappingInterceptor
 from tally_service.servicers.accounts import AccountsServicer
 from tally_service.servicers.credits import CreditsServicer
 from tally_service.servicers.ledger import LedgerServicer
+from tally_service.servicers.metering import MeteringServicer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ SERVICE_NAMES = [
     accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name,
     credits_pb2.DESCRIPTOR.services_by_name["CreditsService"].full_name,
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name,
 ]
 HEALTH_PROBE_SECONDS = 5.0
 
@@ -76,6 +80,7 @@ async def serve(settings: Settings, database_url: str) -> None:
     accounts_pb2_grpc.add_AccountsServiceServicer_to_server(AccountsServicer(db), server)
     credits_pb2_grpc.add_CreditsServiceServicer_to_server(CreditsServicer(db), server)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(db), server)
+    metering_pb2_grpc.add_MeteringServiceServicer_to_server(MeteringServicer(db, settings), server)
     health = HealthServicer()
     for name in ["", *SERVICE_NAMES]:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -124,3 +124,23 @@ def optional_time(message: Any, field: str, value: timestamp_pb2.Timestamp) -> d
         return value.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise InvalidArgument(field, "out of range") from None
+
+
+_EVENT_ID = _REQUEST_ID
+_PRODUCT_ID = _ACCOUNT_ID
+
+
+def event_id(value: str, field: str = "event.event_id") -> str:
+    if not value:
+        raise InvalidArgument(field, "required (the caller's transaction id)")
+    if not _EVENT_ID.fullmatch(value):
+        raise InvalidArgument(field, "must be 1 to 128 characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+def product_id(value: str, field: str = "product_id") -> str:
+    if not value:
+        raise InvalidArgument(field, "required")
+    if not _PRODUCT_ID.fullmatch(value):
+        raise InvalidArgument(field, "must be 1 to 64 characters of A-Z a-z 0-9 . _ : -")
+    return value

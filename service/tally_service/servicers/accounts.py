@@ -1,9 +1,21 @@
 """tally.v1.AccountsService."""
 
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
 import grpc
 
-from tally.v1 import accounts_pb2, accounts_pb2_grpc
-from tally_service import convert, fingerprint, models, pagination, store, validation
+from tally.v1 import accounts_pb2, accounts_pb2_grpc, metering_pb2
+from tally_service import (
+    convert,
+    fingerprint,
+    models,
+    pagination,
+    ranges,
+    store,
+    usage,
+    validation,
+)
 from tally_service.db import Database
 from tally_service.errors import InvalidArgument
 from tally_service.money import parse_amount
@@ -89,4 +101,30 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             next_token = pagination.encode(rows[-1].account_id, "accounts")
         return accounts_pb2.ListAccountsResponse(
             accounts=[convert.account(r) for r in rows], next_page_token=next_token
+        )
+
+    async def GetAccountSummary(
+        self, request: accounts_pb2.GetAccountSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.GetAccountSummaryResponse:
+        balance = await store.get_balance(self.db, validation.account_id(request.account_id))
+        account = balance.account
+        this_month = ranges.preset_range(
+            metering_pb2.RANGE_PRESET_THIS_MONTH, ZoneInfo(account.time_zone), datetime.now(UTC)
+        )
+        usage_this_month = await usage.usage_response(
+            self.db, account, metering_pb2.USAGE_PERIOD_MONTHLY, this_month, ""
+        )
+        return accounts_pb2.GetAccountSummaryResponse(
+            account=convert.account(account),
+            credit_balance=convert.credit_balance(balance),
+            # Subscriptions arrive with credit grants; until then there is none.
+            subscription=accounts_pb2.Subscription(
+                status=accounts_pb2.SUBSCRIPTION_STATUS_NONE, credits_per_period="0"
+            ),
+            usage_this_month=usage_this_month,
+            total_requests_all_time=account.usage_requests,
+            account_create_time=convert.timestamp(account.created_at),
+            last_activity_time=convert.timestamp(
+                max(t for t in (account.last_activity_at, balance.update_time) if t)
+            ),
         )

@@ -7,7 +7,7 @@ import grpc
 from tally.v1 import credits_pb2, credits_pb2_grpc
 from tally_service import convert, fingerprint, models, store, validation
 from tally_service.db import Database
-from tally_service.money import format_amount, parse_amount
+from tally_service.money import parse_amount
 
 
 def _common(method: str, request: Any) -> dict[str, Any]:
@@ -25,23 +25,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         self, request: credits_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.GetBalanceResponse:
         b = await store.get_balance(self.db, validation.account_id(request.account_id))
-        a = b.account
-        return credits_pb2.GetBalanceResponse(
-            balance=credits_pb2.CreditBalance(
-                account_id=a.account_id,
-                balance=format_amount(a.balance),
-                reserved=format_amount(b.reserved),
-                available=format_amount(a.balance - b.reserved),
-                currency=a.currency,
-                update_time=convert.timestamp(b.update_time),
-                auto_reload=credits_pb2.AutoReloadSettings(
-                    enabled=a.auto_reload_enabled,
-                    threshold=format_amount(a.auto_reload_threshold),
-                    amount=format_amount(a.auto_reload_amount),
-                ),
-                overdraft_limit=format_amount(a.overdraft_limit),
-            )
-        )
+        return credits_pb2.GetBalanceResponse(balance=convert.credit_balance(b))
 
     async def Reserve(
         self, request: credits_pb2.ReserveRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,119 @@
+"""Time ranges in an account's time zone: presets, defaults and period buckets."""
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from tally.v1 import metering_pb2
+from tally_service.errors import InvalidArgument
+
+BUCKET = timedelta(minutes=15)  # the rollup grain; every zone offset is a multiple of it
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+PERIOD_UNITS: dict[int, str] = {
+    metering_pb2.USAGE_PERIOD_UNSPECIFIED: "month",
+    metering_pb2.USAGE_PERIOD_DAILY: "day",
+    metering_pb2.USAGE_PERIOD_MONTHLY: "month",
+    metering_pb2.USAGE_PERIOD_YEARLY: "year",
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    start: datetime  # inclusive, UTC
+    end: datetime  # exclusive, UTC
+
+
+def midnight(day: date, zone: ZoneInfo) -> datetime:
+    """The instant a local day starts (midnight, or the first instant after a DST gap)."""
+    local = datetime.combine(day, time(0), tzinfo=zone)
+    instant = local.astimezone(UTC)
+    # A midnight skipped by DST maps back to another wall time: keep the later instant.
+    if instant.astimezone(zone).date() != day:
+        instant = datetime.combine(day, time(1), tzinfo=zone).astimezone(UTC)
+    return instant
+
+
+def first_of_month(day: date) -> date:
+    return day.replace(day=1)
+
+
+def add_months(day: date, months: int) -> date:
+    month = day.month - 1 + months
+    return date(day.year + month // 12, month % 12 + 1, 1)
+
+
+def preset_range(preset: int, zone: ZoneInfo, now: datetime) -> Range:
+    today = now.astimezone(zone).date()
+    if preset == metering_pb2.RANGE_PRESET_TODAY:
+        return Range(midnight(today, zone), now)
+    if preset == metering_pb2.RANGE_PRESET_YESTERDAY:
+        return Range(midnight(today - timedelta(days=1), zone), midnight(today, zone))
+    if preset == metering_pb2.RANGE_PRESET_LAST_7_DAYS:
+        return Range(midnight(today - timedelta(days=6), zone), now)
+    if preset == metering_pb2.RANGE_PRESET_LAST_30_DAYS:
+        return Range(midnight(today - timedelta(days=29), zone), now)
+    if preset == metering_pb2.RANGE_PRESET_THIS_MONTH:
+        return Range(midnight(first_of_month(today), zone), now)
+    if preset == metering_pb2.RANGE_PRESET_LAST_MONTH:
+        this_month = first_of_month(today)
+        return Range(midnight(add_months(this_month, -1), zone), midnight(this_month, zone))
+    raise InvalidArgument("preset", f"unknown preset {preset}")
+
+
+def resolve(
+    preset: int,
+    start: datetime | None,
+    end: datetime | None,
+    zone: ZoneInfo,
+    now: datetime,
+) -> Range:
+    """A preset, or explicit bounds (default: this month so far); never both."""
+    if preset != metering_pb2.RANGE_PRESET_UNSPECIFIED:
+        if start is not None or end is not None:
+            raise InvalidArgument("preset", "give either a preset or start_time/end_time, not both")
+        return preset_range(preset, zone, now)
+    if end is None:
+        end = now
+    if start is None:
+        start = midnight(first_of_month(now.astimezone(zone).date()), zone)
+    if start > end:
+        raise InvalidArgument("start_time", "must not be after end_time")
+    return Range(start, end)
+
+
+def period_starts(r: Range, unit: str, zone: ZoneInfo) -> list[datetime]:
+    """Local starts (naive, as date_trunc answers them) of every period overlapping r."""
+    local = r.start.astimezone(zone).replace(tzinfo=None)
+    day = local.date()
+    if unit == "day":
+        first = day
+    elif unit == "month":
+        first = day.replace(day=1)
+    else:
+        first = date(day.year, 1, 1)
+    starts: list[datetime] = []
+    current = first
+    while True:
+        instant = midnight(current, zone)
+        if instant >= r.end and starts:
+            break
+        starts.append(datetime.combine(current, time(0)))
+        if unit == "day":
+            current = current + timedelta(days=1)
+        elif unit == "month":
+            current = add_months(current, 1)
+        else:
+            current = date(current.year + 1, 1, 1)
+        if len(starts) > 400 * 12 * 31:
+            raise InvalidArgument("period", "too many buckets; use a coarser period")
+    return starts
+
+
+def floor_bucket(t: datetime) -> datetime:
+    return t - (t - _EPOCH) % BUCKET
+
+
+def ceil_bucket(t: datetime) -> datetime:
+    floored = floor_bucket(t)
+    return floored if floored == t else floored + BUCKET

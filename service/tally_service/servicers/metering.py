@@ -1,0 +1,494 @@
+"""tally.v1.MeteringService."""
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import grpc
+from sqlalchemy import and_, or_, select
+
+from tally.v1 import metering_pb2, metering_pb2_grpc
+from tally_service import (
+    convert,
+    errors,
+    fingerprint,
+    models,
+    pagination,
+    ranges,
+    reports,
+    store,
+    usage,
+    validation,
+)
+from tally_service.config import Settings
+from tally_service.db import Database, insufficient_credits
+from tally_service.money import parse_amount
+
+MAX_BATCH = 1000
+STREAM_GROUP = 500
+MAX_STREAM_FAILURES = 1000
+MAX_QUANTITY = 10**9
+DEFAULT_JOB_TTL_SECONDS = 3600
+FUTURE_SKEW = timedelta(minutes=5)
+STATUS_NAMES = {
+    metering_pb2.USAGE_STATUS_PENDING: "pending",
+    metering_pb2.USAGE_STATUS_PROCESSING: "processing",
+    metering_pb2.USAGE_STATUS_COMPLETED: "completed",
+    metering_pb2.USAGE_STATUS_FAILED: "failed",
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+
+    # -- validation ---------------------------------------------------------------
+
+    def _event_item(
+        self, event: metering_pb2.UsageEvent, *, index: int, starting: bool
+    ) -> dict[str, Any]:
+        """Checks an event and returns it as the JSON item the SQL functions take."""
+        now = _now()
+        status = STATUS_NAMES.get(event.status)
+        if starting:
+            status = status or "pending"
+            if status not in ("pending", "processing"):
+                raise errors.InvalidArgument("event.status", "must be PENDING or PROCESSING")
+        else:
+            status = status or "completed"
+            if status not in ("completed", "failed"):
+                raise errors.InvalidArgument(
+                    "event.status", "must be COMPLETED or FAILED; use StartUsage for long jobs"
+                )
+        success = event.success if event.HasField("success") else status == "completed"
+        if status == "failed" and success:
+            raise errors.InvalidArgument("event.success", "a FAILED event cannot be successful")
+        quantity = event.quantity if event.HasField("quantity") else 1
+        if not 0 <= quantity <= MAX_QUANTITY:
+            raise errors.InvalidArgument("event.quantity", f"must be 0 to {MAX_QUANTITY}")
+        started = validation.optional_time(event, "start_time", event.start_time) or now
+        if started < now - timedelta(days=self.settings.usage_backdate_days):
+            raise errors.InvalidArgument(
+                "event.start_time",
+                f"more than {self.settings.usage_backdate_days} days in the past",
+            )
+        if started > now + FUTURE_SKEW:
+            raise errors.InvalidArgument("event.start_time", "in the future")
+        completed = validation.optional_time(event, "complete_time", event.complete_time)
+        if not starting and completed is None:
+            completed = now
+        if completed is not None and completed < started:
+            raise errors.InvalidArgument("event.complete_time", "before start_time")
+        if event.processing_time_ms < 0:
+            raise errors.InvalidArgument("event.processing_time_ms", "must not be negative")
+        processing_ms = event.processing_time_ms
+        if not processing_ms and completed is not None:
+            processing_ms = int((completed - started) / timedelta(milliseconds=1))
+        return {
+            "index": index,
+            "account_id": validation.account_id(event.account_id, "event.account_id"),
+            "event_id": validation.event_id(event.event_id),
+            "product_id": validation.product_id(event.product_id, "event.product_id"),
+            "endpoint": validation.text(event.endpoint, "event.endpoint", 256),
+            "status": status,
+            "success": success,
+            "status_code": event.status_code,
+            "message": validation.text(event.message, "event.message", 1024),
+            "quantity": quantity,
+            "credits": (
+                parse_amount("event.credits", event.credits, allow_zero=True)
+                if event.credits
+                else None
+            ),
+            "started_at": started.isoformat(),
+            "completed_at": completed.isoformat() if completed else None,
+            "processing_time_ms": processing_ms,
+            "request_metadata": json.loads(
+                validation.metadata(event.request_metadata, "event.request_metadata")
+            ),
+            "result_metadata": json.loads(
+                validation.metadata(event.result_metadata, "event.result_metadata")
+            ),
+            "webhook_url": validation.text(event.webhook_url, "event.webhook_url", 2048),
+            "fingerprint": fingerprint.of("StartUsage" if starting else "RecordUsage", event).hex(),
+        }
+
+    # -- catalog ------------------------------------------------------------------
+
+    async def UpsertProduct(
+        self, request: metering_pb2.UpsertProductRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.UpsertProductResponse:
+        p = request.product
+        response, _ = await self.db.call(
+            "tally_upsert_product",
+            {
+                "request_id": validation.request_id(request.request_id),
+                "fingerprint": fingerprint.of("UpsertProduct", request),
+                "product_id": validation.product_id(p.product_id, "product.product_id"),
+                "display_name": validation.text(p.display_name, "product.display_name", 200),
+                "credits_per_unit": parse_amount(
+                    "product.credits_per_unit", p.credits_per_unit, allow_zero=True
+                ),
+                "charge_failed": p.charge_failed,
+                "minimum_charge": parse_amount(
+                    "product.minimum_charge", p.minimum_charge or "0", allow_zero=True
+                ),
+            },
+        )
+        row = convert.from_json(models.Product, response["product"])
+        return metering_pb2.UpsertProductResponse(product=convert.product(row))
+
+    async def ListProducts(
+        self, request: metering_pb2.ListProductsRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.ListProductsResponse:
+        limit = validation.page_size(request.page_size)
+        after = pagination.decode(request.page_token, "products")
+        query = select(models.Product).order_by(models.Product.product_id).limit(limit + 1)
+        if after is not None:
+            query = query.where(models.Product.product_id > str(after))
+        async with self.db.sessions() as session:
+            rows = list((await session.scalars(query)).all())
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = pagination.encode(rows[-1].product_id, "products")
+        return metering_pb2.ListProductsResponse(
+            products=[convert.product(r) for r in rows], next_page_token=token
+        )
+
+    # -- recording ----------------------------------------------------------------
+
+    async def _record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results, _ = await self.db.call("tally_record_usage", {"events": json.dumps(items)})
+        return list(results)
+
+    @staticmethod
+    def _item_error(result: dict[str, Any], item: dict[str, Any]) -> errors.DomainError:
+        reason = result["error"]
+        if reason == "ACCOUNT_NOT_FOUND":
+            return errors.NotFound("account", item["account_id"])
+        if reason == "PRODUCT_NOT_FOUND":
+            return errors.NotFound("product", item["product_id"])
+        if reason == "EVENT_ID_REUSED":
+            return errors.EventIdReused(
+                f"event_id {item['event_id']!r} was already recorded with another payload",
+                metadata={"account_id": item["account_id"], "event_id": item["event_id"]},
+            )
+        return insufficient_credits({**result, "account_id": item["account_id"]})
+
+    @staticmethod
+    def _result_message(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
+        message = metering_pb2.RecordUsageResponse(
+            event=convert.usage_event(convert.from_json(models.UsageEvent, result["event"])),
+            duplicate=bool(result.get("duplicate")),
+        )
+        if result.get("entry"):
+            message.entry.CopyFrom(
+                convert.entry(convert.from_json(models.LedgerEntry, result["entry"]))
+            )
+        return message
+
+    async def RecordUsage(
+        self, request: metering_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.RecordUsageResponse:
+        item = self._event_item(request.event, index=0, starting=False)
+        (result,) = await self._record([item])
+        if "error" in result:
+            raise self._item_error(result, item)
+        return self._result_message(result)
+
+    async def _record_group(
+        self, events: list[metering_pb2.UsageEvent], first_index: int
+    ) -> list[metering_pb2.UsageResult]:
+        """Records a group of events; one result per event, in order."""
+        results: dict[int, metering_pb2.UsageResult] = {}
+        items = []
+        for offset, event in enumerate(events):
+            index = first_index + offset
+            try:
+                items.append(self._event_item(event, index=index, starting=False))
+            except errors.DomainError as error:
+                results[index] = metering_pb2.UsageResult(
+                    index=index, event_id=event.event_id, status=error.to_rpc_status()
+                )
+        by_index = {item["index"]: item for item in items}
+        for result in await self._record(items) if items else []:
+            index = int(result["index"])
+            item = by_index[index]
+            out = metering_pb2.UsageResult(index=index, event_id=item["event_id"])
+            if "error" in result:
+                out.status.CopyFrom(self._item_error(result, item).to_rpc_status())
+            else:
+                out.result.CopyFrom(self._result_message(result))
+            results[index] = out
+        return [results[first_index + i] for i in range(len(events))]
+
+    async def RecordUsageBatch(
+        self, request: metering_pb2.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.RecordUsageBatchResponse:
+        if not request.events:
+            raise errors.InvalidArgument("events", "at least one event is required")
+        if len(request.events) > MAX_BATCH:
+            raise errors.InvalidArgument("events", f"at most {MAX_BATCH} events per batch")
+        results = await self._record_group(list(request.events), 0)
+        return metering_pb2.RecordUsageBatchResponse(results=results)
+
+    async def StreamUsage(
+        self,
+        request_iterator: AsyncIterator[metering_pb2.StreamUsageRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> metering_pb2.StreamUsageResponse:
+        response = metering_pb2.StreamUsageResponse()
+        group: list[metering_pb2.UsageEvent] = []
+        seen = 0
+
+        async def flush() -> None:
+            nonlocal seen
+            for result in await self._record_group(group, seen):
+                if result.HasField("result"):
+                    if result.result.duplicate:
+                        response.duplicates += 1
+                    else:
+                        response.recorded += 1
+                else:
+                    response.failed += 1
+                    if len(response.failures) < MAX_STREAM_FAILURES:
+                        response.failures.append(result)
+            seen += len(group)
+            group.clear()
+
+        async for message in request_iterator:
+            group.append(message.event)
+            if len(group) >= STREAM_GROUP:
+                await flush()
+        if group:
+            await flush()
+        return response
+
+    # -- long jobs ----------------------------------------------------------------
+
+    async def StartUsage(
+        self, request: metering_pb2.StartUsageRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.StartUsageResponse:
+        item = self._event_item(request.event, index=0, starting=True)
+        ttl = request.ttl_seconds or DEFAULT_JOB_TTL_SECONDS
+        response, _ = await self.db.call(
+            "tally_start_usage",
+            {"item": json.dumps(item), "ttl_seconds": validation.ttl_seconds(ttl)},
+        )
+        message = metering_pb2.StartUsageResponse(
+            event=convert.usage_event(convert.from_json(models.UsageEvent, response["event"]))
+        )
+        if response.get("reservation"):
+            message.reservation.CopyFrom(
+                convert.reservation(convert.from_json(models.Hold, response["reservation"]))
+            )
+        return message
+
+    async def _finish(self, request: Any, method: str, outcome: str) -> dict[str, Any]:
+        completed = validation.optional_time(request, "complete_time", request.complete_time)
+        item: dict[str, Any] = {
+            "account_id": validation.account_id(request.account_id),
+            "event_id": validation.event_id(request.event_id),
+            "status": outcome,
+            "status_code": request.status_code,
+            "message": validation.text(request.message, "message", 1024),
+            "result_metadata": json.loads(validation.metadata(request.result_metadata)),
+            "completed_at": completed.isoformat() if completed else None,
+            "fingerprint": fingerprint.of(method, request).hex(),
+            "quantity": None,
+            "credits": None,
+            "processing_time_ms": None,
+            "success": False,
+        }
+        if outcome == "completed":
+            if request.HasField("quantity"):
+                if not 0 <= request.quantity <= MAX_QUANTITY:
+                    raise errors.InvalidArgument("quantity", f"must be 0 to {MAX_QUANTITY}")
+                item["quantity"] = request.quantity
+            if request.credits:
+                item["credits"] = parse_amount("credits", request.credits, allow_zero=True)
+            if request.processing_time_ms < 0:
+                raise errors.InvalidArgument("processing_time_ms", "must not be negative")
+            item["processing_time_ms"] = request.processing_time_ms or None
+            item["success"] = request.success if request.HasField("success") else True
+        response, _ = await self.db.call("tally_finish_usage", {"item": json.dumps(item)})
+        return dict(response)
+
+    async def CompleteUsage(
+        self, request: metering_pb2.CompleteUsageRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.CompleteUsageResponse:
+        result = self._result_message(await self._finish(request, "CompleteUsage", "completed"))
+        return metering_pb2.CompleteUsageResponse(
+            event=result.event, entry=result.entry if result.HasField("entry") else None
+        )
+
+    async def FailUsage(
+        self, request: metering_pb2.FailUsageRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.FailUsageResponse:
+        result = self._result_message(await self._finish(request, "FailUsage", "failed"))
+        return metering_pb2.FailUsageResponse(
+            event=result.event, entry=result.entry if result.HasField("entry") else None
+        )
+
+    # -- questions ----------------------------------------------------------------
+
+    async def GetUsage(
+        self, request: metering_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetUsageResponse:
+        account = await store.get_account(self.db, validation.account_id(request.account_id))
+        r = self._range(request, account)
+        product_id = (
+            validation.product_id(request.product_id, "product_id") if request.product_id else ""
+        )
+        return await usage.usage_response(self.db, account, request.period, r, product_id)
+
+    @staticmethod
+    def _range(request: Any, account: models.Account) -> ranges.Range:
+        return ranges.resolve(
+            request.preset,
+            validation.optional_time(request, "start_time", request.start_time),
+            validation.optional_time(request, "end_time", request.end_time),
+            ZoneInfo(account.time_zone),
+            _now(),
+        )
+
+    async def GetUsageSummary(
+        self, request: metering_pb2.GetUsageSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetUsageSummaryResponse:
+        account_id = validation.account_id(request.account_id)
+        if request.recent_events < 0:
+            raise errors.InvalidArgument("recent_events", "must not be negative")
+        recent = min(request.recent_events or 10, 100)
+        balance = await store.get_balance(self.db, account_id)
+        account = balance.account
+        zone = ZoneInfo(account.time_zone)
+        now = _now()
+        months = []
+        for preset in (metering_pb2.RANGE_PRESET_THIS_MONTH, metering_pb2.RANGE_PRESET_LAST_MONTH):
+            r = ranges.preset_range(preset, zone, now)
+            s = await usage.stats(self.db, account_id, r, "month", zone, "")
+            months.append(usage.totals_message(s.total, r.start, r.end))
+        events = await _events(self.db, account_id, None, None, "", None, recent)
+        return metering_pb2.GetUsageSummaryResponse(
+            account=convert.account(account),
+            balance=convert.credit_balance(balance),
+            current_month=months[0],
+            previous_month=months[1],
+            recent_events=[convert.usage_event(e, expires_at) for e, expires_at in events],
+        )
+
+    async def ListUsageEvents(
+        self, request: metering_pb2.ListUsageEventsRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.ListUsageEventsResponse:
+        account_id = validation.account_id(request.account_id)
+        limit = validation.page_size(request.page_size)
+        max_range = timedelta(days=self.settings.usage_list_max_days)
+        end = validation.optional_time(request, "end_time", request.end_time) or _now()
+        start = validation.optional_time(request, "start_time", request.start_time) or (
+            end - max_range
+        )
+        if start > end:
+            raise errors.InvalidArgument("start_time", "must not be after end_time")
+        if end - start > max_range:
+            raise errors.InvalidArgument(
+                "end_time",
+                f"the range may span at most {self.settings.usage_list_max_days} days",
+            )
+        product_id = (
+            validation.product_id(request.product_id, "product_id") if request.product_id else ""
+        )
+        filters = [account_id, start.isoformat(), end.isoformat(), product_id]
+        after = pagination.decode(request.page_token, filters)
+        cursor: tuple[datetime, str] | None = None
+        if after is not None:
+            try:
+                cursor = (datetime.fromisoformat(after[0]), str(after[1]))
+            except (TypeError, ValueError, IndexError):
+                raise errors.InvalidArgument("page_token", "malformed page token") from None
+        await store.get_account(self.db, account_id)
+        rows = await _events(self.db, account_id, start, end, product_id, cursor, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1][0]
+            token = pagination.encode([last.started_at.isoformat(), last.event_id], filters)
+        return metering_pb2.ListUsageEventsResponse(
+            events=[convert.usage_event(e, expires_at) for e, expires_at in rows],
+            next_page_token=token,
+        )
+
+    async def ExportUsageReport(
+        self, request: metering_pb2.ExportUsageReportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[metering_pb2.ExportUsageReportResponse]:
+        account = await store.get_account(self.db, validation.account_id(request.account_id))
+        r = self._range(request, account)
+        if r.end - r.start > timedelta(days=self.settings.usage_export_max_days):
+            raise errors.InvalidArgument(
+                "end_time",
+                f"the range may span at most {self.settings.usage_export_max_days} days",
+            )
+        product_id = (
+            validation.product_id(request.product_id, "product_id") if request.product_id else ""
+        )
+        if request.format not in (
+            metering_pb2.REPORT_FORMAT_UNSPECIFIED,
+            metering_pb2.REPORT_FORMAT_CSV,
+            metering_pb2.REPORT_FORMAT_XLSX,
+        ):
+            raise errors.InvalidArgument("format", f"unknown format {request.format}")
+        as_csv = request.format == metering_pb2.REPORT_FORMAT_CSV
+        report = reports.Report(self.db, account, r, product_id)
+        first = True
+        chunks = report.csv_chunks() if as_csv else report.xlsx_chunks()
+        async for chunk in chunks:
+            message = metering_pb2.ExportUsageReportResponse(data=chunk)
+            if first:
+                message.file_name = report.file_name("csv" if as_csv else "xlsx")
+                message.content_type = (
+                    "text/csv"
+                    if as_csv
+                    else "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+                )
+                first = False
+            yield message
+
+
+async def _events(
+    db: Database,
+    account_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    product_id: str,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> list[tuple[models.UsageEvent, datetime | None]]:
+    """Events newest first, each with its hold's expiry (for not-yet-swept expiries)."""
+    e = models.UsageEvent
+    conditions: list[Any] = [e.account_id == account_id]
+    if start is not None:
+        conditions.append(e.started_at >= start)
+    if end is not None:
+        conditions.append(e.started_at < end)
+    if product_id:
+        conditions.append(e.product_id == product_id)
+    if before is not None:
+        conditions.append(
+            or_(e.started_at < before[0], and_(e.started_at == before[0], e.event_id < before[1]))
+        )
+    query = (
+        select(e, models.Hold.expires_at)
+        .outerjoin(models.Hold, models.Hold.reservation_id == e.reservation_id)
+        .where(and_(*conditions))
+        .order_by(e.started_at.desc(), e.event_id.desc())
+        .limit(limit)
+    )
+    async with db.sessions() as session:
+        return [(row[0], row[1]) for row in (await session.execute(query)).all()]
