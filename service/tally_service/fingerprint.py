@@ -6,14 +6,15 @@ from google.protobuf.message import Message
 
 
 def of(method: str, request: Message) -> bytes:
-    """SHA-256 of the method name and the request without its request_id.
+    """SHA-256 of the method name and the request without its request_id (if it has one).
 
     Deterministic serialisation orders map entries (Struct fields), so equal requests
     give equal bytes within one protobuf runtime.
     """
     copy = type(request)()
     copy.CopyFrom(request)
-    copy.ClearField("request_id")
+    if "request_id" in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField("request_id")
     digest = hashlib.sha256(method.encode())
     digest.update(b"\x00")
     digest.update(copy.SerializeToString(deterministic=True))

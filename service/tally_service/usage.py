@@ -42,6 +42,12 @@ FROM parts GROUP BY 1, 2, 3
 """
 
 
+_EXPIRE_OVERDUE = text(
+    "SELECT tally_expire_holds(account_id) FROM holds WHERE account_id = :account_id "
+    "AND status = 'pending' AND expires_at <= clock_timestamp() LIMIT 1"
+)
+
+
 @dataclass
 class Totals:
     requests: int = 0
@@ -90,6 +96,10 @@ async def stats(
         params["product_id"] = product_id
     result = Stats()
     async with db.engine.connect() as conn:
+        # Write down holds past their expiry first, so their events count as failed now
+        # rather than when the sweeper next runs (a no-op without overdue holds).
+        await conn.execute(_EXPIRE_OVERDUE, {"account_id": account_id})
+        await conn.commit()
         rows = await conn.execute(text(_STATS.format(product_filter=product_filter)), params)
         for period, product, endpoint, *numbers in rows:
             totals = Totals(*numbers)

@@ -391,10 +391,25 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
         max_range = timedelta(days=self.settings.usage_list_max_days)
-        end = validation.optional_time(request, "end_time", request.end_time) or _now()
-        start = validation.optional_time(request, "start_time", request.start_time) or (
-            end - max_range
+        given_end = validation.optional_time(request, "end_time", request.end_time)
+        given_start = validation.optional_time(request, "start_time", request.start_time)
+        product_id = (
+            validation.product_id(request.product_id, "product_id") if request.product_id else ""
         )
+        # The token is bound to the filters as given; it carries the range it resolved
+        # to, so later pages keep the first page's "now".
+        filters = [account_id, str(given_start), str(given_end), product_id]
+        after = pagination.decode(request.page_token, filters)
+        cursor: tuple[datetime, str] | None = None
+        if after is not None:
+            try:
+                cursor = (datetime.fromisoformat(after[0]), str(after[1]))
+                start, end = datetime.fromisoformat(after[2]), datetime.fromisoformat(after[3])
+            except (TypeError, ValueError, IndexError):
+                raise errors.InvalidArgument("page_token", "malformed page token") from None
+        else:
+            end = given_end or _now()
+            start = given_start or end - max_range
         if start > end:
             raise errors.InvalidArgument("start_time", "must not be after end_time")
         if end - start > max_range:
@@ -402,24 +417,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 "end_time",
                 f"the range may span at most {self.settings.usage_list_max_days} days",
             )
-        product_id = (
-            validation.product_id(request.product_id, "product_id") if request.product_id else ""
-        )
-        filters = [account_id, start.isoformat(), end.isoformat(), product_id]
-        after = pagination.decode(request.page_token, filters)
-        cursor: tuple[datetime, str] | None = None
-        if after is not None:
-            try:
-                cursor = (datetime.fromisoformat(after[0]), str(after[1]))
-            except (TypeError, ValueError, IndexError):
-                raise errors.InvalidArgument("page_token", "malformed page token") from None
         await store.get_account(self.db, account_id)
         rows = await _events(self.db, account_id, start, end, product_id, cursor, limit + 1)
         token = ""
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1][0]
-            token = pagination.encode([last.started_at.isoformat(), last.event_id], filters)
+            token = pagination.encode(
+                [last.started_at.isoformat(), last.event_id, start.isoformat(), end.isoformat()],
+                filters,
+            )
         return metering_pb2.ListUsageEventsResponse(
             events=[convert.usage_event(e, expires_at) for e, expires_at in rows],
             next_page_token=token,
