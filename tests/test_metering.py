@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import metering_pb2 as m
 from tally.v1 import metering_pb2_grpc
@@ -57,6 +57,12 @@ def product(
         ),
     )
     return product_id
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
 
 
 def event(account: str, product_id: str, **fields: Any) -> m.UsageEvent:
@@ -306,7 +312,7 @@ def test_long_job_complete_captures_actual(
         quantity=6,
         status_code=200,
         message="done",
-        result_metadata={"pages": 6},
+        result_metadata=struct({"pages": 6}),
     )
     done = call(metering.CompleteUsage, complete)
     assert done.event.status == m.USAGE_STATUS_COMPLETED and done.event.credits == "3"

@@ -20,8 +20,10 @@ KOLKATA = ZoneInfo("Asia/Kolkata")
 LOS_ANGELES = ZoneInfo("America/Los_Angeles")
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_kolkata_presets() -> None:
