@@ -7,16 +7,30 @@
 ...     tally.debit("acme", "2.95", reference="order-1")
 ...     tally.get_balance("acme").available
 '7.05'
+>>> with TallyClient("127.0.0.1:50051") as tally:  # doctest: +SKIP
+...     tally.upsert_product("PAN-Plus", "0.5")
+...     tally.record_usage("acme", "txn-1", "PAN-Plus", endpoint="/pan/verify")
+...     tally.get_usage("acme", preset="Last 7 days").totals.credits_consumed
+'0.5'
 """
 
 from __future__ import annotations
 
-from ._requests import EntryTypeArg, new_request_id
+from ._requests import (
+    EntryTypeArg,
+    RangePresetArg,
+    ReportFormatArg,
+    UsagePeriodArg,
+    UsageStatusArg,
+    new_request_id,
+    usage_event,
+)
 from ._retry import RETRYABLE_CODES
 from .amounts import Amount, from_wire, to_wire
 from .client import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_SECONDS,
+    STREAM_TIMEOUT_FACTOR,
     AsyncStubs,
     AsyncTallyClient,
     Metadata,
@@ -34,6 +48,9 @@ from .errors import (
     DataLoss,
     DeadlineExceeded,
     EntryNotFound,
+    EventIdReused,
+    EventNotFound,
+    EventNotPending,
     FailedPrecondition,
     InsufficientCredits,
     Internal,
@@ -41,6 +58,7 @@ from .errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
+    ProductNotFound,
     RequestIdReused,
     ReservationNotFound,
     ReservationNotPending,
@@ -51,6 +69,7 @@ from .errors import (
     Unimplemented,
     Unknown,
     error_from_rpc,
+    error_from_status,
 )
 
 __all__ = [
@@ -58,6 +77,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "DOMAIN",
     "RETRYABLE_CODES",
+    "STREAM_TIMEOUT_FACTOR",
     "Aborted",
     "AccountAlreadyExists",
     "AccountNotFound",
@@ -71,6 +91,9 @@ __all__ = [
     "DeadlineExceeded",
     "EntryNotFound",
     "EntryTypeArg",
+    "EventIdReused",
+    "EventNotFound",
+    "EventNotPending",
     "FailedPrecondition",
     "InsufficientCredits",
     "Internal",
@@ -79,6 +102,9 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "ProductNotFound",
+    "RangePresetArg",
+    "ReportFormatArg",
     "RequestIdReused",
     "ReservationNotFound",
     "ReservationNotPending",
@@ -90,8 +116,12 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "UsagePeriodArg",
+    "UsageStatusArg",
     "error_from_rpc",
+    "error_from_status",
     "from_wire",
     "new_request_id",
     "to_wire",
+    "usage_event",
 ]

@@ -10,7 +10,7 @@ retry resends the very same message.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -18,14 +18,26 @@ from typing import Any, Generic, Literal, TypeVar
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2
+from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 
 from .amounts import Amount, to_wire
 
-ServiceName = Literal["accounts", "credits", "ledger"]
+ServiceName = Literal["accounts", "credits", "ledger", "metering"]
 #: A ledger entry type: an ``EntryType`` value, or a name such as ``"credit"``,
 #: ``"DEBIT"`` or ``"ENTRY_TYPE_ADJUSTMENT"``; ``None`` means all types.
 EntryTypeArg = int | str | None
+#: A usage status: a ``UsageStatus`` value or a name such as ``"completed"``,
+#: ``"FAILED"`` or ``"USAGE_STATUS_PENDING"``; ``None`` leaves the server default.
+UsageStatusArg = int | str | None
+#: A bucket size: a ``UsagePeriod`` value or ``"daily"``, ``"monthly"``, ``"yearly"``
+#: (also ``"day"``, ``"month"``, ``"year"``); ``None`` means the default (monthly).
+UsagePeriodArg = int | str | None
+#: A named range: a ``RangePreset`` value or a name, case-insensitive, with
+#: spaces, hyphens or underscores: ``"today"``, ``"Yesterday"``, ``"Last 7 days"``,
+#: ``"last_30_days"``, ``"This Month"``, ``"Last Month"``; ``None`` means no preset.
+RangePresetArg = int | str | None
+#: A report format: a ``ReportFormat`` value or ``"csv"`` / ``"xlsx"``.
+ReportFormatArg = int | str | None
 
 RespT = TypeVar("RespT", bound=Message)
 ResultT = TypeVar("ResultT")
@@ -89,6 +101,76 @@ def entry_type(value: EntryTypeArg) -> ledger_pb2.EntryType.ValueType:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"entry type must be an EntryType value or name, not {value!r}")
     return ledger_pb2.EntryType.ValueType(value)
+
+
+def _enum_value(
+    enum: Any,
+    prefix: str,
+    what: str,
+    value: int | str | None,
+    aliases: Mapping[str, str] | None = None,
+) -> int:
+    """An enum value from a value, a short or full name (see the ``*Arg`` aliases)."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        name = "_".join(value.strip().upper().replace("-", " ").replace("_", " ").split())
+        if aliases and name in aliases:
+            name = aliases[name]
+        if not name.startswith(prefix):
+            name = prefix + name
+        try:
+            return int(enum.Value(name))
+        except ValueError:
+            choices = ", ".join(
+                k.removeprefix(prefix).lower()
+                for k, _ in enum.items()
+                if not k.endswith("UNSPECIFIED")
+            )
+            raise ValueError(f"unknown {what} {value!r} (expected one of {choices})") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an enum value or name, not {value!r}")
+    return value
+
+
+def usage_status(value: UsageStatusArg) -> metering_pb2.UsageStatus.ValueType:
+    """Normalize a :data:`UsageStatusArg` to a ``UsageStatus`` value."""
+    return metering_pb2.UsageStatus.ValueType(
+        _enum_value(metering_pb2.UsageStatus, "USAGE_STATUS_", "usage status", value)
+    )
+
+
+def usage_period(value: UsagePeriodArg) -> metering_pb2.UsagePeriod.ValueType:
+    """Normalize a :data:`UsagePeriodArg` to a ``UsagePeriod`` value."""
+    aliases = {"DAY": "DAILY", "MONTH": "MONTHLY", "YEAR": "YEARLY"}
+    return metering_pb2.UsagePeriod.ValueType(
+        _enum_value(metering_pb2.UsagePeriod, "USAGE_PERIOD_", "usage period", value, aliases)
+    )
+
+
+def range_preset(value: RangePresetArg) -> metering_pb2.RangePreset.ValueType:
+    """Normalize a :data:`RangePresetArg` to a ``RangePreset`` value."""
+    return metering_pb2.RangePreset.ValueType(
+        _enum_value(metering_pb2.RangePreset, "RANGE_PRESET_", "range preset", value)
+    )
+
+
+def report_format(value: ReportFormatArg) -> metering_pb2.ReportFormat.ValueType:
+    """Normalize a :data:`ReportFormatArg` to a ``ReportFormat`` value."""
+    return metering_pb2.ReportFormat.ValueType(
+        _enum_value(metering_pb2.ReportFormat, "REPORT_FORMAT_", "report format", value)
+    )
+
+
+def _optional_timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    return None if dt is None else to_timestamp(dt)
+
+
+def _check_range(
+    preset: RangePresetArg, start_time: datetime | None, end_time: datetime | None
+) -> None:
+    if preset is not None and (start_time is not None or end_time is not None):
+        raise ValueError("give either a preset or start_time/end_time, not both")
 
 
 # --- AccountsService -------------------------------------------------------
@@ -175,6 +257,13 @@ def list_accounts(
 ) -> Rpc[accounts_pb2.ListAccountsResponse, accounts_pb2.ListAccountsResponse]:
     req = accounts_pb2.ListAccountsRequest(page_size=page_size, page_token=page_token)
     return Rpc("accounts", "ListAccounts", req, lambda r: r)
+
+
+def get_account_summary(
+    account_id: str,
+) -> Rpc[accounts_pb2.GetAccountSummaryResponse, accounts_pb2.GetAccountSummaryResponse]:
+    req = accounts_pb2.GetAccountSummaryRequest(account_id=account_id)
+    return Rpc("accounts", "GetAccountSummary", req, lambda r: r)
 
 
 # --- CreditsService --------------------------------------------------------
@@ -333,3 +422,266 @@ def verify_account(
 ) -> Rpc[ledger_pb2.VerifyAccountResponse, ledger_pb2.VerifyAccountResponse]:
     req = ledger_pb2.VerifyAccountRequest(account_id=account_id)
     return Rpc("ledger", "VerifyAccount", req, lambda r: r)
+
+
+# --- MeteringService -------------------------------------------------------
+
+
+def upsert_product(
+    product_id: str,
+    credits_per_unit: Amount,
+    *,
+    display_name: str = "",
+    charge_failed: bool = False,
+    minimum_charge: Amount | None = None,
+    request_id: str | None = None,
+) -> Rpc[metering_pb2.UpsertProductResponse, metering_pb2.Product]:
+    product = metering_pb2.Product(
+        product_id=product_id,
+        display_name=display_name,
+        credits_per_unit=to_wire(credits_per_unit),
+        charge_failed=charge_failed,
+        minimum_charge="" if minimum_charge is None else to_wire(minimum_charge),
+    )
+    req = metering_pb2.UpsertProductRequest(request_id=_request_id(request_id), product=product)
+    return Rpc("metering", "UpsertProduct", req, lambda r: r.product, mutating=True)
+
+
+def list_products(
+    page_size: int = 0, page_token: str = ""
+) -> Rpc[metering_pb2.ListProductsResponse, metering_pb2.ListProductsResponse]:
+    req = metering_pb2.ListProductsRequest(page_size=page_size, page_token=page_token)
+    return Rpc("metering", "ListProducts", req, lambda r: r)
+
+
+def usage_event(
+    account_id: str,
+    event_id: str,
+    product_id: str,
+    *,
+    endpoint: str = "",
+    status: UsageStatusArg = None,
+    success: bool | None = None,
+    status_code: int = 0,
+    message: str = "",
+    quantity: int | None = None,
+    credits: Amount | None = None,
+    start_time: datetime | None = None,
+    complete_time: datetime | None = None,
+    processing_time_ms: int = 0,
+    request_metadata: Mapping[str, Any] | None = None,
+    result_metadata: Mapping[str, Any] | None = None,
+    webhook_url: str = "",
+) -> metering_pb2.UsageEvent:
+    """A ``UsageEvent`` for :func:`record_usage_batch` / ``stream_usage``.
+
+    ``event_id`` is the event's idempotency key (the caller's transaction id).
+    ``None`` leaves a field unset, so the server applies its default: status
+    COMPLETED, ``success`` true for COMPLETED, ``quantity`` 1, ``credits`` from
+    the product's price, ``start_time`` now.
+    """
+    event = metering_pb2.UsageEvent(
+        account_id=account_id,
+        event_id=event_id,
+        product_id=product_id,
+        endpoint=endpoint,
+        status=usage_status(status),
+        status_code=status_code,
+        message=message,
+        credits="" if credits is None else to_wire(credits),
+        start_time=_optional_timestamp(start_time),
+        complete_time=_optional_timestamp(complete_time),
+        processing_time_ms=processing_time_ms,
+        request_metadata=to_struct(request_metadata),
+        result_metadata=to_struct(result_metadata),
+        webhook_url=webhook_url,
+    )
+    if success is not None:
+        event.success = success
+    if quantity is not None:
+        if isinstance(quantity, bool):
+            raise TypeError("quantity must be an int, not bool")
+        event.quantity = quantity
+    return event
+
+
+def record_usage(
+    event: metering_pb2.UsageEvent,
+) -> Rpc[metering_pb2.RecordUsageResponse, metering_pb2.RecordUsageResponse]:
+    """The event's ``event_id`` is the idempotency key: retries resend it unchanged."""
+    req = metering_pb2.RecordUsageRequest(event=event)
+    return Rpc("metering", "RecordUsage", req, lambda r: r, mutating=True)
+
+
+def record_usage_batch(
+    events: Iterable[metering_pb2.UsageEvent],
+) -> Rpc[metering_pb2.RecordUsageBatchResponse, metering_pb2.RecordUsageBatchResponse]:
+    req = metering_pb2.RecordUsageBatchRequest(events=list(events))
+    return Rpc("metering", "RecordUsageBatch", req, lambda r: r, mutating=True)
+
+
+def stream_usage_requests(
+    events: Iterable[metering_pb2.UsageEvent],
+) -> Iterator[metering_pb2.StreamUsageRequest]:
+    """One ``StreamUsageRequest`` per event, lazily."""
+    for event in events:
+        yield stream_usage_request(event)
+
+
+def stream_usage_request(event: metering_pb2.UsageEvent) -> metering_pb2.StreamUsageRequest:
+    if not isinstance(event, metering_pb2.UsageEvent):
+        raise TypeError(f"stream_usage takes UsageEvent messages, not {type(event).__name__}")
+    return metering_pb2.StreamUsageRequest(event=event)
+
+
+def start_usage(
+    account_id: str,
+    event_id: str,
+    product_id: str,
+    *,
+    endpoint: str = "",
+    status: UsageStatusArg = None,
+    quantity: int | None = None,
+    credits: Amount | None = None,
+    ttl_seconds: int = 0,
+    start_time: datetime | None = None,
+    request_metadata: Mapping[str, Any] | None = None,
+    webhook_url: str = "",
+) -> Rpc[metering_pb2.StartUsageResponse, metering_pb2.StartUsageResponse]:
+    """``status`` is PENDING (default) or PROCESSING; ``quantity``/``credits`` the estimate."""
+    event = usage_event(
+        account_id,
+        event_id,
+        product_id,
+        endpoint=endpoint,
+        status=status,
+        quantity=quantity,
+        credits=credits,
+        start_time=start_time,
+        request_metadata=request_metadata,
+        webhook_url=webhook_url,
+    )
+    req = metering_pb2.StartUsageRequest(event=event, ttl_seconds=ttl_seconds)
+    return Rpc("metering", "StartUsage", req, lambda r: r, mutating=True)
+
+
+def complete_usage(
+    account_id: str,
+    event_id: str,
+    *,
+    quantity: int | None = None,
+    credits: Amount | None = None,
+    success: bool | None = None,
+    status_code: int = 0,
+    message: str = "",
+    result_metadata: Mapping[str, Any] | None = None,
+    complete_time: datetime | None = None,
+    processing_time_ms: int = 0,
+) -> Rpc[metering_pb2.CompleteUsageResponse, metering_pb2.CompleteUsageResponse]:
+    req = metering_pb2.CompleteUsageRequest(
+        account_id=account_id,
+        event_id=event_id,
+        credits="" if credits is None else to_wire(credits),
+        status_code=status_code,
+        message=message,
+        result_metadata=to_struct(result_metadata),
+        complete_time=_optional_timestamp(complete_time),
+        processing_time_ms=processing_time_ms,
+    )
+    if quantity is not None:
+        if isinstance(quantity, bool):
+            raise TypeError("quantity must be an int, not bool")
+        req.quantity = quantity
+    if success is not None:
+        req.success = success
+    return Rpc("metering", "CompleteUsage", req, lambda r: r, mutating=True)
+
+
+def fail_usage(
+    account_id: str,
+    event_id: str,
+    *,
+    status_code: int = 0,
+    message: str = "",
+    result_metadata: Mapping[str, Any] | None = None,
+    complete_time: datetime | None = None,
+) -> Rpc[metering_pb2.FailUsageResponse, metering_pb2.FailUsageResponse]:
+    req = metering_pb2.FailUsageRequest(
+        account_id=account_id,
+        event_id=event_id,
+        status_code=status_code,
+        message=message,
+        result_metadata=to_struct(result_metadata),
+        complete_time=_optional_timestamp(complete_time),
+    )
+    return Rpc("metering", "FailUsage", req, lambda r: r, mutating=True)
+
+
+def get_usage(
+    account_id: str,
+    *,
+    period: UsagePeriodArg = None,
+    preset: RangePresetArg = None,
+    start_time: datetime | None = None,
+    end_time: datetime | None = None,
+    product_id: str = "",
+) -> Rpc[metering_pb2.GetUsageResponse, metering_pb2.GetUsageResponse]:
+    """``preset`` and ``start_time``/``end_time`` are exclusive (ValueError)."""
+    _check_range(preset, start_time, end_time)
+    req = metering_pb2.GetUsageRequest(
+        account_id=account_id,
+        period=usage_period(period),
+        preset=range_preset(preset),
+        start_time=_optional_timestamp(start_time),
+        end_time=_optional_timestamp(end_time),
+        product_id=product_id,
+    )
+    return Rpc("metering", "GetUsage", req, lambda r: r)
+
+
+def get_usage_summary(
+    account_id: str, *, recent_events: int = 0
+) -> Rpc[metering_pb2.GetUsageSummaryResponse, metering_pb2.GetUsageSummaryResponse]:
+    req = metering_pb2.GetUsageSummaryRequest(account_id=account_id, recent_events=recent_events)
+    return Rpc("metering", "GetUsageSummary", req, lambda r: r)
+
+
+def list_usage_events(
+    account_id: str,
+    *,
+    start_time: datetime | None = None,
+    end_time: datetime | None = None,
+    product_id: str = "",
+    page_size: int = 0,
+    page_token: str = "",
+) -> Rpc[metering_pb2.ListUsageEventsResponse, metering_pb2.ListUsageEventsResponse]:
+    req = metering_pb2.ListUsageEventsRequest(
+        account_id=account_id,
+        start_time=_optional_timestamp(start_time),
+        end_time=_optional_timestamp(end_time),
+        product_id=product_id,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Rpc("metering", "ListUsageEvents", req, lambda r: r)
+
+
+def export_usage_report(
+    account_id: str,
+    *,
+    format: ReportFormatArg = "xlsx",
+    preset: RangePresetArg = None,
+    start_time: datetime | None = None,
+    end_time: datetime | None = None,
+    product_id: str = "",
+) -> metering_pb2.ExportUsageReportRequest:
+    """The request of the server-streaming ExportUsageReport call."""
+    _check_range(preset, start_time, end_time)
+    return metering_pb2.ExportUsageReportRequest(
+        account_id=account_id,
+        format=report_format(format),
+        preset=range_preset(preset),
+        start_time=_optional_timestamp(start_time),
+        end_time=_optional_timestamp(end_time),
+        product_id=product_id,
+    )

@@ -3,6 +3,10 @@
 Exit status: 0 on success, 1 when the server answers with an error (printed to
 stderr as ``error: <CODE> <reason>: <message>`` plus field violations), 2 for a
 usage error, 3 when ``verify`` finds the account inconsistent.
+
+Metering: ``products upsert|list``, ``usage`` (statistics), ``usage-events``
+(the rows of the usage report), ``export`` (a CSV or XLSX report to a file) and
+``summary`` (the account overview).
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import islice
-from typing import TextIO
+from typing import Any, TextIO
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from tally.v1 import account_pb2, credits_pb2, ledger_pb2
+from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 
+from . import _requests as rq
 from .client import DEFAULT_TIMEOUT_SECONDS, TallyClient
 from .errors import TallyError
 
@@ -129,6 +134,102 @@ def _balance_fields(b: credits_pb2.CreditBalance) -> list[tuple[str, str]]:
     else:
         fields.append(("auto_reload", "off"))
     return fields
+
+
+def _enum_name(enum: Any, prefix: str, value: int) -> str:
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
+
+
+def _product_row(p: metering_pb2.Product) -> list[str]:
+    return [
+        p.product_id,
+        p.display_name,
+        p.credits_per_unit,
+        p.minimum_charge,
+        "yes" if p.charge_failed else "no",
+        iso(p.update_time),
+    ]
+
+
+_PRODUCT_HEADERS = [
+    "PRODUCT_ID",
+    "DISPLAY_NAME",
+    "CREDITS_PER_UNIT",
+    "MINIMUM_CHARGE",
+    "CHARGE_FAILED",
+    "UPDATED",
+]
+
+
+def _totals_fields(t: metering_pb2.UsageTotals) -> list[tuple[str, str]]:
+    return [
+        ("period_start", iso(t.period_start)),
+        ("period_end", iso(t.period_end)),
+        ("total_requests", str(t.total_requests)),
+        ("successful_requests", str(t.successful_requests)),
+        ("failed_requests", str(t.failed_requests)),
+        ("credits_consumed", t.credits_consumed),
+        ("quantity", str(t.quantity)),
+        ("average_credits_per_request", t.average_credits_per_request),
+    ]
+
+
+def _usage_tables(u: metering_pb2.GetUsageResponse) -> str:
+    """By endpoint, by product and the buckets of a GetUsage answer, as tables."""
+    endpoints = sorted(u.requests_by_endpoint.items(), key=lambda kv: (-kv[1], kv[0]))
+    by_endpoint = format_table(
+        ["ENDPOINT", "REQUESTS"], [[k or "-", str(v)] for k, v in endpoints], right={1}
+    )
+    products = sorted(set(u.requests_by_product) | set(u.credits_by_product))
+    by_product = format_table(
+        ["PRODUCT_ID", "REQUESTS", "CREDITS"],
+        [
+            [p, str(u.requests_by_product.get(p, 0)), u.credits_by_product.get(p, "0")]
+            for p in products
+        ],
+        right={1, 2},
+    )
+    buckets = format_table(
+        ["START", "END", "REQUESTS", "SUCCESSFUL", "FAILED", "CREDITS", "QUANTITY", "AVERAGE"],
+        [
+            [
+                iso(b.period_start),
+                iso(b.period_end),
+                str(b.total_requests),
+                str(b.successful_requests),
+                str(b.failed_requests),
+                b.credits_consumed,
+                str(b.quantity),
+                b.average_credits_per_request,
+            ]
+            for b in u.buckets
+        ],
+        right={2, 3, 4, 5, 6, 7},
+    )
+    return "\n\n".join(
+        [
+            "By endpoint:\n" + by_endpoint,
+            "By product:\n" + by_product,
+            "By " + _period_word(u.period) + ":\n" + buckets,
+        ]
+    )
+
+
+def _period_word(period: int) -> str:
+    if period == metering_pb2.USAGE_PERIOD_DAILY:
+        return "day"
+    if period == metering_pb2.USAGE_PERIOD_YEARLY:
+        return "year"
+    return "month"
+
+
+def _event_status(e: metering_pb2.UsageEvent) -> str:
+    """The lifecycle status, with the caller's status code when there is one."""
+    name = _enum_name(metering_pb2.UsageStatus, "USAGE_STATUS_", e.status)
+    return f"{name} {e.status_code}" if e.status_code else name
 
 
 # --- commands -------------------------------------------------------------------
@@ -285,7 +386,140 @@ def _cmd_verify(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if r.consistent else EXIT_INCONSISTENT
 
 
+def _cmd_products_upsert(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    product = c.upsert_product(
+        a.product_id,
+        a.credits_per_unit,
+        display_name=a.display_name,
+        charge_failed=a.charge_failed,
+        minimum_charge=a.minimum_charge,
+        request_id=a.request_id,
+    )
+    print(format_fields(zip(_PRODUCT_HEADERS, _product_row(product), strict=True)), file=out)
+    return EXIT_OK
+
+
+def _cmd_products_list(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    products = c.iter_products(page_size=min(a.limit, 100) if a.limit else 0)
+    if a.limit:
+        products = islice(products, a.limit)
+    rows = [_product_row(p) for p in products]
+    print(format_table(_PRODUCT_HEADERS, rows, right={2, 3}), file=out)
+    return EXIT_OK
+
+
+def _cmd_usage(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    u = c.get_usage(
+        a.account_id,
+        period=a.period,
+        preset=a.preset,
+        start_time=a.start,
+        end_time=a.end,
+        product_id=a.product,
+    )
+    fields = [
+        ("account_id", u.account_id),
+        ("period", _enum_name(metering_pb2.UsagePeriod, "USAGE_PERIOD_", u.period)),
+    ]
+    if a.product:
+        fields.append(("product_id", a.product))
+    fields.extend(_totals_fields(u.totals))
+    print(format_fields(fields), file=out)
+    print("", file=out)
+    print(_usage_tables(u), file=out)
+    return EXIT_OK
+
+
+def _cmd_usage_events(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    events = c.iter_usage_events(
+        a.account_id,
+        start_time=a.start,
+        end_time=a.end,
+        product_id=a.product,
+        page_size=min(a.limit, 100) if a.limit else 0,
+    )
+    if a.limit:
+        events = islice(events, a.limit)
+    rows = [
+        [e.event_id, iso(e.start_time), e.product_id, _event_status(e), e.message, e.credits]
+        for e in events
+    ]
+    headers = ["Transaction Id", "Timestamp(UTC)", "Product Id", "Status", "Message", "Charge"]
+    print(format_table(headers, rows, right={5}), file=out)
+    return EXIT_OK
+
+
+def _cmd_export(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    file_name, content_type, written = c.export_usage_report_to(
+        a.out,
+        a.account_id,
+        format=a.format,
+        preset=a.preset,
+        start_time=a.start,
+        end_time=a.end,
+        product_id=a.product,
+    )
+    fields = [
+        ("path", str(a.out)),
+        ("file_name", file_name),
+        ("content_type", content_type),
+        ("bytes", str(written)),
+    ]
+    print(format_fields(fields), file=out)
+    return EXIT_OK
+
+
+def _cmd_summary(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    s: accounts_pb2.GetAccountSummaryResponse = c.get_account_summary(a.account_id)
+    sub = s.subscription
+    month = s.usage_this_month.totals
+    fields = [
+        ("account_id", s.account.account_id),
+        ("name", s.account.name),
+        ("email", s.account.email),
+        ("time_zone", s.account.time_zone),
+        ("account_create_time", iso(s.account_create_time)),
+        ("last_activity_time", iso(s.last_activity_time)),
+        ("currency", s.credit_balance.currency),
+        ("balance", s.credit_balance.balance),
+        ("reserved", s.credit_balance.reserved),
+        ("available", s.credit_balance.available),
+        ("overdraft_limit", s.credit_balance.overdraft_limit),
+        (
+            "subscription",
+            _enum_name(accounts_pb2.SubscriptionStatus, "SUBSCRIPTION_STATUS_", sub.status),
+        ),
+    ]
+    if sub.plan:
+        fields.extend(
+            [
+                ("plan", sub.plan),
+                ("credits_per_period", sub.credits_per_period),
+                ("current_period_start", iso(sub.current_period_start_time)),
+                ("current_period_end", iso(sub.current_period_end_time)),
+            ]
+        )
+    fields.extend(
+        [
+            ("requests_this_month", str(month.total_requests)),
+            ("credits_this_month", month.credits_consumed),
+            ("total_requests_all_time", str(s.total_requests_all_time)),
+        ]
+    )
+    print(format_fields(fields), file=out)
+    return EXIT_OK
+
+
 # --- parser -----------------------------------------------------------------------
+
+
+def _preset(value: str) -> str:
+    """argparse type: a range preset name such as ``"Last 7 days"`` (kept as given)."""
+    try:
+        rq.range_preset(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,6 +595,60 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check an account's balance against its ledger")
     ver.add_argument("account_id", metavar="ID")
     ver.set_defaults(func=_cmd_verify)
+
+    prod = sub.add_parser("products", help="create, update and list products of the catalog")
+    prod_sub = prod.add_subparsers(dest="products_command", required=True, metavar="ACTION")
+    up = prod_sub.add_parser("upsert", help="create or replace a product")
+    up.add_argument("product_id", metavar="ID")
+    up.add_argument("credits_per_unit", metavar="CREDITS_PER_UNIT", help='e.g. "0.5"')
+    up.add_argument("--display-name", default="")
+    up.add_argument(
+        "--charge-failed", action="store_true", help="charge failed calls like completed ones"
+    )
+    up.add_argument("--minimum-charge", help="smallest charge of a charged event")
+    request_id(up)
+    up.set_defaults(func=_cmd_products_upsert)
+    plst = prod_sub.add_parser("list", help="list the catalog")
+    plst.add_argument("--limit", type=_non_negative, default=0, help="at most N (default: all)")
+    plst.set_defaults(func=_cmd_products_list)
+
+    def time_range(sp: argparse.ArgumentParser, *, preset: bool) -> None:
+        if preset:
+            sp.add_argument(
+                "--preset",
+                type=_preset,
+                help='today, yesterday, "Last 7 days", last_30_days, this_month, "Last Month"',
+            )
+        sp.add_argument("--start", type=_parse_time, help="at or after this ISO-8601 time")
+        sp.add_argument("--end", type=_parse_time, help="before this ISO-8601 time")
+        sp.add_argument("--product", default="", help="only this product")
+
+    use = sub.add_parser("usage", help="usage statistics of an account")
+    use.add_argument("account_id", metavar="ACCOUNT")
+    use.add_argument("--period", choices=["daily", "monthly", "yearly"], help="bucket size")
+    time_range(use, preset=True)
+    use.set_defaults(func=_cmd_usage)
+
+    evs = sub.add_parser("usage-events", help="an account's usage events, newest first")
+    evs.add_argument("account_id", metavar="ACCOUNT")
+    time_range(evs, preset=False)
+    evs.add_argument(
+        "--limit", type=_non_negative, default=50, help="at most N, 0 for all (default: 50)"
+    )
+    evs.set_defaults(func=_cmd_usage_events)
+
+    exp = sub.add_parser("export", help="write a CSV or XLSX usage report to a file")
+    exp.add_argument("account_id", metavar="ACCOUNT")
+    exp.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    exp.add_argument(
+        "--format", choices=["csv", "xlsx"], help="default: from FILE's suffix, else xlsx"
+    )
+    time_range(exp, preset=True)
+    exp.set_defaults(func=_cmd_export)
+
+    summ = sub.add_parser("summary", help="an account's overview")
+    summ.add_argument("account_id", metavar="ACCOUNT")
+    summ.set_defaults(func=_cmd_summary)
     return p
 
 
@@ -373,7 +661,10 @@ def format_error(e: TallyError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None) and (args.start is not None or args.end is not None):
+        parser.error("give either --preset or --start/--end, not both")
     func: Command = args.func
     try:
         with TallyClient(args.target, timeout_seconds=args.timeout) as client:
@@ -381,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     except TallyError as e:
         print(format_error(e), file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

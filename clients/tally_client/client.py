@@ -14,15 +14,26 @@ Behaviour common to every high-level method:
   subclass (``raise ... from rpc_error``);
 * amounts go through :func:`~tally_client.amounts.to_wire`, metadata mappings
   become ``google.protobuf.Struct``, datetimes must be timezone-aware.
+
+Usage events are idempotent by ``event_id`` instead of ``request_id``: a retried
+``record_usage``/``record_usage_batch`` resends the same events. The streaming
+calls (``stream_usage``, ``export_usage_report``) have a deadline of
+``stream_timeout_seconds`` (default: ``timeout_seconds * 60``) for the whole
+stream; ``stream_usage`` is retried only when its events are a ``Sequence`` (a
+list or tuple, which can be replayed), ``export_usage_report`` only before its
+first chunk arrived, and ``export_usage_report_to`` rewrites the file from the
+start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
@@ -36,6 +47,8 @@ from tally.v1 import (
     credits_pb2_grpc,
     ledger_pb2,
     ledger_pb2_grpc,
+    metering_pb2,
+    metering_pb2_grpc,
 )
 
 from . import _requests as rq
@@ -47,10 +60,12 @@ if TYPE_CHECKING:
     from tally.v1.accounts_pb2_grpc import AccountsServiceAsyncStub
     from tally.v1.credits_pb2_grpc import CreditsServiceAsyncStub
     from tally.v1.ledger_pb2_grpc import LedgerServiceAsyncStub
+    from tally.v1.metering_pb2_grpc import MeteringServiceAsyncStub
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_TIMEOUT_SECONDS",
+    "STREAM_TIMEOUT_FACTOR",
     "AsyncStubs",
     "AsyncTallyClient",
     "Metadata",
@@ -62,6 +77,8 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_ATTEMPTS = 4
+#: Default deadline of a streaming call, as a multiple of ``timeout_seconds``.
+STREAM_TIMEOUT_FACTOR = 60
 
 #: Call metadata sent with every RPC, e.g. ``[("authorization", "Bearer ...")]``.
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -76,6 +93,7 @@ class Stubs:
     accounts: accounts_pb2_grpc.AccountsServiceStub
     credits: credits_pb2_grpc.CreditsServiceStub
     ledger: ledger_pb2_grpc.LedgerServiceStub
+    metering: metering_pb2_grpc.MeteringServiceStub
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +103,7 @@ class AsyncStubs:
     accounts: AccountsServiceAsyncStub
     credits: CreditsServiceAsyncStub
     ledger: LedgerServiceAsyncStub
+    metering: MeteringServiceAsyncStub
 
 
 def _settings(
@@ -96,6 +115,60 @@ def _settings(
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts!r}")
     md = tuple((k, v) for k, v in metadata) if metadata else None
     return float(timeout_seconds), max_attempts, md
+
+
+def _stream_timeout(timeout_seconds: float, stream_timeout_seconds: float | None) -> float:
+    if stream_timeout_seconds is None:
+        return timeout_seconds * STREAM_TIMEOUT_FACTOR
+    if not stream_timeout_seconds > 0:
+        raise ValueError(f"stream_timeout_seconds must be positive, got {stream_timeout_seconds!r}")
+    return float(stream_timeout_seconds)
+
+
+def _replayable(events: object) -> bool:
+    """Whether a stream's events can be sent again (a list, tuple or other Sequence)."""
+    return isinstance(events, Sequence) and not isinstance(events, str | bytes)
+
+
+def _report_format(format: rq.ReportFormatArg, path: Path) -> rq.ReportFormatArg:
+    """The format of ``export_usage_report_to``: as given, else from the file suffix."""
+    if format is not None:
+        return format
+    return "csv" if path.suffix.lower() == ".csv" else "xlsx"
+
+
+def _part_path(path: Path) -> Path:
+    """Where a report is written before it is renamed to ``path``."""
+    return path.with_name(path.name + ".part")
+
+
+class _StreamEvents:
+    """The request iterator of one StreamUsage attempt.
+
+    Remembers an exception raised by the caller's iterable (or by a non-event
+    in it): gRPC only cancels the call then, and the client re-raises it.
+    """
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def sync(self, events: Iterable[Any]) -> Iterator[metering_pb2.StreamUsageRequest]:
+        try:
+            for event in events:
+                yield rq.stream_usage_request(event)
+        except Exception as e:
+            self.error = e
+            raise
+
+    async def aio(
+        self, events: AsyncIterable[Any]
+    ) -> AsyncIterator[metering_pb2.StreamUsageRequest]:
+        try:
+            async for event in events:
+                yield rq.stream_usage_request(event)
+        except Exception as e:
+            self.error = e
+            raise
 
 
 def _check_channel_args(target: str | None, channel: Any, credentials: Any) -> str | None:
@@ -115,8 +188,8 @@ class TallyClient:
     ``channel_credentials=grpc.ssl_channel_credentials()`` a secure one;
     ``channel=...`` uses an existing channel (which :meth:`close` leaves open).
 
-    ``client.accounts`` / ``client.credits`` / ``client.ledger`` (also
-    ``client.stubs.<name>``) are the raw generated stubs.
+    ``client.accounts`` / ``client.credits`` / ``client.ledger`` /
+    ``client.metering`` (also ``client.stubs.<name>``) are the raw generated stubs.
     """
 
     def __init__(
@@ -129,10 +202,12 @@ class TallyClient:
         metadata: Metadata | None = None,
         channel: grpc.Channel | None = None,
         options: ChannelOptions | None = None,
+        stream_timeout_seconds: float | None = None,
     ) -> None:
         self.timeout_seconds, self.max_attempts, self.metadata = _settings(
             timeout_seconds, max_attempts, metadata
         )
+        self.stream_timeout_seconds = _stream_timeout(self.timeout_seconds, stream_timeout_seconds)
         target = _check_channel_args(target, channel, channel_credentials)
         self._owns_channel = channel is None
         if channel is None:
@@ -147,10 +222,16 @@ class TallyClient:
             accounts=accounts_pb2_grpc.AccountsServiceStub(channel),
             credits=credits_pb2_grpc.CreditsServiceStub(channel),
             ledger=ledger_pb2_grpc.LedgerServiceStub(channel),
+            metering=metering_pb2_grpc.MeteringServiceStub(channel),
         )
         self.accounts = self.stubs.accounts
         self.credits = self.stubs.credits
         self.ledger = self.stubs.ledger
+        self.metering = self.stubs.metering
+
+    #: Build a ``UsageEvent`` for :meth:`record_usage_batch` / :meth:`stream_usage`
+    #: (the same as :func:`tally_client.usage_event`).
+    usage_event = staticmethod(rq.usage_event)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -431,6 +512,408 @@ class TallyClient:
     def verify_account(self, account_id: str) -> ledger_pb2.VerifyAccountResponse:
         return self._call(rq.verify_account(account_id))
 
+    # --- AccountsService: summary ------------------------------------------------
+
+    def get_account_summary(self, account_id: str) -> accounts_pb2.GetAccountSummaryResponse:
+        """Balance, subscription, usage this month, lifetime requests, activity."""
+        return self._call(rq.get_account_summary(account_id))
+
+    # --- MeteringService: catalog ----------------------------------------------
+
+    def upsert_product(
+        self,
+        product_id: str,
+        credits_per_unit: Amount,
+        *,
+        display_name: str = "",
+        charge_failed: bool = False,
+        minimum_charge: Amount | None = None,
+        request_id: str | None = None,
+    ) -> metering_pb2.Product:
+        """Create or replace a product of the catalog."""
+        return self._call(
+            rq.upsert_product(
+                product_id,
+                credits_per_unit,
+                display_name=display_name,
+                charge_failed=charge_failed,
+                minimum_charge=minimum_charge,
+                request_id=request_id,
+            )
+        )
+
+    def list_products(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> metering_pb2.ListProductsResponse:
+        return self._call(rq.list_products(page_size, page_token))
+
+    def iter_products(self, page_size: int = 0) -> Iterator[metering_pb2.Product]:
+        """The whole catalog, ordered by product id, fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_products(page_size, token)
+            yield from page.products
+            token = page.next_page_token
+            if not token:
+                return
+
+    # --- MeteringService: recording --------------------------------------------
+
+    def record_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        product_id: str,
+        *,
+        endpoint: str = "",
+        status: rq.UsageStatusArg = None,
+        success: bool | None = None,
+        status_code: int = 0,
+        message: str = "",
+        quantity: int | None = None,
+        credits: Amount | None = None,
+        start_time: datetime | None = None,
+        complete_time: datetime | None = None,
+        processing_time_ms: int = 0,
+        request_metadata: Mapping[str, Any] | None = None,
+        result_metadata: Mapping[str, Any] | None = None,
+        webhook_url: str = "",
+    ) -> metering_pb2.RecordUsageResponse:
+        """Record one finished (COMPLETED or FAILED) event and charge it.
+
+        ``event_id`` is the idempotency key: a retry resends the same event, and
+        a duplicate answers ``duplicate=True`` without charging again.
+        """
+        event = rq.usage_event(
+            account_id,
+            event_id,
+            product_id,
+            endpoint=endpoint,
+            status=status,
+            success=success,
+            status_code=status_code,
+            message=message,
+            quantity=quantity,
+            credits=credits,
+            start_time=start_time,
+            complete_time=complete_time,
+            processing_time_ms=processing_time_ms,
+            request_metadata=request_metadata,
+            result_metadata=result_metadata,
+            webhook_url=webhook_url,
+        )
+        return self._call(rq.record_usage(event))
+
+    def record_usage_batch(
+        self, events: Iterable[metering_pb2.UsageEvent]
+    ) -> metering_pb2.RecordUsageBatchResponse:
+        """Record up to 1,000 events (see :func:`usage_event`); one result per event.
+
+        Per-event failures are in ``results[i].status``; use
+        :func:`~tally_client.errors.error_from_status` to turn one into an exception.
+        """
+        return self._call(rq.record_usage_batch(events))
+
+    def stream_usage(
+        self,
+        events: Iterable[metering_pb2.UsageEvent],
+        *,
+        timeout_seconds: float | None = None,
+    ) -> metering_pb2.StreamUsageResponse:
+        """Send events on one client stream; the response counts them.
+
+        Retried (replaying every event, which is safe by ``event_id``) only when
+        ``events`` is a Sequence; any other iterable is consumed once.
+        ``timeout_seconds`` overrides ``stream_timeout_seconds`` for this call.
+        """
+        timeout = self.stream_timeout_seconds if timeout_seconds is None else timeout_seconds
+        attempts = self.max_attempts if _replayable(events) else 1
+        attempt = 0
+        while True:
+            attempt += 1
+            requests = _StreamEvents()
+            try:
+                return cast(
+                    "metering_pb2.StreamUsageResponse",
+                    self.stubs.metering.StreamUsage(
+                        requests.sync(events), timeout=timeout, metadata=self.metadata
+                    ),
+                )
+            except grpc.RpcError as e:
+                if requests.error is not None:
+                    raise requests.error from e
+                if should_retry(e, attempt, attempts):
+                    time.sleep(backoff_delay(attempt))
+                    continue
+                raise error_from_rpc(e) from e
+
+    def start_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        product_id: str,
+        *,
+        endpoint: str = "",
+        status: rq.UsageStatusArg = None,
+        quantity: int | None = None,
+        credits: Amount | None = None,
+        ttl_seconds: int = 0,
+        start_time: datetime | None = None,
+        request_metadata: Mapping[str, Any] | None = None,
+        webhook_url: str = "",
+    ) -> metering_pb2.StartUsageResponse:
+        """Start a long job: hold its estimated credits, record a PENDING/PROCESSING event."""
+        return self._call(
+            rq.start_usage(
+                account_id,
+                event_id,
+                product_id,
+                endpoint=endpoint,
+                status=status,
+                quantity=quantity,
+                credits=credits,
+                ttl_seconds=ttl_seconds,
+                start_time=start_time,
+                request_metadata=request_metadata,
+                webhook_url=webhook_url,
+            )
+        )
+
+    def complete_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        *,
+        quantity: int | None = None,
+        credits: Amount | None = None,
+        success: bool | None = None,
+        status_code: int = 0,
+        message: str = "",
+        result_metadata: Mapping[str, Any] | None = None,
+        complete_time: datetime | None = None,
+        processing_time_ms: int = 0,
+    ) -> metering_pb2.CompleteUsageResponse:
+        """Complete a started job: capture the actual credits, release the rest."""
+        return self._call(
+            rq.complete_usage(
+                account_id,
+                event_id,
+                quantity=quantity,
+                credits=credits,
+                success=success,
+                status_code=status_code,
+                message=message,
+                result_metadata=result_metadata,
+                complete_time=complete_time,
+                processing_time_ms=processing_time_ms,
+            )
+        )
+
+    def fail_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        *,
+        status_code: int = 0,
+        message: str = "",
+        result_metadata: Mapping[str, Any] | None = None,
+        complete_time: datetime | None = None,
+    ) -> metering_pb2.FailUsageResponse:
+        """Fail a started job: release the hold (or charge it if the product says so)."""
+        return self._call(
+            rq.fail_usage(
+                account_id,
+                event_id,
+                status_code=status_code,
+                message=message,
+                result_metadata=result_metadata,
+                complete_time=complete_time,
+            )
+        )
+
+    # --- MeteringService: questions --------------------------------------------
+
+    def get_usage(
+        self,
+        account_id: str,
+        *,
+        period: rq.UsagePeriodArg = None,
+        preset: rq.RangePresetArg = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+    ) -> metering_pb2.GetUsageResponse:
+        """Usage totals and buckets; give ``preset`` or ``start_time``/``end_time``."""
+        return self._call(
+            rq.get_usage(
+                account_id,
+                period=period,
+                preset=preset,
+                start_time=start_time,
+                end_time=end_time,
+                product_id=product_id,
+            )
+        )
+
+    def get_usage_summary(
+        self, account_id: str, *, recent_events: int = 0
+    ) -> metering_pb2.GetUsageSummaryResponse:
+        return self._call(rq.get_usage_summary(account_id, recent_events=recent_events))
+
+    def list_usage_events(
+        self,
+        account_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> metering_pb2.ListUsageEventsResponse:
+        """One page of an account's usage events, newest first."""
+        return self._call(
+            rq.list_usage_events(
+                account_id,
+                start_time=start_time,
+                end_time=end_time,
+                product_id=product_id,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
+
+    def iter_usage_events(
+        self,
+        account_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        page_size: int = 0,
+    ) -> Iterator[metering_pb2.UsageEvent]:
+        """All of an account's usage events matching the filters, newest first."""
+        token = ""
+        while True:
+            page = self.list_usage_events(
+                account_id,
+                start_time=start_time,
+                end_time=end_time,
+                product_id=product_id,
+                page_size=page_size,
+                page_token=token,
+            )
+            yield from page.events
+            token = page.next_page_token
+            if not token:
+                return
+
+    def export_usage_report(
+        self,
+        account_id: str,
+        *,
+        format: rq.ReportFormatArg = "xlsx",
+        preset: rq.RangePresetArg = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        timeout_seconds: float | None = None,
+    ) -> Iterator[bytes]:
+        """The bytes of a CSV or XLSX usage report, chunk by chunk.
+
+        Arguments are checked now; the call starts on the first ``next()``. It
+        is retried only until the first chunk arrives. Closing the iterator
+        early cancels the call.
+        """
+        req = rq.export_usage_report(
+            account_id,
+            format=format,
+            preset=preset,
+            start_time=start_time,
+            end_time=end_time,
+            product_id=product_id,
+        )
+        timeout = self.stream_timeout_seconds if timeout_seconds is None else timeout_seconds
+        return self._export_bytes(req, timeout)
+
+    def _export_bytes(
+        self, req: metering_pb2.ExportUsageReportRequest, timeout: float
+    ) -> Iterator[bytes]:
+        attempt = 0
+        while True:
+            attempt += 1
+            received = False
+            try:
+                for chunk in self._export_attempt(req, timeout):
+                    received = True
+                    yield chunk.data
+                return
+            except grpc.RpcError as e:
+                if not received and should_retry(e, attempt, self.max_attempts):
+                    time.sleep(backoff_delay(attempt))
+                    continue
+                raise error_from_rpc(e) from e
+
+    def _export_attempt(
+        self, req: metering_pb2.ExportUsageReportRequest, timeout: float
+    ) -> Iterator[metering_pb2.ExportUsageReportResponse]:
+        call = self.stubs.metering.ExportUsageReport(req, timeout=timeout, metadata=self.metadata)
+        try:
+            yield from call
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    def export_usage_report_to(
+        self,
+        path: str | os.PathLike[str],
+        account_id: str,
+        *,
+        format: rq.ReportFormatArg = None,
+        preset: rq.RangePresetArg = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        timeout_seconds: float | None = None,
+    ) -> tuple[str, str, int]:
+        """Write a usage report to ``path``; returns (file_name, content_type, bytes_written).
+
+        ``format=None`` picks CSV for a ``.csv`` path, else XLSX. The report is
+        written to ``<path>.part`` and renamed when complete, so ``path`` never
+        holds a partial report; a retry starts the download over.
+        """
+        target = Path(path)
+        req = rq.export_usage_report(
+            account_id,
+            format=_report_format(format, target),
+            preset=preset,
+            start_time=start_time,
+            end_time=end_time,
+            product_id=product_id,
+        )
+        timeout = self.stream_timeout_seconds if timeout_seconds is None else timeout_seconds
+        part = _part_path(target)
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                file_name = content_type = ""
+                written = 0
+                try:
+                    with part.open("wb") as f:
+                        for chunk in self._export_attempt(req, timeout):
+                            file_name = file_name or chunk.file_name
+                            content_type = content_type or chunk.content_type
+                            f.write(chunk.data)
+                            written += len(chunk.data)
+                except grpc.RpcError as e:
+                    if should_retry(e, attempt, self.max_attempts):
+                        time.sleep(backoff_delay(attempt))
+                        continue
+                    raise error_from_rpc(e) from e
+                os.replace(part, target)
+                return file_name, content_type, written
+        finally:
+            part.unlink(missing_ok=True)
+
 
 class AsyncTallyClient:
     """``grpc.aio`` client of the Tally services; same methods as :class:`TallyClient`,
@@ -452,10 +935,12 @@ class AsyncTallyClient:
         metadata: Metadata | None = None,
         channel: grpc.aio.Channel | None = None,
         options: ChannelOptions | None = None,
+        stream_timeout_seconds: float | None = None,
     ) -> None:
         self.timeout_seconds, self.max_attempts, self.metadata = _settings(
             timeout_seconds, max_attempts, metadata
         )
+        self.stream_timeout_seconds = _stream_timeout(self.timeout_seconds, stream_timeout_seconds)
         self.target = _check_channel_args(target, channel, channel_credentials)
         self._credentials = channel_credentials
         self._options = list(options or ())
@@ -490,6 +975,9 @@ class AsyncTallyClient:
                     "CreditsServiceAsyncStub", credits_pb2_grpc.CreditsServiceStub(channel)
                 ),
                 ledger=cast("LedgerServiceAsyncStub", ledger_pb2_grpc.LedgerServiceStub(channel)),
+                metering=cast(
+                    "MeteringServiceAsyncStub", metering_pb2_grpc.MeteringServiceStub(channel)
+                ),
             )
         return self._stubs
 
@@ -504,6 +992,14 @@ class AsyncTallyClient:
     @property
     def ledger(self) -> LedgerServiceAsyncStub:
         return self.stubs.ledger
+
+    @property
+    def metering(self) -> MeteringServiceAsyncStub:
+        return self.stubs.metering
+
+    #: Build a ``UsageEvent`` for :meth:`record_usage_batch` / :meth:`stream_usage`
+    #: (the same as :func:`tally_client.usage_event`).
+    usage_event = staticmethod(rq.usage_event)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -781,3 +1277,382 @@ class AsyncTallyClient:
 
     async def verify_account(self, account_id: str) -> ledger_pb2.VerifyAccountResponse:
         return await self._call(rq.verify_account(account_id))
+
+    # --- AccountsService: summary ------------------------------------------------
+
+    async def get_account_summary(self, account_id: str) -> accounts_pb2.GetAccountSummaryResponse:
+        return await self._call(rq.get_account_summary(account_id))
+
+    # --- MeteringService: catalog ----------------------------------------------
+
+    async def upsert_product(
+        self,
+        product_id: str,
+        credits_per_unit: Amount,
+        *,
+        display_name: str = "",
+        charge_failed: bool = False,
+        minimum_charge: Amount | None = None,
+        request_id: str | None = None,
+    ) -> metering_pb2.Product:
+        return await self._call(
+            rq.upsert_product(
+                product_id,
+                credits_per_unit,
+                display_name=display_name,
+                charge_failed=charge_failed,
+                minimum_charge=minimum_charge,
+                request_id=request_id,
+            )
+        )
+
+    async def list_products(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> metering_pb2.ListProductsResponse:
+        return await self._call(rq.list_products(page_size, page_token))
+
+    async def iter_products(self, page_size: int = 0) -> AsyncIterator[metering_pb2.Product]:
+        token = ""
+        while True:
+            page = await self.list_products(page_size, token)
+            for product in page.products:
+                yield product
+            token = page.next_page_token
+            if not token:
+                return
+
+    # --- MeteringService: recording --------------------------------------------
+
+    async def record_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        product_id: str,
+        *,
+        endpoint: str = "",
+        status: rq.UsageStatusArg = None,
+        success: bool | None = None,
+        status_code: int = 0,
+        message: str = "",
+        quantity: int | None = None,
+        credits: Amount | None = None,
+        start_time: datetime | None = None,
+        complete_time: datetime | None = None,
+        processing_time_ms: int = 0,
+        request_metadata: Mapping[str, Any] | None = None,
+        result_metadata: Mapping[str, Any] | None = None,
+        webhook_url: str = "",
+    ) -> metering_pb2.RecordUsageResponse:
+        event = rq.usage_event(
+            account_id,
+            event_id,
+            product_id,
+            endpoint=endpoint,
+            status=status,
+            success=success,
+            status_code=status_code,
+            message=message,
+            quantity=quantity,
+            credits=credits,
+            start_time=start_time,
+            complete_time=complete_time,
+            processing_time_ms=processing_time_ms,
+            request_metadata=request_metadata,
+            result_metadata=result_metadata,
+            webhook_url=webhook_url,
+        )
+        return await self._call(rq.record_usage(event))
+
+    async def record_usage_batch(
+        self, events: Iterable[metering_pb2.UsageEvent]
+    ) -> metering_pb2.RecordUsageBatchResponse:
+        return await self._call(rq.record_usage_batch(events))
+
+    async def stream_usage(
+        self,
+        events: AsyncIterable[metering_pb2.UsageEvent] | Iterable[metering_pb2.UsageEvent],
+        *,
+        timeout_seconds: float | None = None,
+    ) -> metering_pb2.StreamUsageResponse:
+        """Like :meth:`TallyClient.stream_usage`; ``events`` may be an async iterable."""
+        timeout = self.stream_timeout_seconds if timeout_seconds is None else timeout_seconds
+        attempts = self.max_attempts if _replayable(events) else 1
+        attempt = 0
+        while True:
+            attempt += 1
+            requests = _StreamEvents()
+            source: Any
+            if isinstance(events, AsyncIterable):
+                source = requests.aio(events)
+            else:
+                source = requests.sync(events)
+            try:
+                response = await self.stubs.metering.StreamUsage(
+                    source, timeout=timeout, metadata=self.metadata
+                )
+                return cast("metering_pb2.StreamUsageResponse", response)
+            except (grpc.RpcError, asyncio.CancelledError) as e:
+                if requests.error is not None:
+                    raise requests.error from e
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                if should_retry(e, attempt, attempts):
+                    await asyncio.sleep(backoff_delay(attempt))
+                    continue
+                raise error_from_rpc(e) from e
+
+    async def start_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        product_id: str,
+        *,
+        endpoint: str = "",
+        status: rq.UsageStatusArg = None,
+        quantity: int | None = None,
+        credits: Amount | None = None,
+        ttl_seconds: int = 0,
+        start_time: datetime | None = None,
+        request_metadata: Mapping[str, Any] | None = None,
+        webhook_url: str = "",
+    ) -> metering_pb2.StartUsageResponse:
+        return await self._call(
+            rq.start_usage(
+                account_id,
+                event_id,
+                product_id,
+                endpoint=endpoint,
+                status=status,
+                quantity=quantity,
+                credits=credits,
+                ttl_seconds=ttl_seconds,
+                start_time=start_time,
+                request_metadata=request_metadata,
+                webhook_url=webhook_url,
+            )
+        )
+
+    async def complete_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        *,
+        quantity: int | None = None,
+        credits: Amount | None = None,
+        success: bool | None = None,
+        status_code: int = 0,
+        message: str = "",
+        result_metadata: Mapping[str, Any] | None = None,
+        complete_time: datetime | None = None,
+        processing_time_ms: int = 0,
+    ) -> metering_pb2.CompleteUsageResponse:
+        return await self._call(
+            rq.complete_usage(
+                account_id,
+                event_id,
+                quantity=quantity,
+                credits=credits,
+                success=success,
+                status_code=status_code,
+                message=message,
+                result_metadata=result_metadata,
+                complete_time=complete_time,
+                processing_time_ms=processing_time_ms,
+            )
+        )
+
+    async def fail_usage(
+        self,
+        account_id: str,
+        event_id: str,
+        *,
+        status_code: int = 0,
+        message: str = "",
+        result_metadata: Mapping[str, Any] | None = None,
+        complete_time: datetime | None = None,
+    ) -> metering_pb2.FailUsageResponse:
+        return await self._call(
+            rq.fail_usage(
+                account_id,
+                event_id,
+                status_code=status_code,
+                message=message,
+                result_metadata=result_metadata,
+                complete_time=complete_time,
+            )
+        )
+
+    # --- MeteringService: questions --------------------------------------------
+
+    async def get_usage(
+        self,
+        account_id: str,
+        *,
+        period: rq.UsagePeriodArg = None,
+        preset: rq.RangePresetArg = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+    ) -> metering_pb2.GetUsageResponse:
+        return await self._call(
+            rq.get_usage(
+                account_id,
+                period=period,
+                preset=preset,
+                start_time=start_time,
+                end_time=end_time,
+                product_id=product_id,
+            )
+        )
+
+    async def get_usage_summary(
+        self, account_id: str, *, recent_events: int = 0
+    ) -> metering_pb2.GetUsageSummaryResponse:
+        return await self._call(rq.get_usage_summary(account_id, recent_events=recent_events))
+
+    async def list_usage_events(
+        self,
+        account_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> metering_pb2.ListUsageEventsResponse:
+        return await self._call(
+            rq.list_usage_events(
+                account_id,
+                start_time=start_time,
+                end_time=end_time,
+                product_id=product_id,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
+
+    async def iter_usage_events(
+        self,
+        account_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        page_size: int = 0,
+    ) -> AsyncIterator[metering_pb2.UsageEvent]:
+        token = ""
+        while True:
+            page = await self.list_usage_events(
+                account_id,
+                start_time=start_time,
+                end_time=end_time,
+                product_id=product_id,
+                page_size=page_size,
+                page_token=token,
+            )
+            for event in page.events:
+                yield event
+            token = page.next_page_token
+            if not token:
+                return
+
+    def export_usage_report(
+        self,
+        account_id: str,
+        *,
+        format: rq.ReportFormatArg = "xlsx",
+        preset: rq.RangePresetArg = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        timeout_seconds: float | None = None,
+    ) -> AsyncIterator[bytes]:
+        """``async for chunk in client.export_usage_report(...)`` (not awaited).
+
+        Arguments are checked now; the call starts on the first ``__anext__``.
+        """
+        req = rq.export_usage_report(
+            account_id,
+            format=format,
+            preset=preset,
+            start_time=start_time,
+            end_time=end_time,
+            product_id=product_id,
+        )
+        timeout = self.stream_timeout_seconds if timeout_seconds is None else timeout_seconds
+        return self._export_bytes(req, timeout)
+
+    async def _export_bytes(
+        self, req: metering_pb2.ExportUsageReportRequest, deadline: float
+    ) -> AsyncIterator[bytes]:
+        attempt = 0
+        while True:
+            attempt += 1
+            received = False
+            try:
+                async for chunk in self._export_attempt(req, deadline):
+                    received = True
+                    yield chunk.data
+                return
+            except grpc.RpcError as e:
+                if not received and should_retry(e, attempt, self.max_attempts):
+                    await asyncio.sleep(backoff_delay(attempt))
+                    continue
+                raise error_from_rpc(e) from e
+
+    async def _export_attempt(
+        self, req: metering_pb2.ExportUsageReportRequest, deadline: float
+    ) -> AsyncIterator[metering_pb2.ExportUsageReportResponse]:
+        call = self.stubs.metering.ExportUsageReport(req, timeout=deadline, metadata=self.metadata)
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    async def export_usage_report_to(
+        self,
+        path: str | os.PathLike[str],
+        account_id: str,
+        *,
+        format: rq.ReportFormatArg = None,
+        preset: rq.RangePresetArg = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        product_id: str = "",
+        timeout_seconds: float | None = None,
+    ) -> tuple[str, str, int]:
+        """Like :meth:`TallyClient.export_usage_report_to` (the file writes block)."""
+        target = Path(path)
+        req = rq.export_usage_report(
+            account_id,
+            format=_report_format(format, target),
+            preset=preset,
+            start_time=start_time,
+            end_time=end_time,
+            product_id=product_id,
+        )
+        timeout = self.stream_timeout_seconds if timeout_seconds is None else timeout_seconds
+        part = _part_path(target)
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                file_name = content_type = ""
+                written = 0
+                try:
+                    with part.open("wb") as f:
+                        async for chunk in self._export_attempt(req, timeout):
+                            file_name = file_name or chunk.file_name
+                            content_type = content_type or chunk.content_type
+                            f.write(chunk.data)
+                            written += len(chunk.data)
+                except grpc.RpcError as e:
+                    if should_retry(e, attempt, self.max_attempts):
+                        await asyncio.sleep(backoff_delay(attempt))
+                        continue
+                    raise error_from_rpc(e) from e
+                os.replace(part, target)
+                return file_name, content_type, written
+        finally:
+            part.unlink(missing_ok=True)

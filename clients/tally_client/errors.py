@@ -9,6 +9,9 @@ validation failures, a ``google.rpc.BadRequest`` with field violations.
 into the most specific :class:`TallyError` subclass: first by ErrorInfo reason
 (e.g. :class:`InsufficientCredits`), then by status code (e.g.
 :class:`FailedPrecondition`), else :class:`TallyError` itself.
+
+:func:`error_from_status` does the same for a bare ``google.rpc.Status``, such as
+the per-event ``UsageResult.status`` of a batch or stream (``None`` when OK).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ __all__ = [
     "DataLoss",
     "DeadlineExceeded",
     "EntryNotFound",
+    "EventIdReused",
+    "EventNotFound",
+    "EventNotPending",
     "FailedPrecondition",
     "InsufficientCredits",
     "Internal",
@@ -39,6 +45,7 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "ProductNotFound",
     "RequestIdReused",
     "ReservationNotFound",
     "ReservationNotPending",
@@ -49,6 +56,7 @@ __all__ = [
     "Unimplemented",
     "Unknown",
     "error_from_rpc",
+    "error_from_status",
 ]
 
 #: The ErrorInfo domain of the Tally server.
@@ -238,6 +246,26 @@ class CaptureExceedsHold(InvalidArgument):
     grpc_reason = "CAPTURE_EXCEEDS_HOLD"
 
 
+class EventIdReused(AlreadyExists):
+    """A usage ``event_id`` was recorded before with a different payload."""
+
+    grpc_reason = "EVENT_ID_REUSED"
+
+
+class EventNotPending(FailedPrecondition):
+    """The started event was already completed, failed or expired."""
+
+    grpc_reason = "EVENT_NOT_PENDING"
+
+
+class ProductNotFound(NotFound):
+    grpc_reason = "PRODUCT_NOT_FOUND"
+
+
+class EventNotFound(NotFound):
+    grpc_reason = "EVENT_NOT_FOUND"
+
+
 _CODE_CLASSES: tuple[type[TallyError], ...] = (
     Cancelled,
     Unknown,
@@ -265,11 +293,17 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     ReservationNotFound,
     EntryNotFound,
     CaptureExceedsHold,
+    EventIdReused,
+    EventNotPending,
+    ProductNotFound,
+    EventNotFound,
 )
 _BY_CODE: dict[Any, type[TallyError]] = {c.grpc_code: c for c in _CODE_CLASSES}
 _BY_REASON: dict[tuple[Any, str], type[TallyError]] = {
     (c.grpc_code, c.grpc_reason): c for c in _REASON_CLASSES if c.grpc_reason is not None
 }
+#: ``google.rpc.Code`` numbers (as in ``google.rpc.Status.code``) to ``grpc.StatusCode``.
+_CODE_BY_NUMBER: dict[int, Any] = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def error_class(code: Any, reason: str) -> type[TallyError]:
@@ -289,26 +323,45 @@ def error_from_rpc(e: grpc.RpcError) -> TallyError:
     details = _call_attr(e, "details")
     message = details if isinstance(details, str) else ""
     status = _rich_status(e)
+    if status is not None and status.message and not message:
+        message = status.message
+    if not message and status is None and not hasattr(e, "details"):
+        message = str(e)  # a bare RpcError raised by other code
+    return _build(code, message, status)
 
+
+def error_from_status(status: status_pb2.Status) -> TallyError | None:
+    """The typed exception for a ``google.rpc.Status`` (e.g. ``UsageResult.status``).
+
+    Returns ``None`` for OK (code 0, which is also an unset status). The
+    exception is returned, not raised; its ``status`` attribute is ``status``.
+    An unknown code number becomes UNKNOWN.
+    """
+    if status.code == 0:
+        return None
+    code = _CODE_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+    return _build(code, status.message, status)
+
+
+def _build(code: Any, message: str, status: Any) -> TallyError:
+    """The exception for ``code``, reading ErrorInfo and BadRequest from ``status``."""
     reason = domain = ""
     metadata: dict[str, str] = {}
     violations: list[tuple[str, str]] = []
     if status is not None:
-        if status.message and not message:
-            message = status.message
         for any_msg in status.details:
-            if any_msg.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                any_msg.Unpack(info)
-                if not reason:  # the first ErrorInfo wins
-                    reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
-            elif any_msg.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                any_msg.Unpack(bad)
-                violations.extend((v.field, v.description) for v in bad.field_violations)
-
-    if not message and status is None and not hasattr(e, "details"):
-        message = str(e)  # a bare RpcError raised by other code
+            try:
+                if any_msg.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    any_msg.Unpack(info)
+                    if not reason:  # the first ErrorInfo wins
+                        reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+                elif any_msg.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    any_msg.Unpack(bad)
+                    violations.extend((v.field, v.description) for v in bad.field_violations)
+            except Exception:
+                continue  # an undecodable detail is skipped
     cls = error_class(code, reason)
     return cls(
         code,
