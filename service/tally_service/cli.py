@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
         help="host:port to listen on (TALLY_LISTEN_ADDRESS)",
     )
     serve.add_argument(
+        "--metrics-address",
+        default=settings.metrics_address,
+        help="host:port of the Prometheus /metrics endpoint; empty: off (TALLY_METRICS_ADDRESS)",
+    )
+    serve.add_argument(
         "--database-url",
         default=settings.database_url,
         help="PostgreSQL URL (TALLY_DATABASE_URL); empty: embedded PostgreSQL",
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         db.migrate(server.resolve_database_url(settings))
         return 0
     settings.listen_address = args.listen
+    settings.metrics_address = args.metrics_address
     settings.migrate_on_start = args.migrate
     server.run(settings)
     return 0

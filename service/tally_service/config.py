@@ -23,6 +23,10 @@ class Settings:
     listen_address: str = field(
         default_factory=lambda: os.environ.get("TALLY_LISTEN_ADDRESS", "127.0.0.1:50051")
     )
+    # host:port of the Prometheus /metrics endpoint (its own port); empty disables it.
+    metrics_address: str = field(
+        default_factory=lambda: os.environ.get("TALLY_METRICS_ADDRESS", "127.0.0.1:9090")
+    )
     db_pool_size: int = field(default_factory=lambda: _env_int("TALLY_DB_POOL_SIZE", 10))
     db_statement_timeout_ms: int = field(
         default_factory=lambda: _env_int("TALLY_DB_STATEMENT_TIMEOUT_MS", 5000)
@@ -50,6 +54,27 @@ class Settings:
     # Longest range of ExportUsageReport.
     usage_export_max_days: int = field(
         default_factory=lambda: _env_int("TALLY_USAGE_EXPORT_MAX_DAYS", 366)
+    )
+    # How auto-reloads are funded: "internal" credits at once (internal credits);
+    # "grpc" calls tally.v1.FundingService/Charge at `funding_target`.
+    funding_hook: str = field(
+        default_factory=lambda: os.environ.get("TALLY_FUNDING_HOOK", "internal")
+    )
+    funding_target: str = field(default_factory=lambda: os.environ.get("TALLY_FUNDING_TARGET", ""))
+    funding_timeout_seconds: float = field(
+        default_factory=lambda: _env_float("TALLY_FUNDING_TIMEOUT_SECONDS", 10.0)
+    )
+    # Funding attempts of one reload before auto-reload is turned off.
+    reload_max_attempts: int = field(
+        default_factory=lambda: _env_int("TALLY_RELOAD_MAX_ATTEMPTS", 5)
+    )
+    # First retry delay; doubles per attempt up to 5 minutes.
+    reload_backoff_seconds: float = field(
+        default_factory=lambda: _env_float("TALLY_RELOAD_BACKOFF_SECONDS", 2.0)
+    )
+    # How long a worker owns a claimed reload before another may take it over.
+    reload_lease_seconds: int = field(
+        default_factory=lambda: _env_int("TALLY_RELOAD_LEASE_SECONDS", 30)
     )
     # Apply migrations at start-up (convenient on the embedded database; in production
     # run `tally migrate` as its own step).

@@ -10,7 +10,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sqlalchemy import inspect
 from sqlalchemy.dialects.postgresql import TIMESTAMP, UUID
 
-from tally.v1 import account_pb2, credits_pb2, ledger_pb2, metering_pb2
+from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 from tally_service import models, store
 from tally_service.money import format_amount
 
@@ -117,6 +117,17 @@ CREDIT_TYPES = {
 }
 
 
+def auto_reload(a: models.Account) -> credits_pb2.AutoReloadSettings:
+    return credits_pb2.AutoReloadSettings(
+        enabled=a.auto_reload_enabled,
+        threshold=format_amount(a.auto_reload_threshold),
+        amount=format_amount(a.auto_reload_amount),
+        max_reloads_per_day=a.auto_reload_max_per_day,
+        max_amount_per_month=format_amount(a.auto_reload_max_per_month),
+        disabled_reason=a.auto_reload_disabled_reason,
+    )
+
+
 def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
     a = b.account
     return credits_pb2.CreditBalance(
@@ -126,12 +137,76 @@ def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
         available=format_amount(a.balance - b.reserved),
         currency=a.currency,
         update_time=timestamp(b.update_time),
-        auto_reload=credits_pb2.AutoReloadSettings(
-            enabled=a.auto_reload_enabled,
-            threshold=format_amount(a.auto_reload_threshold),
-            amount=format_amount(a.auto_reload_amount),
-        ),
+        auto_reload=auto_reload(a),
         overdraft_limit=format_amount(a.overdraft_limit),
+        subscription_credits=format_amount(b.subscription_credits),
+        purchased_credits=format_amount(b.purchased_credits),
+    )
+
+
+GRANT_TYPES = {
+    "purchased": credits_pb2.CREDIT_GRANT_TYPE_PURCHASED,
+    "subscription": credits_pb2.CREDIT_GRANT_TYPE_SUBSCRIPTION,
+    "promotional": credits_pb2.CREDIT_GRANT_TYPE_PROMOTIONAL,
+    "auto_reload": credits_pb2.CREDIT_GRANT_TYPE_AUTO_RELOAD,
+}
+GRANT_TYPE_NAMES = {v: k for k, v in GRANT_TYPES.items()}
+RELOAD_STATUSES = {
+    "pending": credits_pb2.RELOAD_STATUS_PENDING,
+    "succeeded": credits_pb2.RELOAD_STATUS_SUCCEEDED,
+    "failed": credits_pb2.RELOAD_STATUS_FAILED,
+    "skipped": credits_pb2.RELOAD_STATUS_SKIPPED,
+}
+SUBSCRIPTION_PERIODS = {
+    "monthly": accounts_pb2.SUBSCRIPTION_PERIOD_MONTHLY,
+    "yearly": accounts_pb2.SUBSCRIPTION_PERIOD_YEARLY,
+}
+SUBSCRIPTION_PERIOD_NAMES = {v: k for k, v in SUBSCRIPTION_PERIODS.items()}
+
+
+def grant(row: models.Grant) -> credits_pb2.CreditGrant:
+    return credits_pb2.CreditGrant(
+        grant_id=str(row.grant_id),
+        account_id=row.account_id,
+        type=GRANT_TYPES[row.grant_type],
+        amount=format_amount(row.amount),
+        remaining=format_amount(row.remaining),
+        priority=row.priority,
+        expire_time=timestamp(row.expires_at),
+        create_time=timestamp(row.created_at),
+        entry_id=row.entry_id,
+    )
+
+
+def reload_intent(row: models.ReloadIntent) -> credits_pb2.ReloadIntent:
+    return credits_pb2.ReloadIntent(
+        intent_id=str(row.intent_id),
+        account_id=row.account_id,
+        status=RELOAD_STATUSES[row.status],
+        amount=format_amount(row.amount),
+        attempts=row.attempts,
+        error=row.error,
+        create_time=timestamp(row.created_at),
+        finish_time=timestamp(row.finished_at),
+        entry_id=row.entry_id or 0,
+        charge_id=row.charge_id,
+    )
+
+
+def subscription(row: models.Subscription | None) -> accounts_pb2.Subscription:
+    if row is None:
+        return accounts_pb2.Subscription(
+            status=accounts_pb2.SUBSCRIPTION_STATUS_NONE, credits_per_period="0"
+        )
+    return accounts_pb2.Subscription(
+        plan=row.plan,
+        status=accounts_pb2.SUBSCRIPTION_STATUS_ACTIVE,
+        credits_per_period=format_amount(row.credits_per_period),
+        current_period_start_time=timestamp(row.period_started_at),
+        current_period_end_time=timestamp(row.renews_at),
+        period=SUBSCRIPTION_PERIODS[row.period],
+        anchor_time=timestamp(row.anchor_at),
+        rollover=row.rollover,
     )
 
 

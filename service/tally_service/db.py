@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from tally_service import errors
+from tally_service import errors, metrics
 from tally_service.money import format_amount
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,9 @@ class Database:
             except (PoolTimeout, OSError):
                 raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
             result: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
-            return result["response"], bool(result["replayed"])
+            replayed = bool(result["replayed"])
+            metrics.note_call(function, result["response"], replayed)
+            return result["response"], replayed
         raise AssertionError("unreachable")
 
     async def ping(self) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from sqlalchemy.exc import DBAPIError
 
-from tally_service import errors
+from tally_service import errors, metrics
 from tally_service.db import translate
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,9 @@ def _as_domain_error(exc: BaseException, method: str) -> errors.DomainError:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    status = _as_domain_error(exc, method).to_status()
+    error = _as_domain_error(exc, method)
+    metrics.note_error(error)
+    status = error.to_status()
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 

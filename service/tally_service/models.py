@@ -40,6 +40,10 @@ class Account(Base):
     auto_reload_amount: Mapped[int]
     usage_requests: Mapped[int]
     last_activity_at: Mapped[datetime | None]
+    auto_reload_max_per_day: Mapped[int] = mapped_column(Integer)
+    auto_reload_max_per_month: Mapped[int]
+    auto_reload_disabled_reason: Mapped[str]
+    subscription_renews_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     balance_updated_at: Mapped[datetime]
@@ -76,6 +80,7 @@ class LedgerEntry(Base):
     request_id: Mapped[str]
     reservation_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     created_at: Mapped[datetime]
+    credit_type: Mapped[str | None]
 
 
 class IdempotencyKey(Base):
@@ -139,3 +144,54 @@ class UsageRollup(Base):
     failed: Mapped[int]
     credits: Mapped[int]
     quantity: Mapped[int]
+
+
+class Grant(Base):
+    __tablename__ = "grants"
+
+    grant_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    account_id: Mapped[str]
+    grant_type: Mapped[str]
+    amount: Mapped[int]
+    remaining: Mapped[int]
+    priority: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    entry_id: Mapped[int]
+    expired: Mapped[bool]
+    subscription_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    subscription_period: Mapped[int | None]
+
+
+class Subscription(Base):
+    __tablename__ = "subscriptions"
+
+    account_id: Mapped[str] = mapped_column(primary_key=True)
+    subscription_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    plan: Mapped[str]
+    credits_per_period: Mapped[int]
+    period: Mapped[str]
+    anchor_at: Mapped[datetime]
+    rollover: Mapped[bool]
+    periods_granted: Mapped[int]
+    period_started_at: Mapped[datetime | None]
+    renews_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class ReloadIntent(Base):
+    __tablename__ = "reload_intents"
+
+    intent_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    account_id: Mapped[str]
+    status: Mapped[str]
+    amount: Mapped[int]
+    attempts: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str]
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime]
+    lease_until: Mapped[datetime | None]
+    entry_id: Mapped[int | None]
+    charge_id: Mapped[str]

@@ -20,7 +20,7 @@ from tally.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
-from tally_service import sweeper
+from tally_service import metrics, sweeper
 from tally_service.config import Settings
 from tally_service.db import Database, make_engine, migrate, start_embedded
 from tally_service.interceptors import ErrorMappingInterceptor
@@ -46,17 +46,37 @@ def resolve_database_url(settings: Settings) -> str:
     return start_embedded(settings.data_dir)
 
 
-async def _watch_database(db: Database, health: HealthServicer) -> None:
-    """SERVING only while the database answers (readiness)."""
+async def _watch_database(
+    db: Database, health: HealthServicer, meters: metrics.Metrics | None = None
+) -> None:
+    """SERVING only while the database answers (readiness); also tally_db_up."""
     while True:
+        up = await db.ping()
+        if meters is not None:
+            meters.set_db_up(up)
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if await db.ping()
+            if up
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ["", *SERVICE_NAMES]:
             await health.set(name, status)
         await asyncio.sleep(HEALTH_PROBE_SECONDS)
+
+
+def _start_metrics(address: str, meters: metrics.Metrics) -> metrics.MetricsServer | None:
+    if not address:
+        return None
+    try:
+        endpoint = metrics.MetricsServer(address, meters.registry)
+    except (OSError, ValueError) as exc:
+        if address != metrics.DEFAULT_ADDRESS:
+            raise SystemExit(f"cannot serve metrics on {address}: {exc}") from None
+        # Only the default may be taken (by another Tally, or a local Prometheus).
+        log.warning("metrics disabled: cannot listen on %s: %s", address, exc)
+        return None
+    log.info("metrics on http://%s/metrics", address)
+    return endpoint
 
 
 async def serve(settings: Settings, database_url: str) -> None:
@@ -67,13 +87,17 @@ async def serve(settings: Settings, database_url: str) -> None:
             statement_timeout_ms=settings.db_statement_timeout_ms,
         )
     )
+    meters = metrics.Metrics(metrics.new_registry())
+    meters.watch_engine(db.engine)
+    meters.initialize_rpcs(SERVICE_NAMES)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
+        # Metrics first (outermost): it records the status the error mapping produced.
+        interceptors=[metrics.MetricsInterceptor(meters), ErrorMappingInterceptor()],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -96,6 +120,7 @@ async def serve(settings: Settings, database_url: str) -> None:
     port = server.add_insecure_port(settings.listen_address)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen_address}")
+    metrics_endpoint = _start_metrics(settings.metrics_address, meters)
     await server.start()
     log.info("tally listening on %s", settings.listen_address)
     print(f"tally: serving on {settings.listen_address}", flush=True)
@@ -105,8 +130,8 @@ async def serve(settings: Settings, database_url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     background = [
-        asyncio.create_task(_watch_database(db, health)),
-        asyncio.create_task(sweeper.run(db, settings.sweep_interval_seconds)),
+        asyncio.create_task(_watch_database(db, health, meters)),
+        asyncio.create_task(sweeper.run(db, settings.sweep_interval_seconds, meters)),
     ]
     await stop.wait()
     log.info("stopping: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds)
@@ -118,6 +143,8 @@ async def serve(settings: Settings, database_url: str) -> None:
             await task
     await server.stop(settings.shutdown_grace_seconds)
     await db.engine.dispose()
+    if metrics_endpoint is not None:
+        metrics_endpoint.stop()
     log.info("stopped")
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select, text
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tally_service import errors, models
@@ -35,26 +35,94 @@ async def list_accounts(db: Database, after: str | None, limit: int) -> list[mod
 @dataclass
 class Balance:
     account: models.Account
-    reserved: int  # as of this instant: holds past expiry no longer count
+    reserved: int
     update_time: datetime
+    subscription_credits: int
+    purchased_credits: int
 
 
-_OVERDUE = text(
-    "SELECT coalesce(sum(amount - captured), 0), max(expires_at) FROM holds "
-    "WHERE account_id = :account_id AND status = 'pending' AND expires_at <= clock_timestamp()"
+# Whatever fell due (hold or grant expiries, a subscription renewal) is written down
+# under the account lock before a read, so reads are exact at this instant. A no-op
+# when nothing is due.
+_CATCH_UP = text(
+    "SELECT tally_expire_holds(a.account_id) FROM accounts a WHERE a.account_id = :account_id "
+    "AND (a.subscription_renews_at <= clock_timestamp() "
+    "  OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id "
+    "             AND h.status = 'pending' AND h.expires_at <= clock_timestamp()) "
+    "  OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id "
+    "             AND g.remaining > 0 AND g.expires_at <= clock_timestamp()))"
+)
+_GRANT_TOTALS = text(
+    "SELECT coalesce(sum(remaining) FILTER (WHERE grant_type = 'subscription'), 0), "
+    "       coalesce(sum(remaining) FILTER (WHERE grant_type <> 'subscription'), 0) "
+    "FROM grants WHERE account_id = :account_id AND remaining > 0"
 )
 
 
+async def catch_up(db: Database, account_id: str) -> None:
+    async with db.engine.begin() as conn:
+        await conn.execute(_CATCH_UP, {"account_id": account_id})
+
+
 async def get_balance(db: Database, account_id: str) -> Balance:
+    await catch_up(db, account_id)
     async with db.sessions() as session, session.begin():
-        # One snapshot for the account row and its overdue holds.
+        # One snapshot for the account row and its grants.
         await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         account = await _account(session, account_id)
-        overdue, last_expiry = (await session.execute(_OVERDUE, {"account_id": account_id})).one()
-    update_time = account.balance_updated_at
-    if last_expiry is not None and last_expiry > update_time:
-        update_time = last_expiry
-    return Balance(account, account.reserved - int(overdue), update_time)
+        subscription, purchased = (
+            await session.execute(_GRANT_TOTALS, {"account_id": account_id})
+        ).one()
+    return Balance(
+        account,
+        account.reserved,
+        account.balance_updated_at,
+        int(subscription),
+        int(purchased),
+    )
+
+
+async def list_grants(db: Database, account_id: str, include_spent: bool) -> list[models.Grant]:
+    await catch_up(db, account_id)
+    g = models.Grant
+    query = (
+        select(g)
+        .where(g.account_id == account_id)
+        .order_by(g.priority, g.expires_at.asc().nulls_last(), g.created_at, g.grant_id)
+        .limit(1000)
+    )
+    if not include_spent:
+        query = query.where(g.remaining > 0)
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        return list((await session.scalars(query)).all())
+
+
+async def list_reloads(
+    db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
+) -> list[models.ReloadIntent]:
+    r = models.ReloadIntent
+    query = (
+        select(r)
+        .where(r.account_id == account_id)
+        .order_by(r.created_at.desc(), r.intent_id.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(
+            or_(
+                r.created_at < before[0],
+                and_(r.created_at == before[0], r.intent_id < uuid.UUID(before[1])),
+            )
+        )
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        return list((await session.scalars(query)).all())
+
+
+async def get_subscription(db: Database, account_id: str) -> models.Subscription | None:
+    async with db.sessions() as session:
+        return await session.get(models.Subscription, account_id)
 
 
 async def get_reservation(db: Database, reservation_id: str) -> models.Hold:
@@ -132,6 +200,7 @@ _LAST_BALANCE = text(
     "SELECT balance_after FROM ledger_entries WHERE account_id = :account_id "
     "ORDER BY sequence DESC LIMIT 1"
 )
+_GRANT_FACTS = text("SELECT coalesce(sum(remaining), 0) FROM grants WHERE account_id = :account_id")
 _HOLD_FACTS = text(
     """
     SELECT coalesce(sum(amount - captured), 0) AS pending_all,
@@ -153,6 +222,7 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         ledger = (await session.execute(_LEDGER_FACTS, params)).one()
         last_balance = (await session.execute(_LAST_BALANCE, params)).scalar_one_or_none()
         holds = (await session.execute(_HOLD_FACTS, params)).one()
+        granted = int((await session.execute(_GRANT_FACTS, params)).scalar_one())
     violations = []
     if account.balance != ledger.total:
         violations.append(
@@ -171,6 +241,10 @@ async def verify_account(db: Database, account_id: str) -> Verification:
     if account.reserved != holds.pending_all:
         violations.append(
             f"stored reserved {account.reserved} differs from pending holds {holds.pending_all}"
+        )
+    if granted != max(account.balance, 0):
+        violations.append(
+            f"unspent grants {granted} differ from the positive balance {max(account.balance, 0)}"
         )
     return Verification(
         stored_balance=account.balance,

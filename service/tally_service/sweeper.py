@@ -1,9 +1,9 @@
-"""Writes down holds that have expired.
+"""Writes down holds and grants that have expired, and renews subscriptions.
 
-Correctness never waits for this: every read and every money movement already treats a
-hold past its expiry as expired. The sweeper only makes the rows say so, a few accounts
-at a time, each in its own short transaction under that account's lock, so any number
-of replicas may run it at once.
+Correctness never waits for this: every money movement catches up on what fell due
+under the account lock, and reads catch up first too. The sweeper only makes the rows
+say so, a few accounts at a time, each in its own short transaction under that
+account's lock, so any number of replicas may run it at once.
 """
 
 import asyncio
@@ -12,30 +12,51 @@ import logging
 from sqlalchemy import text
 
 from tally_service.db import Database
+from tally_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _DUE_ACCOUNTS = text(
     "SELECT DISTINCT account_id FROM ("
-    "  SELECT account_id FROM holds WHERE status = 'pending' AND expires_at <= clock_timestamp()"
-    "  ORDER BY expires_at LIMIT :limit) due"
+    "  (SELECT account_id FROM holds"
+    "   WHERE status = 'pending' AND expires_at <= clock_timestamp()"
+    "   ORDER BY expires_at LIMIT :limit)"
+    "  UNION ALL"
+    "  (SELECT account_id FROM grants"
+    "   WHERE remaining > 0 AND expires_at <= clock_timestamp()"
+    "   ORDER BY expires_at LIMIT :limit)"
+    "  UNION ALL"
+    "  (SELECT account_id FROM accounts WHERE subscription_renews_at <= clock_timestamp()"
+    "   LIMIT :limit)) due"
 )
 
+# Under the account's lock (taken first, and again by tally_expire_holds), the pending holds
+# before minus after are exactly the holds this sweep expired (for tally_holds_total).
+_LOCK = text("SELECT 1 FROM accounts WHERE account_id = :a FOR UPDATE")
+_PENDING = text("SELECT count(*) FROM holds WHERE account_id = :a AND status = 'pending'")
 
-async def sweep_once(db: Database, batch: int = 100) -> int:
+
+async def sweep_once(db: Database, batch: int = 100, metrics: Metrics | None = None) -> int:
     """Expires the overdue holds of up to `batch` holds' accounts; returns accounts swept."""
     async with db.engine.connect() as conn:
         accounts = list((await conn.execute(_DUE_ACCOUNTS, {"limit": batch})).scalars())
+    expired = 0
     for account_id in accounts:
         async with db.engine.begin() as conn:
+            await conn.execute(_LOCK, {"a": account_id})
+            before = (await conn.execute(_PENDING, {"a": account_id})).scalar_one()
             await conn.execute(text("SELECT tally_expire_holds(:a)"), {"a": account_id})
+            after = (await conn.execute(_PENDING, {"a": account_id})).scalar_one()
+        expired += int(before) - int(after)
+    if metrics is not None:
+        metrics.hold("expired", expired)
     return len(accounts)
 
 
-async def run(db: Database, interval_seconds: float) -> None:
+async def run(db: Database, interval_seconds: float, metrics: Metrics | None = None) -> None:
     while True:
         try:
-            while await sweep_once(db) > 0:
+            while await sweep_once(db, metrics=metrics) > 0:
                 pass
         except asyncio.CancelledError:
             raise

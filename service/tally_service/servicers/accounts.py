@@ -1,6 +1,6 @@
 """tally.v1.AccountsService."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import grpc
@@ -117,9 +117,8 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         return accounts_pb2.GetAccountSummaryResponse(
             account=convert.account(account),
             credit_balance=convert.credit_balance(balance),
-            # Subscriptions arrive with credit grants; until then there is none.
-            subscription=accounts_pb2.Subscription(
-                status=accounts_pb2.SUBSCRIPTION_STATUS_NONE, credits_per_period="0"
+            subscription=convert.subscription(
+                await store.get_subscription(self.db, account.account_id)
             ),
             usage_this_month=usage_this_month,
             total_requests_all_time=account.usage_requests,
@@ -127,4 +126,42 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             last_activity_time=convert.timestamp(
                 max(t for t in (account.last_activity_at, balance.update_time) if t)
             ),
+        )
+
+    async def SetSubscription(
+        self, request: accounts_pb2.SetSubscriptionRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.SetSubscriptionResponse:
+        sub = request.subscription
+        plan = validation.text(sub.plan, "subscription.plan", 64)
+        credits, period, anchor = 0, "monthly", datetime.now(UTC)
+        if plan:
+            credits = parse_amount("subscription.credits_per_period", sub.credits_per_period)
+            if sub.period not in convert.SUBSCRIPTION_PERIOD_NAMES:
+                raise InvalidArgument("subscription.period", "MONTHLY or YEARLY is required")
+            period = convert.SUBSCRIPTION_PERIOD_NAMES[sub.period]
+            given = validation.optional_time(sub, "anchor_time", sub.anchor_time)
+            if given is not None:
+                if given > anchor + timedelta(days=366):
+                    raise InvalidArgument("subscription.anchor_time", "at most 1 year ahead")
+                if given < anchor - timedelta(days=3660):
+                    raise InvalidArgument("subscription.anchor_time", "at most 10 years back")
+                anchor = given
+        response, _ = await self.db.call(
+            "tally_set_subscription",
+            {
+                "request_id": validation.request_id(request.request_id),
+                "fingerprint": fingerprint.of("SetSubscription", request),
+                "account_id": validation.account_id(request.account_id),
+                "plan": plan,
+                "credits": credits,
+                "period": period,
+                "anchor": anchor,
+                "rollover": sub.rollover,
+            },
+        )
+        row = response["subscription"]
+        return accounts_pb2.SetSubscriptionResponse(
+            subscription=convert.subscription(
+                convert.from_json(models.Subscription, row) if row else None
+            )
         )

@@ -1,13 +1,17 @@
 """tally.v1.CreditsService."""
 
+import json
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
 from tally.v1 import credits_pb2, credits_pb2_grpc
-from tally_service import convert, fingerprint, models, store, validation
+from tally_service import convert, fingerprint, models, pagination, store, validation
 from tally_service.db import Database
-from tally_service.money import parse_amount
+from tally_service.errors import InvalidArgument
+from tally_service.money import MAX_MOVEMENT_MICROS, parse_amount
 
 
 def _common(method: str, request: Any) -> dict[str, Any]:
@@ -88,7 +92,13 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         return credits_pb2.GetReservationResponse(reservation=convert.reservation(hold))
 
     async def _move(
-        self, method: str, request: Any, entry_type: str, amount: int, description: str
+        self,
+        method: str,
+        request: Any,
+        entry_type: str,
+        amount: int,
+        description: str,
+        grant: dict[str, Any] | None = None,
     ) -> Any:
         response, _ = await self.db.call(
             "tally_move",
@@ -103,6 +113,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
                     request.reference, "reference", validation.MAX_REFERENCE_CHARS
                 ),
                 "metadata": validation.metadata(request.metadata),
+                "grant": json.dumps(grant) if grant else None,
             },
         )
         return convert.entry(convert.from_json(models.LedgerEntry, response["entry"]))
@@ -124,7 +135,21 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         description = validation.text(
             request.description, "description", validation.MAX_DESCRIPTION_CHARS
         )
-        entry = await self._move("TopUp", request, "credit", amount, description)
+        grant: dict[str, Any] = {"type": "purchased"}
+        if request.grant_type:
+            if request.grant_type not in convert.GRANT_TYPE_NAMES:
+                raise InvalidArgument("grant_type", f"unknown grant type {request.grant_type}")
+            grant["type"] = convert.GRANT_TYPE_NAMES[request.grant_type]
+        expires = validation.optional_time(request, "expire_time", request.expire_time)
+        if expires is not None:
+            if expires <= datetime.now(UTC):
+                raise InvalidArgument("expire_time", "must be in the future")
+            grant["expires_at"] = expires.isoformat()
+        if request.HasField("priority"):
+            if not 0 <= request.priority <= 1000:
+                raise InvalidArgument("priority", "must be 0 to 1000")
+            grant["priority"] = request.priority
+        entry = await self._move("TopUp", request, "credit", amount, description, grant)
         return credits_pb2.TopUpResponse(entry=entry)
 
     async def Adjust(
@@ -136,3 +161,66 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         )
         entry = await self._move("Adjust", request, "adjustment", amount, reason)
         return credits_pb2.AdjustResponse(entry=entry)
+
+    async def ListGrants(
+        self, request: credits_pb2.ListGrantsRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.ListGrantsResponse:
+        rows = await store.list_grants(
+            self.db, validation.account_id(request.account_id), request.include_spent
+        )
+        return credits_pb2.ListGrantsResponse(grants=[convert.grant(r) for r in rows])
+
+    async def SetAutoReload(
+        self, request: credits_pb2.SetAutoReloadRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.SetAutoReloadResponse:
+        settings = request.settings
+        threshold = parse_amount("settings.threshold", settings.threshold or "0", allow_zero=True)
+        amount = parse_amount(
+            "settings.amount", settings.amount or "0", allow_zero=not settings.enabled
+        )
+        if settings.max_reloads_per_day < 0:
+            raise InvalidArgument("settings.max_reloads_per_day", "must not be negative")
+        max_per_month = parse_amount(
+            "settings.max_amount_per_month",
+            settings.max_amount_per_month or "0",
+            allow_zero=True,
+            limit_micros=MAX_MOVEMENT_MICROS * 1000,
+        )
+        response, _ = await self.db.call(
+            "tally_set_auto_reload",
+            _common("SetAutoReload", request)
+            | {
+                "account_id": validation.account_id(request.account_id),
+                "enabled": settings.enabled,
+                "threshold": threshold,
+                "amount": amount,
+                "max_per_day": settings.max_reloads_per_day,
+                "max_per_month": max_per_month,
+            },
+        )
+        account = convert.from_json(models.Account, response["account"])
+        return credits_pb2.SetAutoReloadResponse(settings=convert.auto_reload(account))
+
+    async def ListReloads(
+        self, request: credits_pb2.ListReloadsRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.ListReloadsResponse:
+        account_id = validation.account_id(request.account_id)
+        limit = validation.page_size(request.page_size)
+        after = pagination.decode(request.page_token, ["reloads", account_id])
+        before = None
+        if after is not None:
+            try:
+                before = (datetime.fromisoformat(after[0]), str(uuid.UUID(after[1])))
+            except (TypeError, ValueError, IndexError):
+                raise InvalidArgument("page_token", "malformed page token") from None
+        rows = await store.list_reloads(self.db, account_id, before, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            token = pagination.encode(
+                [last.created_at.isoformat(), str(last.intent_id)], ["reloads", account_id]
+            )
+        return credits_pb2.ListReloadsResponse(
+            reloads=[convert.reload_intent(r) for r in rows], next_page_token=token
+        )
