@@ -55,13 +55,29 @@ async def _create_database(admin_url: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    for admin_url in _admin_url():
-        name = f"tally_test_{uuid.uuid4().hex[:12]}"
-        asyncio.run(_create_database(admin_url, name))
-        url = _with_database(admin_url, name)
-        migrate(url)
-        yield url
+def admin_url() -> Iterator[str]:
+    yield from _admin_url()
+
+
+def new_database(admin_url: str) -> str:
+    """A fresh, migrated database on the test PostgreSQL."""
+    name = f"tally_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_create_database(admin_url, name))
+    url = _with_database(admin_url, name)
+    migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url(admin_url: str) -> str:
+    return new_database(admin_url)
+
+
+@pytest.fixture
+def own_database_url(admin_url: str) -> str:
+    """A database of the test's own, for servers configured unlike the shared ones
+    (their background workers would otherwise share work with the shared servers)."""
+    return new_database(admin_url)
 
 
 def free_port() -> int:

@@ -394,6 +394,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._rpcs: dict[tuple[str, str], _Rpc] = {}
+
+    def _rpc(self, rpc_type: str, full_method: str) -> _Rpc:
+        rpc = self._rpcs.get((rpc_type, full_method))
+        if rpc is None:
+            service, method = _split(full_method)
+            rpc = _Rpc(self.metrics, rpc_type, service, method, full_method)
+            self._rpcs[(rpc_type, full_method)] = rpc
+        return rpc
 
     async def intercept_service(
         self,
@@ -404,27 +413,26 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         full_method: str = handler_call_details.method
-        service, method = _split(full_method)
         kwargs: dict[str, Any] = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
-            rpc = _Rpc(self.metrics, "unary", service, method, full_method)
+            rpc = self._rpc("unary", full_method)
             return grpc.unary_unary_rpc_method_handler(
                 rpc.wrap_unary(handler.unary_unary), **kwargs
             )
         if handler.stream_unary:
-            rpc = _Rpc(self.metrics, "client_stream", service, method, full_method)
+            rpc = self._rpc("client_stream", full_method)
             return grpc.stream_unary_rpc_method_handler(
                 rpc.wrap_unary(handler.stream_unary), **kwargs
             )
         if handler.unary_stream:
-            rpc = _Rpc(self.metrics, "server_stream", service, method, full_method)
+            rpc = self._rpc("server_stream", full_method)
             return grpc.unary_stream_rpc_method_handler(
                 rpc.wrap_stream(handler.unary_stream), **kwargs
             )
-        rpc = _Rpc(self.metrics, "bidi_stream", service, method, full_method)
+        rpc = self._rpc("bidi_stream", full_method)
         return grpc.stream_stream_rpc_method_handler(
             rpc.wrap_stream(handler.stream_stream), **kwargs
         )

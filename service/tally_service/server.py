@@ -20,7 +20,7 @@ from tally.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
-from tally_service import metrics, sweeper
+from tally_service import metrics, reloads, sweeper
 from tally_service.config import Settings
 from tally_service.db import Database, make_engine, migrate, start_embedded
 from tally_service.interceptors import ErrorMappingInterceptor
@@ -132,6 +132,7 @@ async def serve(settings: Settings, database_url: str) -> None:
     background = [
         asyncio.create_task(_watch_database(db, health, meters)),
         asyncio.create_task(sweeper.run(db, settings.sweep_interval_seconds, meters)),
+        asyncio.create_task(reloads.ReloadWorker(db, reloads.make_hook(settings), settings).run()),
     ]
     await stop.wait()
     log.info("stopping: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds)
