@@ -102,9 +102,17 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def wait_serving(
+    target: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 30,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    channel = (
+        grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -120,7 +128,10 @@ def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float =
 
 
 def start_server(
-    database_url: str, tmp_dir: Path, extra_env: dict[str, str] | None = None
+    database_url: str,
+    tmp_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -131,6 +142,7 @@ def start_server(
         "TALLY_LISTEN_ADDRESS": target,
         "TALLY_SWEEP_INTERVAL_SECONDS": "0.5",
         "TALLY_SHUTDOWN_GRACE_SECONDS": "10",
+        "TALLY_METRICS_ADDRESS": "",
         **(extra_env or {}),
     }
     with log_path.open("wb") as log_file:
@@ -143,7 +155,7 @@ def start_server(
         )
     server = ServerProcess(target, process, log_path)
     try:
-        wait_serving(target, process)
+        wait_serving(target, process, credentials=credentials)
     except Exception:
         server.stop(9)
         raise RuntimeError(server.log()) from None

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, TextIO
 
+import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
@@ -522,6 +523,23 @@ def _preset(value: str) -> str:
     return value
 
 
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca),
+        private_key=_read(args.tls_key),
+        certificate_chain=_read(args.tls_cert),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tallyctl", description="Operate a Tally server.")
     p.add_argument(
@@ -534,6 +552,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_TIMEOUT_SECONDS,
         help="deadline of each attempt in seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("TALLY_TOKEN", ""),
+        help="bearer token (default: $TALLY_TOKEN)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("TALLY_TLS_CA", ""),
+        help="CA certificate file: connect with TLS (default: $TALLY_TLS_CA)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=os.environ.get("TALLY_TLS_CERT", ""),
+        help="client certificate file for mutual TLS",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=os.environ.get("TALLY_TLS_KEY", ""),
+        help="client private key file for mutual TLS",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -667,7 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either --preset or --start/--end, not both")
     func: Command = args.func
     try:
-        with TallyClient(args.target, timeout_seconds=args.timeout) as client:
+        with TallyClient(
+            args.target,
+            timeout_seconds=args.timeout,
+            channel_credentials=_credentials(args),
+            metadata=[("authorization", f"Bearer {args.token}")] if args.token else None,
+        ) as client:
             return func(client, args, sys.stdout)
     except TallyError as e:
         print(format_error(e), file=sys.stderr)

@@ -44,7 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     migrate.add_argument("--database-url", default=settings.database_url)
     migrate.add_argument("--data-dir", default=settings.data_dir)
 
+    commands.add_parser(
+        "hash-token",
+        help="print the SHA-256 of a bearer token read from standard input (for TALLY_AUTH_TOKENS)",
+    )
+
     args = parser.parse_args(argv)
+    if args.command == "hash-token":
+        import sys
+
+        from tally_service.auth import hash_token
+
+        print(hash_token(sys.stdin.readline().strip()))
+        return 0
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

@@ -15,6 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from tally_service import errors, metrics
+from tally_service.auth import current_caller
 from tally_service.money import format_amount
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,13 @@ class Database:
     async def call(self, function: str, params: Mapping[str, Any]) -> tuple[Any, bool]:
         """Calls a money function; returns (response, replayed)."""
         arguments = ", ".join(f":{name}" for name in params)
-        statement = text(f"SELECT {function}({arguments})")
+        # The caller is set for this statement's transaction before the function runs
+        # (a FROM item is evaluated first); ledger entries copy it (migration 0004).
+        statement = text(
+            f"SELECT {function}({arguments}) "
+            "FROM (SELECT set_config('tally.caller', :_caller, true)) AS audit"
+        )
+        params = {**params, "_caller": current_caller.get()}
         for attempt in range(3):
             try:
                 async with self._autocommit.connect() as conn:

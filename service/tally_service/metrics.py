@@ -11,7 +11,13 @@ makes its own and serves it on TALLY_METRICS_ADDRESS; tests use a fresh one).
   response message (and, for errors, from the domain error the error-mapping interceptor
   answered with); no servicer knows about metrics. Replays of a stored response
   (idempotent retries, reported by ``Database.call``) and duplicate usage events are not
-  counted again.
+  counted again. StreamUsage answers only with counts, so its events are counted from the
+  rows ``tally_record_usage`` returns for each group (``note_call``), as they are written.
+  Usage events are counted once, at their final status (completed or failed): RecordUsage
+  and its batch and stream forms, CompleteUsage and FailUsage; StartUsage counts in
+  ``tally_usage_jobs_started_total``.
+* Expired holds are counted by the sweeper, which writes them down; a hold that a money
+  movement on the same account expires in passing first is not counted (an undercount).
 * Database metrics come from the SQLAlchemy pool (read at scrape time) and engine events.
 
 No label holds an account id, an event id or any other per-customer value: the labels are
@@ -99,20 +105,20 @@ def _micros_value(micros: Any) -> float:
     return float(Decimal(int(micros)).scaleb(-6)) if micros else 0.0
 
 
-def _enum_label(enum: Any, value: int, prefix: str) -> str:
-    try:
-        name: str = enum.Name(value)
-    except ValueError:
-        return "unknown"
-    return name.removeprefix(prefix).lower()
+def _enum_labels(enum: Any, prefix: str) -> dict[int, str]:
+    return {number: name.removeprefix(prefix).lower() for name, number in enum.items()}
+
+
+_USAGE_STATUS_LABELS = _enum_labels(metering_pb2.UsageStatus, "USAGE_STATUS_")
+_ENTRY_TYPE_LABELS = _enum_labels(ledger_pb2.EntryType, "ENTRY_TYPE_")
 
 
 def usage_status_label(value: int) -> str:
-    return _enum_label(metering_pb2.UsageStatus, value, "USAGE_STATUS_")
+    return _USAGE_STATUS_LABELS.get(value, "unknown")
 
 
 def entry_type_label(value: int) -> str:
-    return _enum_label(ledger_pb2.EntryType, value, "ENTRY_TYPE_")
+    return _ENTRY_TYPE_LABELS.get(value, "unknown")
 
 
 def _version() -> str:
@@ -215,10 +221,9 @@ class Metrics:
         )
         self.build = Info("tally_build", "The running Tally build.", registry=registry)
         self.build.info({"version": _version(), "python_version": platform.python_version()})
-        for outcome in HOLD_OUTCOMES:
-            self.holds.labels(outcome)
-        for entry_type in ENTRY_TYPES:
-            self.ledger_entries.labels(entry_type)
+        # The children of the fixed label values, created (at zero) once.
+        self._holds = {outcome: self.holds.labels(outcome) for outcome in HOLD_OUTCOMES}
+        self._entries = {t: self.ledger_entries.labels(t) for t in ENTRY_TYPES}
         for outcome in AUTO_RELOAD_OUTCOMES:
             self.auto_reload_intents.labels(outcome)
 
@@ -244,11 +249,12 @@ class Metrics:
         self.credits_consumed.labels(product).inc(max(credits, 0.0))
 
     def ledger_entry(self, entry_type: str) -> None:
-        self.ledger_entries.labels(entry_type).inc()
+        child = self._entries.get(entry_type)
+        (child or self.ledger_entries.labels(entry_type)).inc()
 
     def hold(self, outcome: str, count: int = 1) -> None:
         if count > 0:
-            self.holds.labels(outcome).inc(count)
+            (self._holds.get(outcome) or self.holds.labels(outcome)).inc(count)
 
     def rejected_for_credits(self, method: str, count: int = 1) -> None:
         if count > 0:
@@ -451,6 +457,7 @@ class _Rpc:
         self.labels = labels
         self.started = metrics.rpc_started.labels(*labels)
         self.seconds = metrics.rpc_seconds.labels(*labels)
+        self.handled: dict[str, Any] = {}
 
     def _begin(self) -> RpcNotes:
         notes = RpcNotes()
@@ -463,7 +470,10 @@ class _Rpc:
 
     def _end(self, started: float, code: str, notes: RpcNotes) -> None:
         self.seconds.observe(time.perf_counter() - started)
-        self.metrics.rpc_handled.labels(*self.labels, code).inc()
+        handled = self.handled.get(code)
+        if handled is None:
+            handled = self.handled[code] = self.metrics.rpc_handled.labels(*self.labels, code)
+        handled.inc()
         error = notes.error
         if error is not None and error.reason == INSUFFICIENT_CREDITS:
             self.metrics.rejected_for_credits(self.method)
@@ -571,35 +581,50 @@ def _item_reason(status: status_pb2.Status) -> str:
     return ""
 
 
+def _observe_batch(
+    metrics: Metrics, method: str, response: metering_pb2.RecordUsageBatchResponse
+) -> None:
+    rejected = 0
+    for item in response.results:
+        if item.HasField("result"):
+            _observe_usage(metrics, item.result)
+        elif _item_reason(item.status) == INSUFFICIENT_CREDITS:
+            rejected += 1
+    metrics.rejected_for_credits(method, rejected)
+
+
+def _observe_started(metrics: Metrics, response: metering_pb2.StartUsageResponse) -> None:
+    metrics.usage_jobs_started.labels(response.event.product_id).inc()
+    if response.HasField("reservation"):
+        metrics.hold("created")
+
+
+def _observe_capture(metrics: Metrics, response: credits_pb2.CaptureResponse) -> None:
+    metrics.hold("captured")
+    _observe_entry(metrics, response.entry)
+
+
+# What each response type tells; other responses (reads, catalog, accounts) tell nothing.
+_OBSERVERS: dict[type, Callable[[Metrics, str, Any], None]] = {
+    metering_pb2.RecordUsageResponse: lambda m, _, r: _observe_usage(m, r),
+    metering_pb2.RecordUsageBatchResponse: _observe_batch,
+    metering_pb2.StartUsageResponse: lambda m, _, r: _observe_started(m, r),
+    metering_pb2.CompleteUsageResponse: lambda m, _, r: _observe_finished(m, r),
+    metering_pb2.FailUsageResponse: lambda m, _, r: _observe_finished(m, r),
+    credits_pb2.ReserveResponse: lambda m, _, r: m.hold("created"),
+    credits_pb2.CaptureResponse: lambda m, _, r: _observe_capture(m, r),
+    credits_pb2.ReleaseResponse: lambda m, _, r: m.hold("released"),
+    credits_pb2.DebitResponse: lambda m, _, r: _observe_entry(m, r.entry),
+    credits_pb2.TopUpResponse: lambda m, _, r: _observe_entry(m, r.entry),
+    credits_pb2.AdjustResponse: lambda m, _, r: _observe_entry(m, r.entry),
+}
+
+
 def _observe_response(metrics: Metrics, method: str, response: Any) -> None:
     """Counts what one successful, first-time (not replayed) response did."""
-    if isinstance(response, metering_pb2.RecordUsageResponse):
-        _observe_usage(metrics, response)
-    elif isinstance(response, metering_pb2.RecordUsageBatchResponse):
-        rejected = 0
-        for item in response.results:
-            if item.HasField("result"):
-                _observe_usage(metrics, item.result)
-            elif _item_reason(item.status) == INSUFFICIENT_CREDITS:
-                rejected += 1
-        metrics.rejected_for_credits(method, rejected)
-    elif isinstance(response, metering_pb2.StartUsageResponse):
-        metrics.usage_jobs_started.labels(response.event.product_id).inc()
-        if response.HasField("reservation"):
-            metrics.hold("created")
-    elif isinstance(response, metering_pb2.CompleteUsageResponse | metering_pb2.FailUsageResponse):
-        _observe_finished(metrics, response)
-    elif isinstance(response, credits_pb2.ReserveResponse):
-        metrics.hold("created")
-    elif isinstance(response, credits_pb2.CaptureResponse):
-        metrics.hold("captured")
-        _observe_entry(metrics, response.entry)
-    elif isinstance(response, credits_pb2.ReleaseResponse):
-        metrics.hold("released")
-    elif isinstance(
-        response, credits_pb2.DebitResponse | credits_pb2.TopUpResponse | credits_pb2.AdjustResponse
-    ):
-        _observe_entry(metrics, response.entry)
+    observer = _OBSERVERS.get(type(response))
+    if observer is not None:
+        observer(metrics, method, response)
 
 
 def _observe_record_usage_rows(metrics: Metrics, method: str, rows: Any) -> None:

@@ -11,6 +11,7 @@ outcome lets the lease lapse; the intent is then claimed again with the same key
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,6 +20,7 @@ import grpc
 from sqlalchemy import text
 
 from tally.v1 import funding_pb2, funding_pb2_grpc
+from tally_service import metrics
 from tally_service.config import Settings
 from tally_service.db import Database, async_url
 from tally_service.money import format_amount
@@ -92,10 +94,17 @@ _FAILED = text("SELECT tally_reload_failed(CAST(:intent AS uuid), :error, :max, 
 
 
 class ReloadWorker:
-    def __init__(self, db: Database, hook: FundingHook, settings: Settings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        hook: FundingHook,
+        settings: Settings,
+        meters: metrics.Metrics | None = None,
+    ) -> None:
         self.db = db
         self.hook = hook
         self.settings = settings
+        self.meters = meters
         self._wake = asyncio.Event()
 
     def backoff_seconds(self, attempts: int) -> float:
@@ -122,7 +131,7 @@ class ReloadWorker:
             error = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning("reload %s attempt %s failed: %s", intent.intent_id, intent.attempts, error)
             async with self.db.engine.begin() as conn:
-                await conn.execute(
+                outcome = await conn.execute(
                     _FAILED,
                     {
                         "intent": intent.intent_id,
@@ -131,9 +140,15 @@ class ReloadWorker:
                         "retry": self.backoff_seconds(intent.attempts),
                     },
                 )
+                status = json.loads(outcome.scalar_one())["status"]
+            if self.meters is not None:
+                self.meters.auto_reload_intent("retry" if status == "pending" else status)
             return True
         async with self.db.engine.begin() as conn:
             await conn.execute(_SUCCEEDED, {"intent": intent.intent_id, "charge": charge_id})
+        if self.meters is not None:
+            self.meters.auto_reload_intent("succeeded")
+            self.meters.ledger_entry("credit")
         return True
 
     async def _listen(self) -> None:

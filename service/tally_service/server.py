@@ -20,7 +20,7 @@ from tally.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
-from tally_service import metrics, reloads, sweeper
+from tally_service import auth, metrics, reloads, sweeper
 from tally_service.config import Settings
 from tally_service.db import Database, make_engine, migrate, start_embedded
 from tally_service.interceptors import ErrorMappingInterceptor
@@ -28,6 +28,7 @@ from tally_service.servicers.accounts import AccountsServicer
 from tally_service.servicers.credits import CreditsServicer
 from tally_service.servicers.ledger import LedgerServicer
 from tally_service.servicers.metering import MeteringServicer
+from tally_service.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,19 @@ async def serve(settings: Settings, database_url: str) -> None:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    callers = auth.load_callers()
+    if not callers:
+        log.warning("no TALLY_AUTH_TOKENS: every caller may call every method")
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        # Metrics first (outermost): it records the status the error mapping produced;
+        # authentication inside the mapping, so its refusals are mapped like any error.
+        metrics.MetricsInterceptor(meters),
+        ErrorMappingInterceptor(),
+    ]
+    if callers:
+        interceptors.append(auth.AuthInterceptor(callers))
     server = grpc.aio.server(
-        # Metrics first (outermost): it records the status the error mapping produced.
-        interceptors=[metrics.MetricsInterceptor(meters), ErrorMappingInterceptor()],
+        interceptors=interceptors,
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -117,7 +128,14 @@ async def serve(settings: Settings, database_url: str) -> None:
         ],
         server,
     )
-    port = server.add_insecure_port(settings.listen_address)
+    tls_files = TlsFiles.from_env()
+    if tls_files is None:
+        port = server.add_insecure_port(settings.listen_address)
+    else:
+        port = server.add_secure_port(settings.listen_address, tls_files.credentials())
+        log.info(
+            "TLS on%s", " with client certificates required" if tls_files.client_ca_file else ""
+        )
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen_address}")
     metrics_endpoint = _start_metrics(settings.metrics_address, meters)
@@ -132,7 +150,9 @@ async def serve(settings: Settings, database_url: str) -> None:
     background = [
         asyncio.create_task(_watch_database(db, health, meters)),
         asyncio.create_task(sweeper.run(db, settings.sweep_interval_seconds, meters)),
-        asyncio.create_task(reloads.ReloadWorker(db, reloads.make_hook(settings), settings).run()),
+        asyncio.create_task(
+            reloads.ReloadWorker(db, reloads.make_hook(settings), settings, meters).run()
+        ),
     ]
     await stop.wait()
     log.info("stopping: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds)

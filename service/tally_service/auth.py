@@ -1,0 +1,148 @@
+"""Who may call what: bearer tokens, hashed in configuration, each with its methods.
+
+Configuration (TALLY_AUTH_TOKENS as JSON, or TALLY_AUTH_TOKENS_FILE naming a JSON
+file) is a list of callers:
+
+    [{"name": "image-api", "sha256": "<hex of the token>",
+      "methods": ["tally.v1.MeteringService/*", "tally.v1.CreditsService/Reserve"]},
+     {"name": "billing-admin", "sha256": "<hex>", "methods": ["*"]}]
+
+Method patterns are shell-style globs over "package.Service/Method". Without any
+caller configured, authentication is off (the embedded development default). Health
+checks and reflection never need a token, so probes keep working.
+
+A wrong or missing token is UNAUTHENTICATED, a method outside the caller's list is
+PERMISSION_DENIED; both are raised as domain errors and mapped by the one error layer.
+The caller's name is kept in a context variable for the request, and every ledger entry
+written by the request records it in its metadata (the audit trail).
+"""
+
+import contextvars
+import fnmatch
+import hashlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tally_service import errors
+
+current_caller: contextvars.ContextVar[str] = contextvars.ContextVar("current_caller", default="")
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
+
+
+class Unauthenticated(errors.DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(errors.DomainError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "METHOD_NOT_ALLOWED"
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    methods: tuple[str, ...]
+
+    def may_call(self, method: str) -> bool:
+        name = method.lstrip("/")
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.methods)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load_callers(
+    tokens_json: str | None = None, tokens_file: str | None = None
+) -> dict[str, Caller]:
+    """Callers by the SHA-256 of their token, from TALLY_AUTH_TOKENS(_FILE)."""
+    if tokens_json is None:
+        tokens_json = os.environ.get("TALLY_AUTH_TOKENS", "")
+    if tokens_file is None:
+        tokens_file = os.environ.get("TALLY_AUTH_TOKENS_FILE", "")
+    if tokens_file:
+        with open(tokens_file) as f:
+            tokens_json = f.read()
+    if not tokens_json:
+        return {}
+    callers: dict[str, Caller] = {}
+    for item in json.loads(tokens_json):
+        digest = str(item["sha256"]).lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise SystemExit(f"auth token of {item.get('name')!r}: sha256 must be 64 hex digits")
+        callers[digest] = Caller(str(item["name"]), tuple(str(m) for m in item["methods"]))
+    return callers
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Checks the bearer token; must come after ErrorMappingInterceptor in the list, so
+    that the errors it raises are mapped like any other."""
+
+    def __init__(self, callers: dict[str, Caller]) -> None:
+        self.callers = callers
+
+    def _caller(self, method: str, metadata: Any) -> Caller:
+        header = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("a bearer token is required (authorization: Bearer <token>)")
+        caller = self.callers.get(hash_token(token.strip()))
+        if caller is None:
+            raise Unauthenticated("unknown token")
+        if not caller.may_call(method):
+            raise PermissionDenied(
+                f"caller {caller.name!r} may not call {method}",
+                metadata={"caller": caller.name, "method": method},
+            )
+        return caller
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_SERVICES):
+            return handler
+        check = self._caller
+        method, metadata = details.method, details.invocation_metadata
+
+        def guard(behavior: Any, streaming_response: bool) -> Any:
+            if streaming_response:
+
+                async def stream(request: Any, context: Any) -> Any:
+                    current_caller.set(check(method, metadata).name)
+                    async for response in behavior(request, context):
+                        yield response
+
+                return stream
+
+            async def unary(request: Any, context: Any) -> Any:
+                current_caller.set(check(method, metadata).name)
+                return await behavior(request, context)
+
+            return unary
+
+        kwargs: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary, False), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                guard(handler.stream_unary, False), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream, True), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, True), **kwargs)
