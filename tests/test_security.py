@@ -112,7 +112,9 @@ CALLERS = [
 
 
 @pytest.fixture(scope="module")
-def secured(database_url: str, server_log_dir: Path, pki: dict[str, Path]) -> ServerProcess:
+def secured(
+    database_url: str, server_log_dir: Path, pki: dict[str, Path]
+) -> Iterator[ServerProcess]:
     env = {
         "TALLY_TLS_CERT_FILE": str(pki["server.crt"]),
         "TALLY_TLS_KEY_FILE": str(pki["server.key"]),
