@@ -8,6 +8,12 @@
 ...     tally.get_balance("acme").available
 '7.05'
 >>> with TallyClient("127.0.0.1:50051") as tally:  # doctest: +SKIP
+...     tally.create_account("beta")
+...     tally.set_subscription("beta", "pro", "100", period="monthly")
+...     tally.top_up("beta", "5", grant_type="promotional", priority=5)
+...     [(g.remaining, g.priority) for g in tally.list_grants("beta")]
+[('5', 5), ('100', 10)]
+>>> with TallyClient("127.0.0.1:50051") as tally:  # doctest: +SKIP
 ...     tally.upsert_product("PAN-Plus", "0.5")
 ...     tally.record_usage("acme", "txn-1", "PAN-Plus", endpoint="/pan/verify")
 ...     tally.get_usage("acme", preset="Last 7 days").totals.credits_consumed
@@ -18,8 +24,10 @@ from __future__ import annotations
 
 from ._requests import (
     EntryTypeArg,
+    GrantTypeArg,
     RangePresetArg,
     ReportFormatArg,
+    SubscriptionPeriodArg,
     UsagePeriodArg,
     UsageStatusArg,
     new_request_id,
@@ -95,6 +103,7 @@ __all__ = [
     "EventNotFound",
     "EventNotPending",
     "FailedPrecondition",
+    "GrantTypeArg",
     "InsufficientCredits",
     "Internal",
     "InvalidArgument",
@@ -110,6 +119,7 @@ __all__ = [
     "ReservationNotPending",
     "ResourceExhausted",
     "Stubs",
+    "SubscriptionPeriodArg",
     "TallyClient",
     "TallyError",
     "Unauthenticated",

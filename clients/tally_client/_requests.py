@@ -38,6 +38,13 @@ UsagePeriodArg = int | str | None
 RangePresetArg = int | str | None
 #: A report format: a ``ReportFormat`` value or ``"csv"`` / ``"xlsx"``.
 ReportFormatArg = int | str | None
+#: A grant's origin: a ``CreditGrantType`` value or ``"purchased"``, ``"subscription"``,
+#: ``"promotional"``, ``"auto_reload"`` (any case, ``-`` or ``_``); ``None`` means the
+#: server default (purchased).
+GrantTypeArg = int | str | None
+#: A subscription period: a ``SubscriptionPeriod`` value or ``"monthly"`` / ``"yearly"``
+#: (also ``"month"`` / ``"year"``).
+SubscriptionPeriodArg = int | str | None
 
 RespT = TypeVar("RespT", bound=Message)
 ResultT = TypeVar("ResultT")
@@ -162,6 +169,29 @@ def report_format(value: ReportFormatArg) -> metering_pb2.ReportFormat.ValueType
     )
 
 
+def credit_grant_type(value: GrantTypeArg) -> credits_pb2.CreditGrantType.ValueType:
+    """Normalize a :data:`GrantTypeArg` to a ``CreditGrantType`` value."""
+    return credits_pb2.CreditGrantType.ValueType(
+        _enum_value(credits_pb2.CreditGrantType, "CREDIT_GRANT_TYPE_", "grant type", value)
+    )
+
+
+def subscription_period(
+    value: SubscriptionPeriodArg,
+) -> accounts_pb2.SubscriptionPeriod.ValueType:
+    """Normalize a :data:`SubscriptionPeriodArg` to a ``SubscriptionPeriod`` value."""
+    aliases = {"MONTH": "MONTHLY", "YEAR": "YEARLY"}
+    return accounts_pb2.SubscriptionPeriod.ValueType(
+        _enum_value(
+            accounts_pb2.SubscriptionPeriod,
+            "SUBSCRIPTION_PERIOD_",
+            "subscription period",
+            value,
+            aliases,
+        )
+    )
+
+
 def _optional_timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
     return None if dt is None else to_timestamp(dt)
 
@@ -266,6 +296,42 @@ def get_account_summary(
     return Rpc("accounts", "GetAccountSummary", req, lambda r: r)
 
 
+def set_subscription(
+    account_id: str,
+    plan: str,
+    credits_per_period: Amount,
+    *,
+    period: SubscriptionPeriodArg = "monthly",
+    anchor_time: datetime | None = None,
+    rollover: bool = False,
+    request_id: str | None = None,
+) -> Rpc[accounts_pb2.SetSubscriptionResponse, accounts_pb2.Subscription]:
+    """Set or change the plan; ``anchor_time=None`` lets the server start it now."""
+    subscription = accounts_pb2.Subscription(
+        plan=plan,
+        credits_per_period=to_wire(credits_per_period),
+        period=subscription_period(period),
+        anchor_time=_optional_timestamp(anchor_time),
+        rollover=rollover,
+    )
+    req = accounts_pb2.SetSubscriptionRequest(
+        request_id=_request_id(request_id), account_id=account_id, subscription=subscription
+    )
+    return Rpc("accounts", "SetSubscription", req, lambda r: r.subscription, mutating=True)
+
+
+def cancel_subscription(
+    account_id: str, *, request_id: str | None = None
+) -> Rpc[accounts_pb2.SetSubscriptionResponse, accounts_pb2.Subscription]:
+    """SetSubscription with an empty plan."""
+    req = accounts_pb2.SetSubscriptionRequest(
+        request_id=_request_id(request_id),
+        account_id=account_id,
+        subscription=accounts_pb2.Subscription(plan=""),
+    )
+    return Rpc("accounts", "SetSubscription", req, lambda r: r.subscription, mutating=True)
+
+
 # --- CreditsService --------------------------------------------------------
 
 
@@ -356,8 +422,13 @@ def top_up(
     description: str = "",
     reference: str = "",
     metadata: Mapping[str, Any] | None = None,
+    grant_type: GrantTypeArg = None,
+    expire_time: datetime | None = None,
+    priority: int | None = None,
     request_id: str | None = None,
 ) -> Rpc[credits_pb2.TopUpResponse, ledger_pb2.LedgerEntry]:
+    """``None`` leaves the grant's type (purchased), expiry (never) and priority
+    (by type) to the server."""
     req = credits_pb2.TopUpRequest(
         request_id=_request_id(request_id),
         account_id=account_id,
@@ -365,7 +436,13 @@ def top_up(
         description=description,
         reference=reference,
         metadata=to_struct(metadata),
+        grant_type=credit_grant_type(grant_type),
+        expire_time=_optional_timestamp(expire_time),
     )
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, not {priority!r}")
+        req.priority = priority
     return Rpc("credits", "TopUp", req, lambda r: r.entry, mutating=True)
 
 
@@ -387,6 +464,46 @@ def adjust(
         metadata=to_struct(metadata),
     )
     return Rpc("credits", "Adjust", req, lambda r: r.entry, mutating=True)
+
+
+def list_grants(
+    account_id: str, *, include_spent: bool = False
+) -> Rpc[credits_pb2.ListGrantsResponse, list[credits_pb2.CreditGrant]]:
+    req = credits_pb2.ListGrantsRequest(account_id=account_id, include_spent=include_spent)
+    return Rpc("credits", "ListGrants", req, lambda r: list(r.grants))
+
+
+def set_auto_reload(
+    account_id: str,
+    *,
+    enabled: bool,
+    threshold: Amount = "0",
+    amount: Amount = "0",
+    max_reloads_per_day: int = 0,
+    max_amount_per_month: Amount = "0",
+    request_id: str | None = None,
+) -> Rpc[credits_pb2.SetAutoReloadResponse, credits_pb2.AutoReloadSettings]:
+    """0 / ``"0"`` caps mean no limit."""
+    settings = credits_pb2.AutoReloadSettings(
+        enabled=enabled,
+        threshold=to_wire(threshold),
+        amount=to_wire(amount),
+        max_reloads_per_day=max_reloads_per_day,
+        max_amount_per_month=to_wire(max_amount_per_month),
+    )
+    req = credits_pb2.SetAutoReloadRequest(
+        request_id=_request_id(request_id), account_id=account_id, settings=settings
+    )
+    return Rpc("credits", "SetAutoReload", req, lambda r: r.settings, mutating=True)
+
+
+def list_reloads(
+    account_id: str, *, page_size: int = 0, page_token: str = ""
+) -> Rpc[credits_pb2.ListReloadsResponse, credits_pb2.ListReloadsResponse]:
+    req = credits_pb2.ListReloadsRequest(
+        account_id=account_id, page_size=page_size, page_token=page_token
+    )
+    return Rpc("credits", "ListReloads", req, lambda r: r)
 
 
 # --- LedgerService ---------------------------------------------------------

@@ -7,6 +7,11 @@ usage error, 3 when ``verify`` finds the account inconsistent.
 Metering: ``products upsert|list``, ``usage`` (statistics), ``usage-events``
 (the rows of the usage report), ``export`` (a CSV or XLSX report to a file) and
 ``summary`` (the account overview).
+
+Grants and plans: ``topup --grant-type/--expires/--priority``, ``grants`` (the
+account's credit grants in draw order), ``auto-reload`` (set or ``--disable`` the
+rule), ``reloads`` (reload intents, newest first), ``subscribe`` and
+``unsubscribe``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 
 from . import _requests as rq
+from .amounts import from_wire
 from .client import DEFAULT_TIMEOUT_SECONDS, TallyClient
 from .errors import TallyError
 
@@ -119,6 +125,24 @@ def _entry_fields(e: ledger_pb2.LedgerEntry) -> list[tuple[str, str]]:
     return fields
 
 
+def _no_limit(value: str) -> str:
+    """A cap as shown: ``no limit`` for 0 or empty."""
+    try:
+        unlimited = not value or from_wire(value) == 0
+    except ValueError:
+        unlimited = False
+    return "no limit" if unlimited else value
+
+
+def _auto_reload_fields(r: credits_pb2.AutoReloadSettings) -> list[tuple[str, str]]:
+    return [
+        ("auto_reload", f"on: add {r.amount} below {r.threshold}" if r.enabled else "off"),
+        ("auto_reload_max_per_day", _no_limit(str(r.max_reloads_per_day))),
+        ("auto_reload_max_per_month", _no_limit(r.max_amount_per_month)),
+        ("auto_reload_disabled_reason", r.disabled_reason or "-"),
+    ]
+
+
 def _balance_fields(b: credits_pb2.CreditBalance) -> list[tuple[str, str]]:
     fields = [
         ("account_id", b.account_id),
@@ -126,15 +150,26 @@ def _balance_fields(b: credits_pb2.CreditBalance) -> list[tuple[str, str]]:
         ("balance", b.balance),
         ("reserved", b.reserved),
         ("available", b.available),
+        ("subscription_credits", b.subscription_credits),
+        ("purchased_credits", b.purchased_credits),
         ("overdraft_limit", b.overdraft_limit),
         ("update_time", iso(b.update_time)),
     ]
-    r = b.auto_reload
-    if r.enabled:
-        fields.append(("auto_reload", f"on: add {r.amount} below {r.threshold}"))
-    else:
-        fields.append(("auto_reload", "off"))
+    fields.extend(_auto_reload_fields(b.auto_reload))
     return fields
+
+
+def _subscription_fields(s: accounts_pb2.Subscription) -> list[tuple[str, str]]:
+    return [
+        ("plan", s.plan or "-"),
+        ("status", _enum_name(accounts_pb2.SubscriptionStatus, "SUBSCRIPTION_STATUS_", s.status)),
+        ("credits_per_period", s.credits_per_period),
+        ("period", _enum_name(accounts_pb2.SubscriptionPeriod, "SUBSCRIPTION_PERIOD_", s.period)),
+        ("rollover", "yes" if s.rollover else "no"),
+        ("anchor_time", iso(s.anchor_time)),
+        ("current_period_start", iso(s.current_period_start_time)),
+        ("current_period_end", iso(s.current_period_end_time)),
+    ]
 
 
 def _enum_name(enum: Any, prefix: str, value: int) -> str:
@@ -249,6 +284,15 @@ def _parse_time(value: str) -> datetime:
     return dt
 
 
+def _grant_type(value: str) -> str:
+    """argparse type: a grant type name such as ``promotional`` (kept as given)."""
+    try:
+        rq.credit_grant_type(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _non_negative(value: str) -> int:
     try:
         n = int(value)
@@ -308,6 +352,9 @@ def _cmd_movement(kind: str) -> Command:
                 a.amount,
                 description=a.description,
                 reference=a.reference,
+                grant_type=a.grant_type,
+                expire_time=a.expires,
+                priority=a.priority,
                 request_id=a.request_id,
             )
         elif kind == "debit":
@@ -330,6 +377,81 @@ def _cmd_movement(kind: str) -> Command:
 
 def _cmd_balance(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
     print(format_fields(_balance_fields(c.get_balance(a.account_id))), file=out)
+    return EXIT_OK
+
+
+def _cmd_grants(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    rows = [
+        [
+            _enum_name(credits_pb2.CreditGrantType, "CREDIT_GRANT_TYPE_", g.type),
+            g.amount,
+            g.remaining,
+            str(g.priority),
+            iso(g.expire_time),
+            iso(g.create_time),
+        ]
+        for g in c.list_grants(a.account_id, include_spent=a.all)
+    ]
+    headers = ["TYPE", "AMOUNT", "REMAINING", "PRIORITY", "EXPIRES", "CREATED"]
+    print(format_table(headers, rows, right={1, 2, 3}), file=out)
+    return EXIT_OK
+
+
+def _cmd_auto_reload(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    settings = c.set_auto_reload(
+        a.account_id,
+        enabled=not a.disable,
+        threshold=a.threshold or "0",
+        amount=a.amount or "0",
+        max_reloads_per_day=a.max_per_day,
+        max_amount_per_month=a.max_per_month,
+        request_id=a.request_id,
+    )
+    fields = [("account_id", a.account_id), *_auto_reload_fields(settings)]
+    print(format_fields(fields), file=out)
+    return EXIT_OK
+
+
+def _cmd_reloads(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    intents = c.iter_reloads(a.account_id, page_size=min(a.limit, 100) if a.limit else 0)
+    if a.limit:
+        intents = islice(intents, a.limit)
+    rows = [
+        [
+            r.intent_id,
+            _enum_name(credits_pb2.ReloadStatus, "RELOAD_STATUS_", r.status),
+            r.amount,
+            str(r.attempts),
+            r.error,
+            iso(r.create_time),
+            iso(r.finish_time),
+        ]
+        for r in intents
+    ]
+    headers = ["INTENT_ID", "STATUS", "AMOUNT", "ATTEMPTS", "ERROR", "CREATED", "FINISHED"]
+    print(format_table(headers, rows, right={2, 3}), file=out)
+    return EXIT_OK
+
+
+def _cmd_subscribe(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    sub = c.set_subscription(
+        a.account_id,
+        a.plan,
+        a.credits,
+        period=a.period,
+        anchor_time=a.anchor,
+        rollover=a.rollover,
+        request_id=a.request_id,
+    )
+    fields = [("account_id", a.account_id), *_subscription_fields(sub)]
+    print(format_fields(fields), file=out)
+    return EXIT_OK
+
+
+def _cmd_unsubscribe(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    sub = c.cancel_subscription(a.account_id, request_id=a.request_id)
+    fields = [("account_id", a.account_id), *_subscription_fields(sub)]
+    print(format_fields(fields), file=out)
     return EXIT_OK
 
 
@@ -605,6 +727,21 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("amount", metavar="AMOUNT", help='decimal credits, e.g. "2.95"')
         sp.add_argument("--description", default="")
         sp.add_argument("--reference", default="")
+        if name == "topup":
+            sp.add_argument(
+                "--grant-type",
+                type=_grant_type,
+                metavar="TYPE",
+                help="purchased (default), subscription, promotional or auto_reload",
+            )
+            sp.add_argument(
+                "--expires", type=_parse_time, help="ISO-8601 time when the credit expires"
+            )
+            sp.add_argument(
+                "--priority",
+                type=_non_negative,
+                help="draw order, 0-1000, lower first (default: by grant type)",
+            )
         request_id(sp)
         sp.set_defaults(func=_cmd_movement(name))
 
@@ -619,6 +756,49 @@ def build_parser() -> argparse.ArgumentParser:
     bal = sub.add_parser("balance", help="show an account's credit")
     bal.add_argument("account_id", metavar="ID")
     bal.set_defaults(func=_cmd_balance)
+
+    grs = sub.add_parser("grants", help="an account's credit grants in draw order")
+    grs.add_argument("account_id", metavar="ACCOUNT")
+    grs.add_argument("--all", action="store_true", help="also spent and expired grants")
+    grs.set_defaults(func=_cmd_grants)
+
+    ar = sub.add_parser("auto-reload", help="set an account's auto-reload rule")
+    ar.add_argument("account_id", metavar="ACCOUNT")
+    ar.add_argument("--threshold", help="reload when available credit falls below this")
+    ar.add_argument("--amount", help="credit one reload adds")
+    ar.add_argument(
+        "--max-per-day", type=_non_negative, default=0, help="reloads per day, 0 for no limit"
+    )
+    ar.add_argument("--max-per-month", default="0", help="credit per month, 0 for no limit")
+    ar.add_argument("--disable", action="store_true", help="turn auto-reload off")
+    request_id(ar)
+    ar.set_defaults(func=_cmd_auto_reload)
+
+    rls = sub.add_parser("reloads", help="an account's reload intents, newest first")
+    rls.add_argument("account_id", metavar="ACCOUNT")
+    rls.add_argument(
+        "--limit", type=_non_negative, default=50, help="at most N, 0 for all (default: 50)"
+    )
+    rls.set_defaults(func=_cmd_reloads)
+
+    sbs = sub.add_parser("subscribe", help="set or change an account's subscription")
+    sbs.add_argument("account_id", metavar="ACCOUNT")
+    sbs.add_argument("plan", metavar="PLAN")
+    sbs.add_argument("credits", metavar="CREDITS", help="credits granted each period")
+    sbs.add_argument("--period", choices=["monthly", "yearly"], default="monthly")
+    sbs.add_argument(
+        "--anchor", type=_parse_time, help="ISO-8601 start of the first period (default: now)"
+    )
+    sbs.add_argument(
+        "--rollover", action="store_true", help="unspent credit of a period never expires"
+    )
+    request_id(sbs)
+    sbs.set_defaults(func=_cmd_subscribe)
+
+    uns = sub.add_parser("unsubscribe", help="cancel an account's subscription")
+    uns.add_argument("account_id", metavar="ACCOUNT")
+    request_id(uns)
+    uns.set_defaults(func=_cmd_unsubscribe)
 
     led = sub.add_parser("ledger", help="list an account's ledger entries, newest first")
     led.add_argument("account_id", metavar="ID")
@@ -703,6 +883,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "preset", None) and (args.start is not None or args.end is not None):
         parser.error("give either --preset or --start/--end, not both")
+    if (
+        args.command == "auto-reload"
+        and not args.disable
+        and (args.threshold is None or args.amount is None)
+    ):
+        parser.error("auto-reload needs --threshold and --amount (or --disable)")
     func: Command = args.func
     try:
         with TallyClient(

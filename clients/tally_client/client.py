@@ -422,8 +422,16 @@ class TallyClient:
         description: str = "",
         reference: str = "",
         metadata: Mapping[str, Any] | None = None,
+        grant_type: rq.GrantTypeArg = None,
+        expire_time: datetime | None = None,
+        priority: int | None = None,
         request_id: str | None = None,
     ) -> ledger_pb2.LedgerEntry:
+        """Add credit as a grant.
+
+        ``grant_type`` (default purchased), ``expire_time`` (default never) and
+        ``priority`` (0-1000, lower is spent first; default by type) describe the grant.
+        """
         return self._call(
             rq.top_up(
                 account_id,
@@ -431,6 +439,9 @@ class TallyClient:
                 description=description,
                 reference=reference,
                 metadata=metadata,
+                grant_type=grant_type,
+                expire_time=expire_time,
+                priority=priority,
                 request_id=request_id,
             )
         )
@@ -456,6 +467,58 @@ class TallyClient:
                 request_id=request_id,
             )
         )
+
+    def list_grants(
+        self, account_id: str, *, include_spent: bool = False
+    ) -> list[credits_pb2.CreditGrant]:
+        """The account's grants in draw order; ``include_spent`` adds spent and expired ones."""
+        return self._call(rq.list_grants(account_id, include_spent=include_spent))
+
+    def set_auto_reload(
+        self,
+        account_id: str,
+        *,
+        enabled: bool,
+        threshold: Amount = "0",
+        amount: Amount = "0",
+        max_reloads_per_day: int = 0,
+        max_amount_per_month: Amount = "0",
+        request_id: str | None = None,
+    ) -> credits_pb2.AutoReloadSettings:
+        """Set the auto-reload rule (caps of 0 mean no limit); returns it as stored.
+
+        Enabling it while available credit is below ``threshold`` starts a reload
+        at once (asynchronously: watch :meth:`list_reloads`).
+        """
+        return self._call(
+            rq.set_auto_reload(
+                account_id,
+                enabled=enabled,
+                threshold=threshold,
+                amount=amount,
+                max_reloads_per_day=max_reloads_per_day,
+                max_amount_per_month=max_amount_per_month,
+                request_id=request_id,
+            )
+        )
+
+    def list_reloads(
+        self, account_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> credits_pb2.ListReloadsResponse:
+        """One page of the account's reload intents, newest first."""
+        return self._call(rq.list_reloads(account_id, page_size=page_size, page_token=page_token))
+
+    def iter_reloads(
+        self, account_id: str, *, page_size: int = 0
+    ) -> Iterator[credits_pb2.ReloadIntent]:
+        """All of the account's reload intents, newest first, fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_reloads(account_id, page_size=page_size, page_token=token)
+            yield from page.reloads
+            token = page.next_page_token
+            if not token:
+                return
 
     # --- LedgerService ---------------------------------------------------------
 
@@ -517,6 +580,41 @@ class TallyClient:
     def get_account_summary(self, account_id: str) -> accounts_pb2.GetAccountSummaryResponse:
         """Balance, subscription, usage this month, lifetime requests, activity."""
         return self._call(rq.get_account_summary(account_id))
+
+    def set_subscription(
+        self,
+        account_id: str,
+        plan: str,
+        credits_per_period: Amount,
+        *,
+        period: rq.SubscriptionPeriodArg = "monthly",
+        anchor_time: datetime | None = None,
+        rollover: bool = False,
+        request_id: str | None = None,
+    ) -> accounts_pb2.Subscription:
+        """Set or change the account's subscription; returns it as stored.
+
+        ``anchor_time`` (default now, at most a year ahead) starts the first
+        period, whose grant is credited at once unless the anchor is in the future.
+        ``rollover=True`` keeps a period's unspent credit (its grant never expires).
+        """
+        return self._call(
+            rq.set_subscription(
+                account_id,
+                plan,
+                credits_per_period,
+                period=period,
+                anchor_time=anchor_time,
+                rollover=rollover,
+                request_id=request_id,
+            )
+        )
+
+    def cancel_subscription(
+        self, account_id: str, *, request_id: str | None = None
+    ) -> accounts_pb2.Subscription:
+        """Cancel the subscription (SetSubscription with an empty plan)."""
+        return self._call(rq.cancel_subscription(account_id, request_id=request_id))
 
     # --- MeteringService: catalog ----------------------------------------------
 
@@ -1190,6 +1288,9 @@ class AsyncTallyClient:
         description: str = "",
         reference: str = "",
         metadata: Mapping[str, Any] | None = None,
+        grant_type: rq.GrantTypeArg = None,
+        expire_time: datetime | None = None,
+        priority: int | None = None,
         request_id: str | None = None,
     ) -> ledger_pb2.LedgerEntry:
         return await self._call(
@@ -1199,6 +1300,9 @@ class AsyncTallyClient:
                 description=description,
                 reference=reference,
                 metadata=metadata,
+                grant_type=grant_type,
+                expire_time=expire_time,
+                priority=priority,
                 request_id=request_id,
             )
         )
@@ -1223,6 +1327,53 @@ class AsyncTallyClient:
                 request_id=request_id,
             )
         )
+
+    async def list_grants(
+        self, account_id: str, *, include_spent: bool = False
+    ) -> list[credits_pb2.CreditGrant]:
+        return await self._call(rq.list_grants(account_id, include_spent=include_spent))
+
+    async def set_auto_reload(
+        self,
+        account_id: str,
+        *,
+        enabled: bool,
+        threshold: Amount = "0",
+        amount: Amount = "0",
+        max_reloads_per_day: int = 0,
+        max_amount_per_month: Amount = "0",
+        request_id: str | None = None,
+    ) -> credits_pb2.AutoReloadSettings:
+        return await self._call(
+            rq.set_auto_reload(
+                account_id,
+                enabled=enabled,
+                threshold=threshold,
+                amount=amount,
+                max_reloads_per_day=max_reloads_per_day,
+                max_amount_per_month=max_amount_per_month,
+                request_id=request_id,
+            )
+        )
+
+    async def list_reloads(
+        self, account_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> credits_pb2.ListReloadsResponse:
+        return await self._call(
+            rq.list_reloads(account_id, page_size=page_size, page_token=page_token)
+        )
+
+    async def iter_reloads(
+        self, account_id: str, *, page_size: int = 0
+    ) -> AsyncIterator[credits_pb2.ReloadIntent]:
+        token = ""
+        while True:
+            page = await self.list_reloads(account_id, page_size=page_size, page_token=token)
+            for intent in page.reloads:
+                yield intent
+            token = page.next_page_token
+            if not token:
+                return
 
     # --- LedgerService ---------------------------------------------------------
 
@@ -1282,6 +1433,34 @@ class AsyncTallyClient:
 
     async def get_account_summary(self, account_id: str) -> accounts_pb2.GetAccountSummaryResponse:
         return await self._call(rq.get_account_summary(account_id))
+
+    async def set_subscription(
+        self,
+        account_id: str,
+        plan: str,
+        credits_per_period: Amount,
+        *,
+        period: rq.SubscriptionPeriodArg = "monthly",
+        anchor_time: datetime | None = None,
+        rollover: bool = False,
+        request_id: str | None = None,
+    ) -> accounts_pb2.Subscription:
+        return await self._call(
+            rq.set_subscription(
+                account_id,
+                plan,
+                credits_per_period,
+                period=period,
+                anchor_time=anchor_time,
+                rollover=rollover,
+                request_id=request_id,
+            )
+        )
+
+    async def cancel_subscription(
+        self, account_id: str, *, request_id: str | None = None
+    ) -> accounts_pb2.Subscription:
+        return await self._call(rq.cancel_subscription(account_id, request_id=request_id))
 
     # --- MeteringService: catalog ----------------------------------------------
 

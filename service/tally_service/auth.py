@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from tally_service import errors
+from tally_service.handlers import rewrap
 
 current_caller: contextvars.ContextVar[str] = contextvars.ContextVar("current_caller", default="")
 
@@ -117,32 +118,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         check = self._caller
         method, metadata = details.method, details.invocation_metadata
 
-        def guard(behavior: Any, streaming_response: bool) -> Any:
-            if streaming_response:
-
-                async def stream(request: Any, context: Any) -> Any:
-                    current_caller.set(check(method, metadata).name)
-                    async for response in behavior(request, context):
-                        yield response
-
-                return stream
-
-            async def unary(request: Any, context: Any) -> Any:
+        def unary(behavior: Any, _: str) -> Any:
+            async def checked(request: Any, context: Any) -> Any:
                 current_caller.set(check(method, metadata).name)
                 return await behavior(request, context)
 
-            return unary
+            return checked
 
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary, False), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                guard(handler.stream_unary, False), **kwargs
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream, True), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream, True), **kwargs)
+        def stream(behavior: Any, _: str) -> Any:
+            async def checked(request: Any, context: Any) -> Any:
+                current_caller.set(check(method, metadata).name)
+                async for response in behavior(request, context):
+                    yield response
+
+            return checked
+
+        return rewrap(handler, unary, stream)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from tally_service import errors, metrics
 from tally_service.db import translate
+from tally_service.handlers import rewrap
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +49,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = handler_call_details.method
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), **kwargs
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method), **kwargs
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), **kwargs
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method), **kwargs
+        return rewrap(
+            handler,
+            lambda behavior, _: _wrap_unary(behavior, method),
+            lambda behavior, _: _wrap_stream(behavior, method),
         )
 
 

@@ -65,6 +65,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tally.v1 import credits_pb2, ledger_pb2, metering_pb2
 from tally_service import errors
+from tally_service.handlers import rewrap
 
 log = logging.getLogger(__name__)
 
@@ -419,28 +420,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         full_method: str = handler_call_details.method
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            rpc = self._rpc("unary", full_method)
-            return grpc.unary_unary_rpc_method_handler(
-                rpc.wrap_unary(handler.unary_unary), **kwargs
-            )
-        if handler.stream_unary:
-            rpc = self._rpc("client_stream", full_method)
-            return grpc.stream_unary_rpc_method_handler(
-                rpc.wrap_unary(handler.stream_unary), **kwargs
-            )
-        if handler.unary_stream:
-            rpc = self._rpc("server_stream", full_method)
-            return grpc.unary_stream_rpc_method_handler(
-                rpc.wrap_stream(handler.unary_stream), **kwargs
-            )
-        rpc = self._rpc("bidi_stream", full_method)
-        return grpc.stream_stream_rpc_method_handler(
-            rpc.wrap_stream(handler.stream_stream), **kwargs
+        return rewrap(
+            handler,
+            lambda behavior, kind: self._rpc(kind, full_method).wrap_unary(behavior),
+            lambda behavior, kind: self._rpc(kind, full_method).wrap_stream(behavior),
         )
 
 

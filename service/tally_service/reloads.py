@@ -140,7 +140,10 @@ class ReloadWorker:
                         "retry": self.backoff_seconds(intent.attempts),
                     },
                 )
-                status = json.loads(outcome.scalar_one())["status"]
+                recorded = outcome.scalar_one()
+                if isinstance(recorded, str):
+                    recorded = json.loads(recorded)
+                status = recorded["status"]
             if self.meters is not None:
                 self.meters.auto_reload_intent("retry" if status == "pending" else status)
             return True

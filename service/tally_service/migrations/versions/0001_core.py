@@ -11,8 +11,7 @@ remember the response under the key. Errors are raised with SQLSTATEs of class
 Revision ID: 0001
 """
 
-from alembic import op
-from sqlalchemy.util import await_only
+from tally_service.migrations.script import run_script
 
 revision = "0001"
 down_revision = None
@@ -422,17 +421,9 @@ DROP FUNCTION IF EXISTS tally_refuse_change, tally_lock_account, tally_replay,
 """
 
 
-def _run_script(sql: str) -> None:
-    # A multi-statement script with $$-quoted bodies must go through the simple query
-    # protocol, which SQLAlchemy's prepared statements do not use.
-    driver_connection = op.get_bind().connection.driver_connection
-    assert driver_connection is not None
-    await_only(driver_connection.execute(sql))
-
-
 def upgrade() -> None:
-    _run_script(SCHEMA)
+    run_script(SCHEMA)
 
 
 def downgrade() -> None:
-    _run_script(DROP)
+    run_script(DROP)

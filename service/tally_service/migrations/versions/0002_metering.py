@@ -9,8 +9,7 @@ Revision ID: 0002
 Revises: 0001
 """
 
-from alembic import op
-from sqlalchemy.util import await_only
+from tally_service.migrations.script import run_script
 
 revision = "0002"
 down_revision = "0001"
@@ -479,17 +478,11 @@ ALTER TABLE accounts DROP COLUMN usage_requests, DROP COLUMN last_activity_at;
 """
 
 
-def _run_script(sql: str) -> None:
-    driver_connection = op.get_bind().connection.driver_connection
-    assert driver_connection is not None
-    await_only(driver_connection.execute(sql))
-
-
 def upgrade() -> None:
-    _run_script(SCHEMA)
+    run_script(SCHEMA)
 
 
 def downgrade() -> None:
     # The 0001 versions of tally_lock_account and tally_reserve are restored by
     # downgrading 0001 too; a partial downgrade to 0001 is not supported.
-    _run_script(DROP)
+    run_script(DROP)

@@ -12,8 +12,7 @@ Revision ID: 0003
 Revises: 0002
 """
 
-from alembic import op
-from sqlalchemy.util import await_only
+from tally_service.migrations.script import run_script
 
 revision = "0003"
 down_revision = "0002"
@@ -561,14 +560,8 @@ END $$;
 """
 
 
-def _run_script(sql: str) -> None:
-    driver_connection = op.get_bind().connection.driver_connection
-    assert driver_connection is not None
-    await_only(driver_connection.execute(sql))
-
-
 def upgrade() -> None:
-    _run_script(SCHEMA)
+    run_script(SCHEMA)
 
 
 def downgrade() -> None:

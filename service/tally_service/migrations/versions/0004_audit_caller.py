@@ -8,8 +8,7 @@ Revision ID: 0004
 Revises: 0003
 """
 
-from alembic import op
-from sqlalchemy.util import await_only
+from tally_service.migrations.script import run_script
 
 revision = "0004"
 down_revision = "0003"
@@ -36,15 +35,9 @@ DROP FUNCTION tally_stamp_caller();
 """
 
 
-def _run_script(sql: str) -> None:
-    driver_connection = op.get_bind().connection.driver_connection
-    assert driver_connection is not None
-    await_only(driver_connection.execute(sql))
-
-
 def upgrade() -> None:
-    _run_script(SCHEMA)
+    run_script(SCHEMA)
 
 
 def downgrade() -> None:
-    _run_script(DROP)
+    run_script(DROP)
