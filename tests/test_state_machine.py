@@ -59,6 +59,39 @@ class CreditsMachine(RuleBasedStateMachine):
     @initialize()
     def create(self) -> None:
         self.client.create_account(self.account)
+        self.product = f"sm-{self.account}"
+        self.client.upsert_product(self.product, "0.5")  # 500,000 micro-credits a unit
+
+    @rule(
+        amount=amounts,
+        grant_type=st.sampled_from(["purchased", "promotional", "subscription"]),
+        priority=st.integers(min_value=0, max_value=1000),
+    )
+    def grant(self, amount: int, grant_type: str, priority: int) -> None:
+        self._call(
+            "top_up",
+            account_id=self.account,
+            amount=wire(amount),
+            grant_type=grant_type,
+            priority=priority,
+        )
+        self.model.balance += amount
+
+    @rule(quantity=st.integers(min_value=0, max_value=40))
+    def usage(self, quantity: int) -> None:
+        charge = 500_000 * quantity
+        event_id = str(uuid.uuid4())
+        if charge > self.model.available:
+            try:
+                self.client.record_usage(self.account, event_id, self.product, quantity=quantity)
+            except InsufficientCredits:
+                return
+            raise AssertionError("usage beyond available credit was charged")
+        recorded = self.client.record_usage(self.account, event_id, self.product, quantity=quantity)
+        assert Decimal(recorded.event.credits) == Decimal(charge) * MICRO
+        again = self.client.record_usage(self.account, event_id, self.product, quantity=quantity)
+        assert again.duplicate and again.event == recorded.event
+        self.model.balance -= charge
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         kwargs["request_id"] = str(uuid.uuid4())
