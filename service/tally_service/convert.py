@@ -2,19 +2,14 @@
 with model objects; both go through `from_json` into models and then one converter per
 message, so a first response and its replay are built by the same code."""
 
-import uuid
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from sqlalchemy import inspect
-from sqlalchemy.dialects.postgresql import TIMESTAMP, UUID
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 from tally_service import models, store
 from tally_service.money import format_amount
-
-M = TypeVar("M", bound=models.Base)
 
 ENTRY_TYPES = {
     "credit": ledger_pb2.ENTRY_TYPE_CREDIT,
@@ -30,18 +25,7 @@ RESERVATION_STATUSES = {
 }
 
 
-def from_json(model: type[M], row: dict[str, Any]) -> M:
-    """Builds a detached model object from a row serialised by PostgreSQL's to_jsonb."""
-    values: dict[str, Any] = {}
-    for attr in inspect(model).column_attrs:
-        column = attr.columns[0]
-        value = row.get(column.name)
-        if value is not None and isinstance(column.type, TIMESTAMP):
-            value = datetime.fromisoformat(value)
-        elif value is not None and isinstance(column.type, UUID):
-            value = uuid.UUID(value)
-        values[attr.key] = value
-    return model(**values)
+from_json = models.from_json
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -4,11 +4,13 @@ money functions with their errors mapped to domain errors."""
 import json
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -76,16 +78,6 @@ class _LostRace(Exception):
     """A concurrent request with the same key committed first; calling again replays it."""
 
 
-def _detail(exc: DBAPIError) -> dict[str, Any]:
-    cause = exc.orig.__cause__ if exc.orig is not None else None
-    raw = getattr(cause, "detail", None) or "{}"
-    try:
-        parsed: dict[str, Any] = json.loads(raw)
-    except ValueError:
-        return {}
-    return parsed
-
-
 def insufficient_credits(detail: Mapping[str, Any]) -> errors.InsufficientCredits:
     return errors.InsufficientCredits(
         f"available credit {format_amount(detail['available'])} cannot cover "
@@ -99,10 +91,27 @@ def insufficient_credits(detail: Mapping[str, Any]) -> errors.InsufficientCredit
     )
 
 
+def _parse_detail(raw: str | None) -> dict[str, Any]:
+    try:
+        parsed: dict[str, Any] = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return parsed
+
+
 def translate(exc: DBAPIError) -> Exception:
-    """Maps a database error to a domain error (or to _LostRace)."""
+    """Maps a database error raised through SQLAlchemy to a domain error."""
+    cause = exc.orig.__cause__ if exc.orig is not None else None
     sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-    detail = _detail(exc)
+    if not sqlstate and isinstance(exc, OperationalError | InterfaceError):
+        return errors.DatabaseUnavailable("the database is unavailable; retry")
+    return translate_state(sqlstate, getattr(cause, "detail", None), exc)
+
+
+def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -> Exception:
+    """Maps a SQLSTATE (and the JSON detail of Tally's own TA errors) to a domain error
+    (or to _LostRace, which calling again resolves)."""
+    detail = _parse_detail(raw_detail)
     if sqlstate == "TA404":
         return errors.NotFound(detail["resource"], str(detail["id"]))
     if sqlstate == "TA409":
@@ -140,13 +149,13 @@ def translate(exc: DBAPIError) -> Exception:
         )
     if sqlstate == "22003":
         return errors.BalanceLimit("the movement would take the balance out of range")
-    if sqlstate == "23505" and "idempotency_keys_pkey" in str(exc.orig):
+    if sqlstate == "23505" and "idempotency_keys_pkey" in str(exc):
         return _LostRace()
     if sqlstate in ("40001", "40P01"):
         return _LostRace()
     if sqlstate == "57014":
         return errors.DatabaseUnavailable("the database statement timed out; retry")
-    if isinstance(exc, OperationalError | InterfaceError) or sqlstate.startswith("08"):
+    if sqlstate.startswith("08"):
         return errors.DatabaseUnavailable("the database is unavailable; retry")
     log.error("unexpected database error %s", sqlstate, exc_info=exc)
     return errors.Internal("internal error")
@@ -161,29 +170,51 @@ class Database:
         # their own work and the commit, never across round trips.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # Set by the server to time the money functions (tally_db_query_seconds).
+        self.observe_query: Callable[[float], None] | None = None
+        self._statements: dict[tuple[str, int], str] = {}
 
-    async def call(self, function: str, params: Mapping[str, Any]) -> tuple[Any, bool]:
-        """Calls a money function; returns (response, replayed)."""
-        arguments = ", ".join(f":{name}" for name in params)
+    def _statement(self, function: str, arity: int) -> str:
         # The caller is set for this statement's transaction before the function runs
         # (a FROM item is evaluated first); ledger entries copy it (migration 0004).
-        statement = text(
-            f"SELECT {function}({arguments}) "
-            "FROM (SELECT set_config('tally.caller', :_caller, true)) AS audit"
-        )
-        params = {**params, "_caller": current_caller.get()}
+        key = (function, arity)
+        if key not in self._statements:
+            arguments = ", ".join(f"${i}" for i in range(1, arity + 1))
+            self._statements[key] = (
+                f"SELECT {function}({arguments}) "
+                f"FROM (SELECT set_config('tally.caller', ${arity + 1}, true)) AS audit"
+            )
+        return self._statements[key]
+
+    async def call(self, function: str, params: Mapping[str, Any]) -> tuple[Any, bool]:
+        """Calls a money function; returns (response, replayed).
+
+        The hot path of every money movement: the pooled connection's driver (asyncpg)
+        runs the one prepared statement directly, without SQLAlchemy's statement layer.
+        """
+        statement = self._statement(function, len(params))
+        args = [*params.values(), current_caller.get()]
         for attempt in range(3):
             try:
                 async with self._autocommit.connect() as conn:
-                    raw = (await conn.execute(statement, dict(params))).scalar_one()
-            except DBAPIError as exc:
-                error = translate(exc)
+                    driver = (await conn.get_raw_connection()).driver_connection
+                    assert driver is not None
+                    started = time.perf_counter()
+                    try:
+                        raw = await driver.fetchval(statement, *args)
+                    except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError, OSError):
+                        await conn.invalidate()
+                        raise
+                    if self.observe_query is not None:
+                        self.observe_query(time.perf_counter() - started)
+            except asyncpg.PostgresError as exc:
+                error = translate_state(exc.sqlstate or "", exc.detail, exc)
                 if isinstance(error, _LostRace) and attempt < 2:
                     continue
                 if isinstance(error, _LostRace):
                     error = errors.DatabaseUnavailable("contention; retry")
                 raise error from None
-            except (PoolTimeout, OSError):
+            except (PoolTimeout, OSError, asyncpg.InterfaceError, DBAPIError):
                 raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
             result: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
             replayed = bool(result["replayed"])

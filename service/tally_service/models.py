@@ -6,9 +6,9 @@ functions); these models are how Python code reads the tables.
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Identity, Integer, LargeBinary, Text
+from sqlalchemy import BigInteger, Identity, Integer, LargeBinary, Text, inspect
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -195,3 +195,20 @@ class ReloadIntent(Base):
     lease_until: Mapped[datetime | None]
     entry_id: Mapped[int | None]
     charge_id: Mapped[str]
+
+
+M = TypeVar("M", bound=Base)
+
+
+def from_json(model: type[M], row: dict[str, Any]) -> M:
+    """Builds a detached model object from a row serialised by PostgreSQL's to_jsonb."""
+    values: dict[str, Any] = {}
+    for attr in inspect(model).column_attrs:
+        column = attr.columns[0]
+        value = row.get(column.name)
+        if value is not None and isinstance(column.type, TIMESTAMP):
+            value = datetime.fromisoformat(value)
+        elif value is not None and isinstance(column.type, UUID):
+            value = uuid.UUID(value)
+        values[attr.key] = value
+    return model(**values)

@@ -90,6 +90,7 @@ async def serve(settings: Settings, database_url: str) -> None:
     )
     meters = metrics.Metrics(metrics.new_registry())
     meters.watch_engine(db.engine)
+    db.observe_query = meters.db_query_seconds.observe
     meters.initialize_rpcs(SERVICE_NAMES)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

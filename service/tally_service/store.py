@@ -52,11 +52,6 @@ _CATCH_UP = text(
     "  OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id "
     "             AND g.remaining > 0 AND g.expires_at <= clock_timestamp()))"
 )
-_GRANT_TOTALS = text(
-    "SELECT coalesce(sum(remaining) FILTER (WHERE grant_type = 'subscription'), 0), "
-    "       coalesce(sum(remaining) FILTER (WHERE grant_type <> 'subscription'), 0) "
-    "FROM grants WHERE account_id = :account_id AND remaining > 0"
-)
 
 
 async def catch_up(db: Database, account_id: str) -> None:
@@ -65,20 +60,14 @@ async def catch_up(db: Database, account_id: str) -> None:
 
 
 async def get_balance(db: Database, account_id: str) -> Balance:
-    await catch_up(db, account_id)
-    async with db.sessions() as session, session.begin():
-        # One snapshot for the account row and its grants.
-        await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-        account = await _account(session, account_id)
-        subscription, purchased = (
-            await session.execute(_GRANT_TOTALS, {"account_id": account_id})
-        ).one()
+    response, _ = await db.call("tally_balance", {"account_id": account_id})
+    account = models.from_json(models.Account, response["account"])
     return Balance(
         account,
         account.reserved,
         account.balance_updated_at,
-        int(subscription),
-        int(purchased),
+        int(response["subscription_credits"]),
+        int(response["purchased_credits"]),
     )
 
 
