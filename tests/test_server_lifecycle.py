@@ -142,3 +142,41 @@ def test_tallyctl(
     assert "INSUFFICIENT_CREDITS" in err
     assert tallyctl([*base, "debit", account_id, "1.0000001"]) == 1
     assert "amount" in capsys.readouterr().err
+
+
+def test_server_bounds_a_call_and_the_retry_does_the_work_once(
+    own_database_url: str, server_log_dir: Path
+) -> None:
+    replica = start_server(own_database_url, server_log_dir, {"TALLY_MAX_CALL_SECONDS": "1"})
+    engine = create_async_engine(async_url(own_database_url))
+    locked, release = threading.Event(), threading.Event()
+    try:
+        with TallyClient(replica.target, timeout_seconds=10, max_attempts=1) as client:
+            client.create_account("slow")
+            client.top_up("slow", "10")
+
+            async def hold_row_lock() -> None:
+                async with engine.begin() as conn:
+                    await conn.execute(
+                        text("SELECT 1 FROM accounts WHERE account_id = 'slow' FOR UPDATE")
+                    )
+                    locked.set()
+                    await asyncio.to_thread(release.wait, 30)
+                await engine.dispose()
+
+            locker = threading.Thread(target=lambda: asyncio.run(hold_row_lock()))
+            locker.start()
+            assert locked.wait(10)
+            with pytest.raises(TallyError) as info:
+                client.debit("slow", "4", request_id="slow-debit")
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert info.value.reason == "CALL_TIMEOUT"
+            release.set()
+            locker.join(10)
+            assert client.get_balance("slow").balance == "10"  # the cancelled call left nothing
+            assert client.debit("slow", "4", request_id="slow-debit").balance_after == "6"
+            assert client.debit("slow", "4", request_id="slow-debit").balance_after == "6"
+            assert client.verify_account("slow").consistent
+    finally:
+        release.set()
+        replica.stop()

@@ -40,6 +40,10 @@ class Settings:
     max_message_bytes: int = field(
         default_factory=lambda: _env_int("TALLY_MAX_MESSAGE_BYTES", 4 * 1024 * 1024)
     )
+    # The longest a unary call may take on the server (DEADLINE_EXCEEDED after it).
+    max_call_seconds: float = field(
+        default_factory=lambda: _env_float("TALLY_MAX_CALL_SECONDS", 30.0)
+    )
     max_concurrent_rpcs: int = field(
         default_factory=lambda: _env_int("TALLY_MAX_CONCURRENT_RPCS", 1000)
     )

@@ -127,6 +127,11 @@ class DatabaseUnavailable(DomainError):
     reason = "DATABASE_UNAVAILABLE"
 
 
+class CallTimeout(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "CALL_TIMEOUT"
+
+
 class Internal(DomainError):
     code = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"

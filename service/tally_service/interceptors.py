@@ -5,6 +5,7 @@ anything else is logged with its traceback and answered INTERNAL (never UNKNOWN,
 never a traceback on the wire).
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -40,6 +41,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps errors to statuses, and bounds each unary call's handling time (a limit of
+    the server's own, whatever deadline the caller set)."""
+
+    def __init__(self, max_call_seconds: float = 30.0) -> None:
+        self.max_call_seconds = max_call_seconds
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -51,17 +58,28 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         return rewrap(
             handler,
-            lambda behavior, _: _wrap_unary(behavior, method),
+            lambda behavior, kind: _wrap_unary(
+                behavior, method, self.max_call_seconds if kind == "unary" else None
+            ),
             lambda behavior, _: _wrap_stream(behavior, method),
         )
 
 
-def _wrap_unary(behavior: Any, method: str) -> Any:
+def _wrap_unary(behavior: Any, method: str, limit_seconds: float | None) -> Any:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        limit = asyncio.timeout(limit_seconds)
         try:
-            return await behavior(request, context)
+            async with limit:
+                return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
+        except TimeoutError as exc:
+            # Work cancelled mid-way leaves no trace (one statement is one transaction);
+            # work that committed is found again by a retry with the same key.
+            error: BaseException = exc
+            if limit.expired():
+                error = errors.CallTimeout(f"the call took longer than {limit_seconds} s")
+            await _abort(context, error, method)
         except Exception as exc:
             await _abort(context, exc, method)
 

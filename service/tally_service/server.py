@@ -104,7 +104,7 @@ async def serve(settings: Settings, database_url: str) -> None:
         # Metrics first (outermost): it records the status the error mapping produced;
         # authentication inside the mapping, so its refusals are mapped like any error.
         metrics.MetricsInterceptor(meters),
-        ErrorMappingInterceptor(),
+        ErrorMappingInterceptor(settings.max_call_seconds),
     ]
     if callers:
         interceptors.append(auth.AuthInterceptor(callers))
