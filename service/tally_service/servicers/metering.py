@@ -28,6 +28,8 @@ from tally_service.money import parse_amount
 
 MAX_BATCH = 1000
 STREAM_GROUP = 500
+# Events per transaction when recording a batch or a stream group.
+COMMIT_GROUP = 200
 MAX_STREAM_FAILURES = 1000
 MAX_QUANTITY = 10**9
 DEFAULT_JOB_TTL_SECONDS = 3600
@@ -166,8 +168,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     # -- recording ----------------------------------------------------------------
 
     async def _record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        results, _ = await self.db.call("tally_record_usage", {"events": json.dumps(items)})
-        return list(results)
+        """Records items in transactions of at most COMMIT_GROUP events: short enough to
+        stay far inside the statement timeout and to hold account locks briefly. A
+        failure between groups is safe: a retry replays the committed events as
+        duplicates. The caller acknowledges only after every group has committed."""
+        results: list[dict[str, Any]] = []
+        for first in range(0, len(items), COMMIT_GROUP):
+            group = items[first : first + COMMIT_GROUP]
+            answered, _ = await self.db.call("tally_record_usage", {"events": json.dumps(group)})
+            results.extend(answered)
+        return results
 
     @staticmethod
     def _item_error(result: dict[str, Any], item: dict[str, Any]) -> errors.DomainError:
