@@ -254,8 +254,16 @@ def worker_main(job: Job, index: int, ready: Any, results: Any, go: Any, start_a
 ProbeFactory = Callable[[float, float], WindowProbe]
 
 
-def run(job: Job, probe_factory: ProbeFactory | None = None) -> RunResult:
-    """Runs ``job`` in ``job.processes`` fresh processes; returns the merged result.
+def run_processes(
+    target: Callable[..., None],
+    job: Any,
+    name: str,
+    probe_factory: ProbeFactory | None = None,
+) -> tuple[list[Any], list[str], WindowProbe | None]:
+    """Runs ``target(job, index, ready, results, go, start_at)`` in ``job.processes``
+    fresh processes started together; returns what they reported, the failures, and the
+    probe. ``job`` needs ``processes``, ``warmup_seconds``, ``seconds`` and
+    ``rpc_timeout_seconds``.
 
     ``probe_factory(window_start, window_end)``, if given, makes a probe of the server
     side that is started with the run and read after it."""
@@ -267,19 +275,21 @@ def run(job: Job, probe_factory: ProbeFactory | None = None) -> RunResult:
     start_at = ctx.Value("d", 0.0)
     processes = [
         ctx.Process(
-            target=worker_main,
+            target=target,
             args=(job, i, ready, results, go, start_at),
-            name=f"bench-{job.kind}-{i}",
+            name=f"{name}-{i}",
             daemon=True,
         )
         for i in range(job.processes)
     ]
     failures: list[str] = []
-    collected: list[WorkerResult] = []
+    collected: list[Any] = []
     probe: WindowProbe | None = None
+    started: list[Any] = []
     try:
         for p in processes:
             p.start()
+            started.append(p)
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         for _ in processes:
             index, failure = ready.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -302,9 +312,9 @@ def run(job: Job, probe_factory: ProbeFactory | None = None) -> RunResult:
     finally:
         # After a failure (or an interruption) stop the processes at once.
         grace = 10.0 if len(collected) == len(processes) else 0.0
-        for p in processes:
+        for p in started:
             p.join(grace)
-        for p in processes:
+        for p in started:
             if p.is_alive():
                 p.kill()
                 p.join(5)
@@ -312,6 +322,12 @@ def run(job: Job, probe_factory: ProbeFactory | None = None) -> RunResult:
             with contextlib.suppress(Exception):
                 q.close()
                 q.cancel_join_thread()
+    return collected, failures, probe
+
+
+def run(job: Job, probe_factory: ProbeFactory | None = None) -> RunResult:
+    """Runs ``job`` in ``job.processes`` fresh processes; returns the merged result."""
+    collected, failures, probe = run_processes(worker_main, job, f"bench-{job.kind}", probe_factory)
 
     latencies: list[float] = []
     errors: Counter[str] = Counter()

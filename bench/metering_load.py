@@ -15,10 +15,7 @@ succeeded.
 """
 
 import asyncio
-import contextlib
 import math
-import multiprocessing
-import queue
 import time
 import traceback
 from collections import Counter
@@ -29,7 +26,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.probe import Probe, WindowProbe
+from bench.load import READY_TIMEOUT_SECONDS, ProbeFactory, run_processes
+from bench.probe import Probe
 from tally.v1 import metering_pb2, metering_pb2_grpc
 
 # What one operation sends.
@@ -40,8 +38,6 @@ STREAM = "stream"  # MeteringService/StreamUsage, `events_per_call` messages
 KINDS = (HEALTH, UNARY, BATCH, STREAM)
 
 CONNECT_TIMEOUT_SECONDS = 15.0
-READY_TIMEOUT_SECONDS = 60.0
-START_DELAY_SECONDS = 0.25
 ERROR_PAUSE_SECONDS = 0.001
 MAX_ERROR_SAMPLES = 5
 # A batch of 1,000 results is about 1 MB; leave room.
@@ -313,63 +309,11 @@ def worker_main(job: Job, index: int, ready: Any, results: Any, go: Any, start_a
     results.put(result)
 
 
-ProbeFactory = Callable[[float, float], WindowProbe]
-
-
 def run(job: Job, probe_factory: ProbeFactory | None = None) -> RunResult:
     """Runs ``job`` in ``job.processes`` fresh processes; returns the merged result."""
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Queue()
-    results = ctx.Queue()
-    go = ctx.Event()
-    start_at = ctx.Value("d", 0.0)
-    processes = [
-        ctx.Process(
-            target=worker_main,
-            args=(job, i, ready, results, go, start_at),
-            name=f"bench-metering-{job.kind}-{i}",
-            daemon=True,
-        )
-        for i in range(job.processes)
-    ]
-    failures: list[str] = []
-    collected: list[WorkerResult] = []
-    probe: WindowProbe | None = None
-    started: list[Any] = []
-    try:
-        for p in processes:
-            p.start()
-            started.append(p)
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        for _ in processes:
-            index, failure = ready.get(timeout=max(0.1, deadline - time.monotonic()))
-            if failure:
-                raise RuntimeError(f"load process {index} failed to start:\n{failure}")
-        start = time.monotonic() + START_DELAY_SECONDS
-        start_at.value = start
-        if probe_factory is not None:
-            window_start = start + job.warmup_seconds
-            probe = probe_factory(window_start, window_start + job.seconds)
-            probe.start()
-        go.set()
-        limit = START_DELAY_SECONDS + job.warmup_seconds + job.seconds
-        deadline = time.monotonic() + limit + 2 * job.rpc_timeout_seconds + 30
-        for _ in processes:
-            collected.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
-    except queue.Empty:
-        failures.append("a load process did not report in time")
-    finally:
-        grace = 10.0 if len(collected) == len(processes) else 0.0
-        for p in started:
-            p.join(grace)
-        for p in started:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for q in (ready, results):
-            with contextlib.suppress(Exception):
-                q.close()
-                q.cancel_join_thread()
+    collected, failures, probe = run_processes(
+        worker_main, job, f"bench-metering-{job.kind}", probe_factory
+    )
 
     latencies: list[float] = []
     errors: Counter[str] = Counter()
