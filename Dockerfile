@@ -82,10 +82,14 @@ RUN groupadd --system --gid 10001 tally \
 
 # Owned by root and read-only for the service user. The wheel is installed with the
 # builder's pip through bind mounts, so neither pip nor the wheel ends up in a layer.
+# A bind mount's content is not part of the layer cache key: SOURCE_HASH (a digest of the
+# sources, passed by scripts/check-deploy) is, so a changed wheel is installed again.
 COPY --from=builder /opt/tally /opt/tally
+ARG SOURCE_HASH=unknown
 RUN --mount=type=bind,from=builder,source=/opt/build,target=/opt/build \
     --mount=type=bind,from=builder,source=/wheels/tally,target=/wheels \
-    /opt/build/bin/pip --python /opt/tally/bin/python install --quiet --no-index --no-deps \
+    echo "sources $SOURCE_HASH" \
+ && /opt/build/bin/pip --python /opt/tally/bin/python install --quiet --no-index --no-deps \
       --disable-pip-version-check --root-user-action=ignore /wheels/tally-*.whl \
  && /opt/build/bin/pip --python /opt/tally/bin/python check --disable-pip-version-check \
  && /opt/tally/bin/python -c 'import tally_service.server, tally_client, tally.v1.credits_pb2'
