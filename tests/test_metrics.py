@@ -474,13 +474,21 @@ def test_metrics_of_money_rpcs_over_http(metrics_server: tuple[ServerProcess, in
         client.release(other.reservation_id)
         with pytest.raises(InsufficientCredits):
             client.debit(account, "100")
-    after = _parse(scrape(port))
+    top_up = _rpc("CreditsService", "TopUp")
+    debit = _rpc("CreditsService", "Debit")
+    # The server counts a call when its handler returns, which may be just after the
+    # client has its answer: scrape until the last call is counted.
+    deadline = time.monotonic() + 10
+    while True:
+        after = _parse(scrape(port))
+        last = _delta(before, after, "grpc_server_handled_total", **debit)
+        if last >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def delta(name: str, **labels: str) -> float:
         return _delta(before, after, name, **labels)
 
-    top_up = _rpc("CreditsService", "TopUp")
-    debit = _rpc("CreditsService", "Debit")
     assert delta("grpc_server_started_total", **top_up) == 2
     assert delta("grpc_server_handled_total", **top_up, grpc_code="OK") == 2
     assert delta("grpc_server_handling_seconds_count", **top_up) == 2

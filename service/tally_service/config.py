@@ -80,6 +80,14 @@ class Settings:
     reload_lease_seconds: int = field(
         default_factory=lambda: _env_int("TALLY_RELOAD_LEASE_SECONDS", 30)
     )
+    # Group commit: movements per transaction (1 turns grouping off), how long the first
+    # of a group may wait for more (0: a group is what arrived while earlier groups were
+    # in the database), and groups in the database at once per process.
+    group_max_items: int = field(default_factory=lambda: _env_int("TALLY_GROUP_MAX_ITEMS", 64))
+    group_max_wait_ms: float = field(
+        default_factory=lambda: _env_float("TALLY_GROUP_MAX_WAIT_MS", 0.0)
+    )
+    group_concurrency: int = field(default_factory=lambda: _env_int("TALLY_GROUP_CONCURRENCY", 4))
     # Apply migrations at start-up (convenient on the embedded database; in production
     # run `tally migrate` as its own step).
     migrate_on_start: bool = field(

@@ -22,7 +22,7 @@ from tally.v1 import (
 )
 from tally_service import auth, metrics, reloads, sweeper
 from tally_service.config import Settings
-from tally_service.db import Database, make_engine, migrate, start_embedded
+from tally_service.db import Database, GroupSettings, make_engine, migrate, start_embedded
 from tally_service.interceptors import ErrorMappingInterceptor
 from tally_service.servicers.accounts import AccountsServicer
 from tally_service.servicers.credits import CreditsServicer
@@ -86,7 +86,12 @@ async def serve(settings: Settings, database_url: str) -> None:
             database_url,
             pool_size=settings.db_pool_size,
             statement_timeout_ms=settings.db_statement_timeout_ms,
-        )
+        ),
+        GroupSettings(
+            max_items=settings.group_max_items,
+            max_wait_seconds=settings.group_max_wait_ms / 1000,
+            concurrency=settings.group_concurrency,
+        ),
     )
     meters = metrics.Metrics(metrics.new_registry())
     meters.watch_engine(db.engine)

@@ -1,0 +1,124 @@
+CREATE OR REPLACE FUNCTION tally_place_hold(
+    a accounts, p_amount bigint, p_ttl_seconds bigint, p_reference text, p_metadata jsonb,
+    p_request_id text
+) RETURNS holds LANGUAGE plpgsql AS $$
+DECLARE
+    h holds;
+BEGIN
+    IF a.balance - a.reserved - p_amount < -a.overdraft_limit THEN
+        PERFORM tally_insufficient(a, p_amount);
+    END IF;
+    INSERT INTO holds (account_id, status, amount, expires_at, reference, metadata,
+                       request_id)
+    VALUES (a.account_id, 'pending', p_amount,
+            clock_timestamp() + make_interval(secs => p_ttl_seconds), p_reference,
+            p_metadata, p_request_id)
+    RETURNING * INTO h;
+    UPDATE accounts SET reserved = reserved + p_amount, balance_updated_at = h.created_at
+    WHERE account_id = a.account_id;
+    PERFORM tally_check_reload(a.account_id, a.balance - a.reserved);
+    RETURN h;
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_reserve(
+    p_request_id text, p_fingerprint bytea, p_account_id text, p_amount bigint,
+    p_ttl_seconds bigint, p_reference text, p_metadata jsonb
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    h holds;
+    r jsonb;
+BEGIN
+    a := tally_lock_account(p_account_id);
+    r := tally_replay(p_request_id, 'Reserve', p_fingerprint);
+    IF r IS NOT NULL THEN
+        RETURN r;
+    END IF;
+    h := tally_place_hold(a, p_amount, p_ttl_seconds, p_reference, p_metadata, p_request_id);
+    RETURN tally_remember(p_request_id, 'Reserve', p_fingerprint,
+                          jsonb_build_object('reservation', to_jsonb(h)));
+END $$;
+
+-- Locks the account that owns a reservation; returns the reservation as it is then.
+CREATE OR REPLACE FUNCTION tally_lock_reservation(p_reservation_id uuid) RETURNS holds
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_account_id text;
+    h holds;
+BEGIN
+    SELECT account_id INTO v_account_id FROM holds WHERE reservation_id = p_reservation_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'reservation not found' USING ERRCODE = 'TA404',
+            DETAIL = json_build_object('resource', 'reservation',
+                                       'id', p_reservation_id)::text;
+    END IF;
+    PERFORM tally_lock_account(v_account_id);
+    -- Every change of a hold happens under its account's lock, so this read is stable.
+    SELECT * INTO h FROM holds WHERE reservation_id = p_reservation_id;
+    RETURN h;
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_require_pending(h holds) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF h.status <> 'pending' THEN
+        RAISE EXCEPTION 'reservation not pending' USING ERRCODE = 'TA412',
+            DETAIL = json_build_object('reservation_id', h.reservation_id,
+                                       'status', h.status)::text;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_capture(
+    p_request_id text, p_fingerprint bytea, p_reservation_id uuid, p_amount bigint,
+    p_description text, p_metadata jsonb
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    h holds;
+    e ledger_entries;
+    r jsonb;
+    v_amount bigint;
+BEGIN
+    h := tally_lock_reservation(p_reservation_id);
+    r := tally_replay(p_request_id, 'Capture', p_fingerprint);
+    IF r IS NOT NULL THEN
+        RETURN r;
+    END IF;
+    PERFORM tally_require_pending(h);
+    v_amount := coalesce(p_amount, h.amount);
+    IF v_amount > h.amount THEN
+        RAISE EXCEPTION 'capture exceeds hold' USING ERRCODE = 'TA422',
+            DETAIL = json_build_object('held', h.amount, 'requested', v_amount)::text;
+    END IF;
+    UPDATE holds SET status = 'captured', captured = v_amount,
+                     finalized_at = clock_timestamp()
+    WHERE reservation_id = p_reservation_id
+    RETURNING * INTO h;
+    -- The whole hold leaves reserved; only the captured part leaves the balance.
+    e := tally_post(h.account_id, 'debit', -v_amount, -h.amount, p_description,
+                    h.reference, h.metadata || p_metadata, p_request_id,
+                    p_reservation_id);
+    RETURN tally_remember(p_request_id, 'Capture', p_fingerprint,
+                          jsonb_build_object('reservation', to_jsonb(h),
+                                             'entry', to_jsonb(e)));
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_release(
+    p_request_id text, p_fingerprint bytea, p_reservation_id uuid
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    h holds;
+    r jsonb;
+BEGIN
+    h := tally_lock_reservation(p_reservation_id);
+    r := tally_replay(p_request_id, 'Release', p_fingerprint);
+    IF r IS NOT NULL THEN
+        RETURN r;
+    END IF;
+    PERFORM tally_require_pending(h);
+    UPDATE holds SET status = 'released', finalized_at = clock_timestamp()
+    WHERE reservation_id = p_reservation_id
+    RETURNING * INTO h;
+    UPDATE accounts SET reserved = reserved - h.amount, balance_updated_at = h.finalized_at
+    WHERE account_id = h.account_id;
+    RETURN tally_remember(p_request_id, 'Release', p_fingerprint,
+                          jsonb_build_object('reservation', to_jsonb(h)));
+END $$;
