@@ -142,6 +142,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-throughput", action="store_true", help="no throughput runs")
     parser.add_argument(
+        "--only",
+        default="",
+        help="throughput scenarios to run, comma-separated keys (unary, batch100, "
+        "batch100-mixed, batch1000, stream, batch1000-cN); each runs with its no-op twin "
+        "(default: all)",
+    )
+    parser.add_argument(
         "--database-url",
         default="",
         help="PostgreSQL server to create the benchmark database on (default: embedded)",
@@ -247,7 +254,10 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     out = [
         Scenario("health", "Health/Check (server's no-op ceiling, no database)", "health", c, short)
     ]
+    only = {k.strip() for k in args.only.split(",") if k.strip()}
     for key, label, kind, conc, seconds, size, per_call in recording:
+        if only and key not in only:
+            continue
         twin = f"{key}-noop"
         out.append(Scenario(twin, f"{label} [no-op]", kind, conc, seconds, size, per_call, True))
         out.append(Scenario(key, label, kind, conc, seconds, size, per_call, twin=twin))
