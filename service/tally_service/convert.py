@@ -89,6 +89,27 @@ def entry(row: models.LedgerEntry) -> ledger_pb2.LedgerEntry:
     )
 
 
+def entry_from_row(row: dict[str, Any]) -> ledger_pb2.LedgerEntry:
+    """`entry(from_json(LedgerEntry, row))` without the model object: a ledger entry
+    row as PostgreSQL's to_jsonb gives it (the usage hot path builds one per event)."""
+    message = ledger_pb2.LedgerEntry(
+        entry_id=row["entry_id"],
+        account_id=row["account_id"],
+        sequence=row["sequence"],
+        type=ENTRY_TYPES[row["entry_type"]],
+        amount=format_amount(row["amount"]),
+        balance_after=format_amount(row["balance_after"]),
+        description=row["description"],
+        reference=row["reference"],
+        request_id=row["request_id"],
+        reservation_id=row.get("reservation_id") or "",
+    )
+    message.metadata.SetInParent()  # set even when empty, as entry() does
+    message.metadata.update(row["metadata"])
+    message.create_time.FromDatetime(datetime.fromisoformat(row["created_at"]))
+    return message
+
+
 USAGE_STATUSES = {
     "pending": metering_pb2.USAGE_STATUS_PENDING,
     "processing": metering_pb2.USAGE_STATUS_PROCESSING,

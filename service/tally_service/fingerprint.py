@@ -11,11 +11,12 @@ def of(method: str, request: Message) -> bytes:
     Deterministic serialisation orders map entries (Struct fields), so equal requests
     give equal bytes within one protobuf runtime.
     """
-    copy = type(request)()
-    copy.CopyFrom(request)
-    if "request_id" in copy.DESCRIPTOR.fields_by_name:
-        copy.ClearField("request_id")
+    payload = request
+    if "request_id" in request.DESCRIPTOR.fields_by_name:
+        payload = type(request)()
+        payload.CopyFrom(request)
+        payload.ClearField("request_id")
     digest = hashlib.sha256(method.encode())
     digest.update(b"\x00")
-    digest.update(copy.SerializeToString(deterministic=True))
+    digest.update(payload.SerializeToString(deterministic=True))
     return digest.digest()

@@ -24,12 +24,13 @@ from tally_service import (
 )
 from tally_service.config import Settings
 from tally_service.db import Database, insufficient_credits
-from tally_service.money import parse_amount
+from tally_service.money import format_amount, parse_amount
 
 MAX_BATCH = 1000
-STREAM_GROUP = 500
-# Events per transaction when recording a batch or a stream group.
-COMMIT_GROUP = 200
+# Events of a stream recorded together (one call of tally_record_usage).
+STREAM_GROUP = 1000
+# Events per transaction when recording a batch or a stream group: a whole batch.
+COMMIT_GROUP = 1000
 MAX_STREAM_FAILURES = 1000
 MAX_QUANTITY = 10**9
 DEFAULT_JOB_TTL_SECONDS = 3600
@@ -40,6 +41,7 @@ STATUS_NAMES = {
     metering_pb2.USAGE_STATUS_COMPLETED: "completed",
     metering_pb2.USAGE_STATUS_FAILED: "failed",
 }
+_EMPTY_METADATA: dict[str, Any] = {}
 
 
 def _now() -> datetime:
@@ -112,11 +114,15 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             "started_at": started.isoformat(),
             "completed_at": completed.isoformat() if completed else None,
             "processing_time_ms": processing_ms,
-            "request_metadata": json.loads(
-                validation.metadata(event.request_metadata, "event.request_metadata")
+            "request_metadata": (
+                json.loads(validation.metadata(event.request_metadata, "event.request_metadata"))
+                if event.request_metadata.fields
+                else _EMPTY_METADATA
             ),
-            "result_metadata": json.loads(
-                validation.metadata(event.result_metadata, "event.result_metadata")
+            "result_metadata": (
+                json.loads(validation.metadata(event.result_metadata, "event.result_metadata"))
+                if event.result_metadata.fields
+                else _EMPTY_METADATA
             ),
             "webhook_url": validation.text(event.webhook_url, "event.webhook_url", 2048),
             "fingerprint": fingerprint.of("StartUsage" if starting else "RecordUsage", event).hex(),
@@ -168,14 +174,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     # -- recording ----------------------------------------------------------------
 
     async def _record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Records items in transactions of at most COMMIT_GROUP events: short enough to
-        stay far inside the statement timeout and to hold account locks briefly. A
-        failure between groups is safe: a retry replays the committed events as
-        duplicates. The caller acknowledges only after every group has committed."""
+        """Records items in transactions of at most COMMIT_GROUP events (a whole batch:
+        `tally_record_usage` applies them with set operations, well inside the statement
+        timeout). A failure between groups is safe: a retry replays the committed events
+        as duplicates. The caller acknowledges only after every group has committed."""
         results: list[dict[str, Any]] = []
         for first in range(0, len(items), COMMIT_GROUP):
             group = items[first : first + COMMIT_GROUP]
-            answered, _ = await self.db.call("tally_record_usage", {"events": json.dumps(group)})
+            answered, _ = await self.db.call(
+                "tally_record_usage", {"events": json.dumps(group, separators=(",", ":"))}
+            )
             results.extend(answered)
         return results
 
@@ -195,14 +203,48 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     @staticmethod
     def _result_message(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
+        """A response from full rows (an event recorded before, a finished job)."""
         message = metering_pb2.RecordUsageResponse(
             event=convert.usage_event(convert.from_json(models.UsageEvent, result["event"])),
             duplicate=bool(result.get("duplicate")),
         )
         if result.get("entry"):
-            message.entry.CopyFrom(
-                convert.entry(convert.from_json(models.LedgerEntry, result["entry"]))
-            )
+            message.entry.CopyFrom(convert.entry_from_row(result["entry"]))
+        return message
+
+    @staticmethod
+    def _written_message(
+        result: dict[str, Any], event: metering_pb2.UsageEvent, item: dict[str, Any]
+    ) -> metering_pb2.RecordUsageResponse:
+        """A response for an event written by this call: the event as sent (`event`,
+        `item`: the one that was written, of which this result may be a duplicate), with
+        the server's defaults and what the database decided. Equal to what a later
+        replay builds from the stored row."""
+        row = result["event"]
+        message = metering_pb2.RecordUsageResponse(duplicate=bool(result["duplicate"]))
+        out = message.event
+        out.CopyFrom(event)
+        out.DiscardUnknownFields()
+        out.request_metadata.SetInParent()  # present even when empty, as in a replay
+        out.result_metadata.SetInParent()
+        out.status = convert.USAGE_STATUSES[item["status"]]
+        out.success = item["success"]
+        out.quantity = item["quantity"]
+        out.credits = format_amount(row["credits"])
+        out.credit_type = convert.CREDIT_TYPES.get(
+            row["credit_type"], metering_pb2.CREDIT_TYPE_UNSPECIFIED
+        )
+        out.start_time.FromDatetime(datetime.fromisoformat(item["started_at"]))
+        if item["completed_at"] is None:
+            out.ClearField("complete_time")
+        else:
+            out.complete_time.FromDatetime(datetime.fromisoformat(item["completed_at"]))
+        out.processing_time_ms = item["processing_time_ms"]
+        out.create_time.FromDatetime(datetime.fromisoformat(row["created_at"]))
+        out.entry_id = row["entry_id"] or 0
+        out.reservation_id = ""
+        if result["entry"]:
+            message.entry.CopyFrom(convert.entry_from_row(result["entry"]))
         return message
 
     async def RecordUsage(
@@ -212,6 +254,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         (result,) = await self._record([item])
         if "error" in result:
             raise self._item_error(result, item)
+        if result.get("written"):
+            return self._written_message(result, request.event, item)
         return self._result_message(result)
 
     async def _record_group(
@@ -235,6 +279,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             out = metering_pb2.UsageResult(index=index, event_id=item["event_id"])
             if "error" in result:
                 out.status.CopyFrom(self._item_error(result, item).to_rpc_status())
+            elif result.get("written"):
+                of = int(result["of"])
+                out.result.CopyFrom(
+                    self._written_message(result, events[of - first_index], by_index[of])
+                )
             else:
                 out.result.CopyFrom(self._result_message(result))
             results[index] = out
@@ -275,7 +324,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             group.clear()
 
         async for message in request_iterator:
-            group.append(message.event)
+            if len(message.events) > MAX_BATCH:
+                raise errors.InvalidArgument("events", f"at most {MAX_BATCH} events per message")
+            if message.HasField("event") or not message.events:
+                group.append(message.event)
+            group.extend(message.events)
             if len(group) >= STREAM_GROUP:
                 await flush()
         if group:
