@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import grpc
 from sqlalchemy import and_, or_, select
 
-from tally.v1 import metering_pb2, metering_pb2_grpc
+from tally.v1 import ledger_pb2, metering_pb2, metering_pb2_grpc
 from tally_service import (
     convert,
     errors,
@@ -22,6 +22,7 @@ from tally_service import (
     usage,
     validation,
 )
+from tally_service.auth import current_caller
 from tally_service.config import Settings
 from tally_service.db import Database, insufficient_credits
 from tally_service.money import format_amount, parse_amount
@@ -48,6 +49,15 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class Written:
+    """Positions in a result row of an event `tally_record_usage` wrote (sql/80_usage.sql):
+    [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
+    balance_after, entry_created_at, product_id, status]."""
+
+    INDEX, OF, DUPLICATE, CREDITS, CREDIT_TYPE, CREATED_AT = range(6)
+    ENTRY_ID, SEQUENCE, BALANCE_AFTER, ENTRY_CREATED_AT, PRODUCT_ID, STATUS = range(6, 12)
+
+
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
@@ -56,10 +66,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     # -- validation ---------------------------------------------------------------
 
     def _event_item(
-        self, event: metering_pb2.UsageEvent, *, index: int, starting: bool
+        self,
+        event: metering_pb2.UsageEvent,
+        *,
+        index: int,
+        starting: bool,
+        now: datetime | None = None,
     ) -> dict[str, Any]:
-        """Checks an event and returns it as the JSON item the SQL functions take."""
-        now = _now()
+        """Checks an event and returns it as the JSON item the SQL functions take
+        (`now`: the instant of the call, read once for a whole batch)."""
+        now = now or _now()
         status = STATUS_NAMES.get(event.status)
         if starting:
             status = status or "pending"
@@ -173,12 +189,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     # -- recording ----------------------------------------------------------------
 
-    async def _record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _record(self, items: list[dict[str, Any]]) -> list[Any]:
         """Records items in transactions of at most COMMIT_GROUP events (a whole batch:
         `tally_record_usage` applies them with set operations, well inside the statement
         timeout). A failure between groups is safe: a retry replays the committed events
         as duplicates. The caller acknowledges only after every group has committed."""
-        results: list[dict[str, Any]] = []
+        results: list[Any] = []
         for first in range(0, len(items), COMMIT_GROUP):
             group = items[first : first + COMMIT_GROUP]
             answered, _ = await self.db.call(
@@ -214,14 +230,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     @staticmethod
     def _written_message(
-        result: dict[str, Any], event: metering_pb2.UsageEvent, item: dict[str, Any]
+        row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any]
     ) -> metering_pb2.RecordUsageResponse:
-        """A response for an event written by this call: the event as sent (`event`,
-        `item`: the one that was written, of which this result may be a duplicate), with
-        the server's defaults and what the database decided. Equal to what a later
-        replay builds from the stored row."""
-        row = result["event"]
-        message = metering_pb2.RecordUsageResponse(duplicate=bool(result["duplicate"]))
+        """The response for an event written by this call, from the event as sent
+        (`event` and its `item`: the one that was written, of which this result may be
+        a duplicate) and what the database decided (`row`, see `Written`): the same
+        message a later replay builds from the stored rows (`_result_message`)."""
+        message = metering_pb2.RecordUsageResponse(duplicate=row[Written.DUPLICATE])
         out = message.event
         out.CopyFrom(event)
         out.DiscardUnknownFields()
@@ -230,21 +245,41 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         out.status = convert.USAGE_STATUSES[item["status"]]
         out.success = item["success"]
         out.quantity = item["quantity"]
-        out.credits = format_amount(row["credits"])
-        out.credit_type = convert.CREDIT_TYPES.get(
-            row["credit_type"], metering_pb2.CREDIT_TYPE_UNSPECIFIED
-        )
+        charge: int = row[Written.CREDITS]
+        out.credits = format_amount(charge)
+        out.credit_type = convert.CREDIT_TYPES[row[Written.CREDIT_TYPE]]
         out.start_time.FromDatetime(datetime.fromisoformat(item["started_at"]))
         if item["completed_at"] is None:
             out.ClearField("complete_time")
         else:
             out.complete_time.FromDatetime(datetime.fromisoformat(item["completed_at"]))
         out.processing_time_ms = item["processing_time_ms"]
-        out.create_time.FromDatetime(datetime.fromisoformat(row["created_at"]))
-        out.entry_id = row["entry_id"] or 0
+        out.create_time.FromDatetime(datetime.fromisoformat(row[Written.CREATED_AT]))
+        entry_id = row[Written.ENTRY_ID]
+        out.entry_id = entry_id or 0
         out.reservation_id = ""
-        if result["entry"]:
-            message.entry.CopyFrom(convert.entry_from_row(result["entry"]))
+        if entry_id:
+            # The debit tally_record_usage wrote for this charge (same description,
+            # reference and metadata; the caller as the ledger_entries_caller trigger
+            # stamps it).
+            entry = message.entry
+            entry.entry_id = entry_id
+            entry.account_id = item["account_id"]
+            entry.sequence = row[Written.SEQUENCE]
+            entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
+            entry.amount = format_amount(-charge)
+            entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
+            endpoint = item["endpoint"]
+            product = item["product_id"]
+            entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
+            entry.reference = item["event_id"]
+            entry.request_id = item["event_id"]
+            metadata = {"event_id": item["event_id"], "product_id": item["product_id"]}
+            caller = current_caller.get()
+            if caller:
+                metadata["caller"] = caller
+            entry.metadata.update(metadata)
+            entry.create_time.FromDatetime(datetime.fromisoformat(row[Written.ENTRY_CREATED_AT]))
         return message
 
     async def RecordUsage(
@@ -254,7 +289,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         (result,) = await self._record([item])
         if "error" in result:
             raise self._item_error(result, item)
-        if result.get("written"):
+        if isinstance(result, list):
             return self._written_message(result, request.event, item)
         return self._result_message(result)
 
@@ -264,26 +299,30 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         """Records a group of events; one result per event, in order."""
         results: dict[int, metering_pb2.UsageResult] = {}
         items = []
+        now = _now()
         for offset, event in enumerate(events):
             index = first_index + offset
             try:
-                items.append(self._event_item(event, index=index, starting=False))
+                items.append(self._event_item(event, index=index, starting=False, now=now))
             except errors.DomainError as error:
                 results[index] = metering_pb2.UsageResult(
                     index=index, event_id=event.event_id, status=error.to_rpc_status()
                 )
         by_index = {item["index"]: item for item in items}
         for result in await self._record(items) if items else []:
+            if isinstance(result, list):
+                index, of = result[Written.INDEX], result[Written.OF]
+                out = metering_pb2.UsageResult(index=index, event_id=by_index[index]["event_id"])
+                out.result.CopyFrom(
+                    self._written_message(result, events[of - first_index], by_index[of])
+                )
+                results[index] = out
+                continue
             index = int(result["index"])
             item = by_index[index]
             out = metering_pb2.UsageResult(index=index, event_id=item["event_id"])
             if "error" in result:
                 out.status.CopyFrom(self._item_error(result, item).to_rpc_status())
-            elif result.get("written"):
-                of = int(result["of"])
-                out.result.CopyFrom(
-                    self._written_message(result, events[of - first_index], by_index[of])
-                )
             else:
                 out.result.CopyFrom(self._result_message(result))
             results[index] = out

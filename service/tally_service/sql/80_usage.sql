@@ -87,10 +87,13 @@ END $$;
 --   {"error": "ACCOUNT_NOT_FOUND" | "PRODUCT_NOT_FOUND" | "EVENT_ID_REUSED"}
 --   {"error": "INSUFFICIENT_CREDITS", "available", "requested", "overdraft_limit"}
 --   {"event": row, "entry": row | null, "duplicate": true}: recorded by an earlier call
---   {"written": true, "of": index, "duplicate": bool, "event": {...}, "entry": {...} | null}:
---     written by this call (by the item "of", whose duplicate this one is when they
---     differ); "event" and "entry" hold only what the database decided (the charge,
---     credit type, times, ids, balance), the rest is the item "of" as sent.
+--   [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
+--    balance_after, entry_created_at, product_id, status]: written by this call, by
+--    the item "of" (whose duplicate this one is when they differ); only what the
+--    database decided (entry_id and what follows it are null for an uncharged event).
+--    The rest is the item "of" as sent, and the entry is the debit of its charge with
+--    the description, reference and metadata tally_record_usage gives it (below); the
+--    server builds the response from both (tally_service.servicers.metering).
 --
 -- The balance rule, per account, in index order: an event is refused when its charge
 -- is positive and does not fit in the available credit left by the events accepted
@@ -101,7 +104,11 @@ END $$;
 -- duplicates, with another payload EVENT_ID_REUSED; an occurrence refused before it
 -- (unknown product, no credit) does not count, as if the items had come one by one.
 CREATE OR REPLACE FUNCTION tally_record_usage(p_events jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Plans made once per session and kept: the statements are written so that any group
+-- size runs in linear time whatever the planner guesses (no join of two computed
+-- sets), and planning them afresh for every call would cost more than a small group.
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_items tally_usage_item[];
     v_locked text[];
@@ -118,6 +125,9 @@ DECLARE
     v_charged_accounts text[];
     v_charged bigint[];
     v_before bigint[];
+    v_new_accounts text[];
+    v_stamp jsonb;
+    v_at timestamptz;
     v_now timestamptz := clock_timestamp();
 BEGIN
     -- The events, priced, in (account_id, index) order: pos is the array subscript.
@@ -130,7 +140,7 @@ BEGIN
                x.result_metadata, x.webhook_url, decode(x.fingerprint, 'hex')
            )::tally_usage_item ORDER BY x.pos)
     INTO v_items
-    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id, e.index) AS pos
+    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.index) AS pos
           FROM jsonb_to_recordset(p_events) AS e(
               index integer, account_id text, event_id text, product_id text, endpoint text,
               status text, success boolean, status_code integer, message text,
@@ -163,9 +173,10 @@ BEGIN
     END LOOP;
 
     -- Each item's outcome: refused alone (unknown account, recorded before, unknown
-    -- product), or a candidate; candidates of an account whose group fits are accepted
-    -- (the first occurrence of an event id; the later ones are its duplicates or reuse
-    -- it), the others ('slow') are decided in order below.
+    -- product), or a candidate. The candidates of an account whose group fits are
+    -- accepted: the first occurrence of each event id is new, the later ones are its
+    -- duplicates or reuse it. The others ('slow') are decided in order below. (Window
+    -- functions over one scan, no join of two computed sets: linear in the group.)
     WITH base AS (
         SELECT i.pos, i.account_id, i.event_id, i.fingerprint, i.charge,
                a.balance - a.reserved AS available, a.overdraft_limit,
@@ -176,32 +187,29 @@ BEGIN
         FROM unnest(v_items) i
         LEFT JOIN accounts a ON a.account_id = i.account_id AND a.account_id = ANY (v_locked)
         LEFT JOIN usage_events e ON e.account_id = i.account_id AND e.event_id = i.event_id
-    ), candidate AS (
+    ), keyed AS (
         SELECT b.*, first_value(b.pos) OVER k AS first_pos,
                first_value(b.fingerprint) OVER k AS first_fingerprint
-        FROM base b WHERE b.refused IS NULL
-        WINDOW k AS (PARTITION BY b.account_id, b.event_id ORDER BY b.pos)
-    ), fits AS (
-        SELECT c.account_id,
-               bool_and(c.available - total >= -c.overdraft_limit OR total = 0) AS fits
-        FROM (SELECT c.*, sum(c.charge) FILTER (WHERE c.pos = c.first_pos)
-                              OVER (PARTITION BY c.account_id) AS total
-              FROM candidate c) c
-        GROUP BY c.account_id
-    )
-    SELECT array_agg(o.outcome ORDER BY o.pos), array_agg(o.winner ORDER BY o.pos)
-    INTO v_outcome, v_winner
-    FROM (
-        SELECT b.pos,
-               coalesce(b.refused, CASE WHEN NOT f.fits THEN 'slow'
-                                        WHEN c.first_pos = c.pos THEN 'new'
-                                        WHEN c.first_fingerprint = c.fingerprint THEN 'dup'
-                                        ELSE 'reused' END) AS outcome,
-               CASE WHEN f.fits THEN c.first_pos END AS winner
         FROM base b
-        LEFT JOIN candidate c ON c.pos = b.pos
-        LEFT JOIN fits f ON f.account_id = b.account_id
-    ) o;
+        WINDOW k AS (PARTITION BY b.account_id COLLATE "C", b.event_id COLLATE "C",
+                     b.refused IS NULL ORDER BY b.pos)
+    ), judged AS (
+        SELECT k.*,
+               k.refused IS NULL AND sum(k.charge) FILTER (
+                   WHERE k.refused IS NULL AND k.pos = k.first_pos
+               ) OVER (PARTITION BY k.account_id COLLATE "C") > k.available + k.overdraft_limit
+                   AS slow
+        FROM keyed k
+    )
+    SELECT array_agg(CASE WHEN j.refused IS NOT NULL THEN j.refused
+                          WHEN j.slow THEN 'slow'
+                          WHEN j.pos = j.first_pos THEN 'new'
+                          WHEN j.fingerprint = j.first_fingerprint THEN 'dup'
+                          ELSE 'reused' END ORDER BY j.pos),
+           array_agg(CASE WHEN j.refused IS NULL AND NOT j.slow THEN j.first_pos END
+                     ORDER BY j.pos)
+    INTO v_outcome, v_winner
+    FROM judged j;
 
     -- The accounts whose group does not fit: one pass each, in order.
     v_available := array_fill(NULL::bigint, ARRAY[array_length(v_items, 1)]);
@@ -209,15 +217,15 @@ BEGIN
         SELECT array_agg(i.fingerprint ORDER BY i.pos) INTO v_fingerprints FROM unnest(v_items) i;
         v_account := NULL;
         FOR v_slow IN
-            SELECT i.pos, i.account_id, i.charge, i.fingerprint,
-                   lag(i.pos) OVER (PARTITION BY i.account_id, i.event_id ORDER BY i.pos)
-                       AS previous,
+            SELECT (u.i).pos, (u.i).account_id, (u.i).charge, (u.i).fingerprint,
+                   lag((u.i).pos) OVER (PARTITION BY (u.i).account_id COLLATE "C",
+                                                     (u.i).event_id COLLATE "C"
+                                        ORDER BY (u.i).pos) AS previous,
                    a.balance - a.reserved AS available, a.overdraft_limit
-            FROM unnest(v_items) i
-            JOIN unnest(v_outcome) WITH ORDINALITY AS o(outcome, pos) ON o.pos = i.pos
-            JOIN accounts a ON a.account_id = i.account_id
-            WHERE o.outcome = 'slow'
-            ORDER BY i.pos
+            FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u
+            JOIN accounts a ON a.account_id = (u.i).account_id
+            WHERE u.outcome = 'slow'
+            ORDER BY (u.i).pos
         LOOP
             IF v_account IS DISTINCT FROM v_slow.account_id THEN
                 v_account := v_slow.account_id;
@@ -227,7 +235,7 @@ BEGIN
             IF v_won IS NOT NULL THEN
                 v_winner[v_slow.pos] := v_won;
                 v_outcome[v_slow.pos] := CASE WHEN v_fingerprints[v_won] = v_slow.fingerprint
-                                         THEN 'dup' ELSE 'reused' END;
+                                              THEN 'dup' ELSE 'reused' END;
             ELSIF v_slow.charge > 0 AND v_left - v_slow.charge < -v_slow.overdraft_limit THEN
                 v_outcome[v_slow.pos] := 'insufficient';
                 v_available[v_slow.pos] := v_left;
@@ -239,97 +247,104 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- The writes, and every item's result, in one statement.
-    WITH item AS (
-        SELECT i.*, o.outcome, o.winner, o.available
-        FROM unnest(v_items) i
-        JOIN unnest(v_outcome, v_winner, v_available) WITH ORDINALITY
-             AS o(outcome, winner, available, pos) ON o.pos = i.pos
-    ), new AS (
-        SELECT i.*, sum(i.charge) OVER w AS spent,
-               count(*) FILTER (WHERE i.charge > 0) OVER w AS k
-        FROM item i WHERE i.outcome = 'new'
-        WINDOW w AS (PARTITION BY i.account_id ORDER BY i.pos)
-    ), per_account AS (
-        SELECT n.account_id, sum(n.charge) AS charged,
-               count(*) FILTER (WHERE n.charge > 0) AS entries, count(*) AS events
-        FROM new n GROUP BY n.account_id
-    ), account AS (
-        UPDATE accounts a
-        SET balance = a.balance - p.charged,
-            last_sequence = a.last_sequence + p.entries,
-            balance_updated_at = CASE WHEN p.entries > 0
-                                      THEN greatest(a.balance_updated_at, clock_timestamp())
-                                      ELSE a.balance_updated_at END,
-            usage_requests = a.usage_requests + p.events,
-            last_activity_at = greatest(a.last_activity_at, clock_timestamp())
-        FROM per_account p
-        WHERE a.account_id = p.account_id
-        RETURNING a.account_id, a.balance + p.charged AS before, p.charged,
-                  a.last_sequence - p.entries AS sequence, a.balance_updated_at AS at
-    ), drawable AS (
-        -- Live grants in tally_draw_grants' order, each with the end of its range in
-        -- the account's drawable credit (which is max(balance, 0), invariant 5).
-        SELECT g.account_id, g.grant_type,
+    SELECT array_agg(DISTINCT (u.i).account_id) INTO v_new_accounts
+    FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u WHERE u.outcome = 'new';
+    -- What the ledger_entries_caller trigger adds to each entry's metadata.
+    v_stamp := CASE WHEN coalesce(current_setting('tally.caller', true), '') <> ''
+                    THEN jsonb_build_object('caller', current_setting('tally.caller', true))
+                    ELSE '{}' END;
+    v_at := clock_timestamp();
+
+    -- The writes, and every item's result, in one statement. The accepted events flow
+    -- through window functions and are written from one materialised set; nothing
+    -- joins two computed sets (their sizes are unknown to the planner).
+    WITH new AS (
+        -- Accepted events, with their account as it was before the group: an entry's
+        -- sequence and balance_after follow from the running count and sum.
+        SELECT u.i AS e, a.balance AS before, a.last_sequence AS sequence,
+               greatest(a.balance_updated_at, v_at) AS at,
+               sum((u.i).charge) OVER w AS spent,
+               count(*) FILTER (WHERE (u.i).charge > 0) OVER w AS k
+        FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u
+        JOIN accounts a ON a.account_id = (u.i).account_id
+        WHERE u.outcome = 'new'
+        WINDOW w AS (PARTITION BY (u.i).account_id COLLATE "C" ORDER BY (u.i).pos)
+    ), stream AS (
+        -- The events, merged with the live grants of their accounts in
+        -- tally_draw_grants' order, each grant at the end of its range of the
+        -- account's drawable credit (max(balance, 0), invariant 5).
+        SELECT n.e, n.before, n.sequence, n.at, n.spent, n.k, (n.e).account_id AS account_id,
+               n.spent - (n.e).charge AS point, 0 AS kind, NULL::text AS grant_type
+        FROM new n
+        UNION ALL
+        SELECT NULL::tally_usage_item, NULL, NULL, NULL, NULL, NULL, g.account_id,
                sum(g.remaining) OVER (PARTITION BY g.account_id
                                       ORDER BY g.priority, g.expires_at NULLS LAST,
-                                               g.created_at, g.grant_id) AS upto
+                                               g.created_at, g.grant_id),
+               1, g.grant_type
         FROM grants g
-        WHERE g.account_id IN (SELECT p.account_id FROM per_account p WHERE p.charged > 0)
-          AND g.remaining > 0
-    ), credit_type AS (
-        -- An entry's credit type is the type of the first grant it draws from: the one
-        -- holding the first micro-credit after what the entries before it spent. An
-        -- entry that finds no positive balance draws nothing (and has none).
-        SELECT DISTINCT ON (n.pos) n.pos, d.grant_type
-        FROM new n
-        JOIN account a ON a.account_id = n.account_id
-        JOIN drawable d ON d.account_id = n.account_id AND d.upto > n.spent - n.charge
-        WHERE n.charge > 0 AND a.before - (n.spent - n.charge) > 0
-        ORDER BY n.pos, d.upto
+        WHERE g.account_id = ANY (v_new_accounts) AND g.remaining > 0
+    ), drawn AS (
+        -- An entry's credit type is the type of the first grant it draws from: the
+        -- first grant whose range ends after what the entries before it spent.
+        SELECT s.*, first_value(s.grant_type) OVER (
+                        PARTITION BY s.account_id COLLATE "C", s.grp ORDER BY s.kind DESC)
+                    AS first_grant
+        FROM (SELECT s.*, count(*) FILTER (WHERE s.kind = 1) OVER (
+                            PARTITION BY s.account_id COLLATE "C" ORDER BY s.point DESC, s.kind
+                            ROWS UNBOUNDED PRECEDING) AS grp
+              FROM stream s) s
+    ), written AS MATERIALIZED (
+        SELECT d.e, d.before, d.spent, d.at, d.sequence + d.k AS sequence,
+               CASE WHEN (d.e).charge > 0
+                    THEN nextval('ledger_entries_entry_id_seq'::regclass) END AS entry_id,
+               -- an entry that finds no positive balance draws nothing
+               CASE WHEN (d.e).charge > 0 AND d.before - d.point > 0 THEN d.first_grant END
+                   AS entry_credit_type,
+               clock_timestamp() AS created_at
+        FROM drawn d
+        WHERE d.kind = 0
+        ORDER BY (d.e).pos  -- entry ids in sequence order (nextval runs after the sort)
     ), entry AS (
         INSERT INTO ledger_entries (
-            account_id, sequence, entry_type, amount, balance_after, description,
+            entry_id, account_id, sequence, entry_type, amount, balance_after, description,
             reference, metadata, request_id, created_at, credit_type)
-        SELECT n.account_id, a.sequence + n.k, 'debit', -n.charge, a.before - n.spent,
-               'usage ' || n.product_id || coalesce(' ' || nullif(n.endpoint, ''), ''),
-               n.event_id,
-               jsonb_build_object('event_id', n.event_id, 'product_id', n.product_id),
-               n.event_id, a.at, t.grant_type
-        FROM new n
-        JOIN account a ON a.account_id = n.account_id
-        LEFT JOIN credit_type t ON t.pos = n.pos
-        WHERE n.charge > 0
-        ORDER BY n.account_id, n.k
-        RETURNING entry_id, account_id, sequence, entry_type, amount, balance_after,
-                  description, reference, metadata, request_id, created_at, credit_type
+        OVERRIDING SYSTEM VALUE
+        SELECT w.entry_id, (w.e).account_id, w.sequence, 'debit', -(w.e).charge,
+               w.before - w.spent,
+               'usage ' || (w.e).product_id || coalesce(' ' || nullif((w.e).endpoint, ''), ''),
+               (w.e).event_id,
+               jsonb_build_object('event_id', (w.e).event_id, 'product_id', (w.e).product_id)
+                   || v_stamp,
+               (w.e).event_id, w.at, w.entry_credit_type
+        FROM written w
+        WHERE w.entry_id IS NOT NULL
+        ORDER BY (w.e).account_id, w.sequence
     ), event AS (
         INSERT INTO usage_events (
             account_id, event_id, product_id, endpoint, status, success, status_code,
             message, quantity, credits, credit_type, started_at, completed_at,
-            processing_time_ms, request_metadata, result_metadata, webhook_url, entry_id,
-            fingerprint, finish_fingerprint)
-        SELECT n.account_id, n.event_id, n.product_id, n.endpoint, n.status, n.success,
-               n.status_code, n.message, n.quantity, n.charge,
-               CASE WHEN e.credit_type = 'subscription' THEN 'subscription'
+            processing_time_ms, request_metadata, result_metadata, webhook_url, created_at,
+            entry_id, fingerprint, finish_fingerprint)
+        SELECT (w.e).account_id, (w.e).event_id, (w.e).product_id, (w.e).endpoint,
+               (w.e).status, (w.e).success, (w.e).status_code, (w.e).message,
+               (w.e).quantity, (w.e).charge,
+               CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
                     ELSE 'purchased' END,
-               n.started_at, n.completed_at, n.processing_time_ms, n.request_metadata,
-               n.result_metadata, n.webhook_url, e.entry_id, n.fingerprint, n.fingerprint
-        FROM new n
-        JOIN account a ON a.account_id = n.account_id
-        LEFT JOIN entry e ON n.charge > 0 AND e.account_id = n.account_id
-                         AND e.sequence = a.sequence + n.k
-        ORDER BY n.account_id, n.pos
-        RETURNING account_id, event_id, product_id, status, credits, credit_type,
-                  created_at, entry_id
+               (w.e).started_at, (w.e).completed_at, (w.e).processing_time_ms,
+               (w.e).request_metadata, (w.e).result_metadata, (w.e).webhook_url,
+               w.created_at, w.entry_id, (w.e).fingerprint, (w.e).fingerprint
+        FROM written w
+        ORDER BY (w.e).account_id, (w.e).pos
     ), rollup AS (
         INSERT INTO usage_rollups AS r (account_id, bucket_start, product_id, endpoint,
                                         requests, successful, failed, credits, quantity)
-        SELECT n.account_id,
-               date_bin('15 minutes', n.started_at, timestamptz '2000-01-01 00:00:00+00'),
-               n.product_id, n.endpoint, count(*), count(*) FILTER (WHERE n.success),
-               count(*) FILTER (WHERE NOT n.success), sum(n.charge), sum(n.quantity)
-        FROM new n
+        SELECT (w.e).account_id,
+               date_bin('15 minutes', (w.e).started_at, timestamptz '2000-01-01 00:00:00+00'),
+               (w.e).product_id, (w.e).endpoint, count(*), count(*) FILTER (WHERE (w.e).success),
+               count(*) FILTER (WHERE NOT (w.e).success), sum((w.e).charge),
+               sum((w.e).quantity)
+        FROM written w
         GROUP BY 1, 2, 3, 4
         ORDER BY 1, 2, 3, 4
         ON CONFLICT (account_id, bucket_start, product_id, endpoint) DO UPDATE
@@ -338,29 +353,56 @@ BEGIN
             failed = r.failed + excluded.failed,
             credits = r.credits + excluded.credits,
             quantity = r.quantity + excluded.quantity
+    ), account AS (
+        UPDATE accounts a
+        SET balance = a.balance - p.charged,
+            last_sequence = a.last_sequence + p.entries,
+            balance_updated_at = CASE WHEN p.entries > 0 THEN p.at
+                                      ELSE a.balance_updated_at END,
+            usage_requests = a.usage_requests + p.events,
+            last_activity_at = greatest(a.last_activity_at, v_at)
+        FROM (SELECT (w.e).account_id, sum((w.e).charge) AS charged,
+                     count(w.entry_id) AS entries, count(*) AS events, max(w.at) AS at
+              FROM written w GROUP BY (w.e).account_id) p
+        WHERE a.account_id = p.account_id
+        RETURNING a.account_id, a.balance + p.charged AS before, p.charged
+    ), result AS (
+        -- What this call wrote, per event: only what the database decided.
+        SELECT (w.e).pos, (w.e).idx, jsonb_build_array(
+                   (w.e).charge,
+                   CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
+                        ELSE 'purchased' END,
+                   w.created_at, w.entry_id,
+                   CASE WHEN w.entry_id IS NOT NULL THEN w.sequence END,
+                   CASE WHEN w.entry_id IS NOT NULL THEN w.before - w.spent END,
+                   CASE WHEN w.entry_id IS NOT NULL THEN w.at END,
+                   (w.e).product_id, (w.e).status) AS body
+        FROM written w
     )
     SELECT
-        (SELECT jsonb_agg(CASE
-             WHEN i.outcome IN ('new', 'dup') THEN jsonb_build_object(
-                 'index', i.idx, 'written', true, 'of', w.idx, 'duplicate', i.outcome = 'dup',
-                 'event', to_jsonb(ev), 'entry', to_jsonb(en))
-             WHEN i.outcome = 'stored' THEN jsonb_build_object('index', i.idx)
-                 || tally_event_result(s, true)
-             WHEN i.outcome = 'insufficient' THEN jsonb_build_object(
-                 'index', i.idx, 'error', 'INSUFFICIENT_CREDITS', 'available', i.available,
-                 'requested', i.charge, 'overdraft_limit', ac.overdraft_limit)
-             ELSE jsonb_build_object('index', i.idx, 'error', CASE i.outcome
-                 WHEN 'account' THEN 'ACCOUNT_NOT_FOUND'
-                 WHEN 'product' THEN 'PRODUCT_NOT_FOUND'
-                 ELSE 'EVENT_ID_REUSED' END) END)
-         FROM item i
-         LEFT JOIN item w ON w.pos = i.winner
-         LEFT JOIN event ev ON i.outcome IN ('new', 'dup') AND ev.account_id = i.account_id
-                           AND ev.event_id = i.event_id
-         LEFT JOIN entry en ON en.entry_id = ev.entry_id
-         LEFT JOIN usage_events s ON i.outcome = 'stored' AND s.account_id = i.account_id
-                                 AND s.event_id = i.event_id
-         LEFT JOIN accounts ac ON i.outcome = 'insufficient' AND ac.account_id = i.account_id),
+        (SELECT jsonb_agg(x.body) FROM (
+             SELECT jsonb_build_array(r.idx, r.idx, false) || r.body AS body
+             FROM result r
+             UNION ALL
+             SELECT CASE u.outcome
+                 WHEN 'dup' THEN (SELECT jsonb_build_array((u.i).idx, r.idx, true) || r.body
+                                  FROM result r WHERE r.pos = u.winner)
+                 WHEN 'stored' THEN jsonb_build_object('index', (u.i).idx)
+                     || (SELECT tally_event_result(s, true) FROM usage_events s
+                         WHERE s.account_id = (u.i).account_id
+                           AND s.event_id = (u.i).event_id)
+                 WHEN 'insufficient' THEN jsonb_build_object(
+                     'index', (u.i).idx, 'error', 'INSUFFICIENT_CREDITS',
+                     'available', u.available, 'requested', (u.i).charge,
+                     'overdraft_limit', (SELECT a.overdraft_limit FROM accounts a
+                                         WHERE a.account_id = (u.i).account_id))
+                 ELSE jsonb_build_object('index', (u.i).idx, 'error', CASE u.outcome
+                     WHEN 'account' THEN 'ACCOUNT_NOT_FOUND'
+                     WHEN 'product' THEN 'PRODUCT_NOT_FOUND'
+                     ELSE 'EVENT_ID_REUSED' END) END
+             FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome,
+                          unnest(v_winner) AS winner, unnest(v_available) AS available) u
+             WHERE u.outcome <> 'new') x),
         (SELECT array_agg(a.account_id ORDER BY a.account_id) FROM account a
          WHERE a.charged > 0),
         (SELECT array_agg(a.charged ORDER BY a.account_id) FROM account a WHERE a.charged > 0),
