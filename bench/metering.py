@@ -127,6 +127,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-events", type=int, default=1000, help="events per StreamUsage call"
     )
+    parser.add_argument(
+        "--stream-per-message",
+        type=int,
+        default=100,
+        help="events per StreamUsage message (1: one message per event, the `event` field)",
+    )
     parser.add_argument("--accounts", type=int, default=1000, help="accounts for throughput")
     parser.add_argument(
         "--events", type=int, default=10_000_000, help="usage events of the large account"
@@ -175,6 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.batch_concurrency,
         args.batch_seconds,
         args.stream_events,
+        args.stream_per_message,
         args.accounts,
         args.events,
         args.usage_calls,
@@ -237,7 +244,15 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             1000,
             1,
         ),
-        ("stream", f"StreamUsage, {n:,} events/call, 1 account/call", "stream", bc, long, n, 1),
+        (
+            "stream",
+            f"StreamUsage, {n:,} events/call ({args.stream_per_message}/message), 1 account/call",
+            "stream",
+            bc,
+            long,
+            n,
+            1,
+        ),
     ]
     if oc:
         recording.append(
@@ -360,6 +375,7 @@ def run_throughput(
             rpc_timeout_seconds=args.rpc_timeout,
             event_id_prefix=f"m{run_id}.{s.key}",
             label=s.label,
+            events_per_message=args.stream_per_message,
         )
         pid = target.process.pid
 

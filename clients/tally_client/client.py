@@ -154,8 +154,7 @@ class _StreamEvents:
 
     def sync(self, events: Iterable[Any]) -> Iterator[metering_pb2.StreamUsageRequest]:
         try:
-            for event in events:
-                yield rq.stream_usage_request(event)
+            yield from rq.stream_usage_requests(events)
         except Exception as e:
             self.error = e
             raise
@@ -163,9 +162,15 @@ class _StreamEvents:
     async def aio(
         self, events: AsyncIterable[Any]
     ) -> AsyncIterator[metering_pb2.StreamUsageRequest]:
+        batcher = rq.StreamBatcher()
         try:
             async for event in events:
-                yield rq.stream_usage_request(event)
+                message = batcher.add(event)
+                if message is not None:
+                    yield message
+            last = batcher.flush()
+            if last is not None:
+                yield last
         except Exception as e:
             self.error = e
             raise
@@ -718,7 +723,8 @@ class TallyClient:
         *,
         timeout_seconds: float | None = None,
     ) -> metering_pb2.StreamUsageResponse:
-        """Send events on one client stream; the response counts them.
+        """Send events on one client stream; the response counts them. Events go
+        up to 100 to a message (``StreamUsageRequest.events``).
 
         Retried (replaying every event, which is safe by ``event_id``) only when
         ``events`` is a Sequence; any other iterable is consumed once.
