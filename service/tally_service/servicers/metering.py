@@ -1,5 +1,7 @@
 """tally.v1.MeteringService."""
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -293,21 +295,28 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             return self._written_message(result, request.event, item)
         return self._result_message(result)
 
-    async def _record_group(
+    def _items(
         self, events: list[metering_pb2.UsageEvent], first_index: int
-    ) -> list[metering_pb2.UsageResult]:
-        """Records a group of events; one result per event, in order."""
-        results: dict[int, metering_pb2.UsageResult] = {}
+    ) -> tuple[list[dict[str, Any]], dict[int, metering_pb2.UsageResult]]:
+        """The group's valid events as items, and a failure result for each invalid one."""
         items = []
+        invalid: dict[int, metering_pb2.UsageResult] = {}
         now = _now()
         for offset, event in enumerate(events):
             index = first_index + offset
             try:
                 items.append(self._event_item(event, index=index, starting=False, now=now))
             except errors.DomainError as error:
-                results[index] = metering_pb2.UsageResult(
+                invalid[index] = metering_pb2.UsageResult(
                     index=index, event_id=event.event_id, status=error.to_rpc_status()
                 )
+        return items, invalid
+
+    async def _record_group(
+        self, events: list[metering_pb2.UsageEvent], first_index: int
+    ) -> list[metering_pb2.UsageResult]:
+        """Records a group of events; one result per event, in order."""
+        items, results = self._items(events, first_index)
         by_index = {item["index"]: item for item in items}
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
@@ -328,6 +337,31 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             results[index] = out
         return [results[first_index + i] for i in range(len(events))]
 
+    async def _count_group(
+        self, events: list[metering_pb2.UsageEvent], first_index: int
+    ) -> tuple[int, int, list[metering_pb2.UsageResult]]:
+        """Records a group of a stream: (recorded, duplicates, failures in index order).
+        A stream answers only with counts, so no event's response is built."""
+        items, failures = self._items(events, first_index)
+        by_index = {item["index"]: item for item in items}
+        recorded = duplicates = 0
+        for result in await self._record(items) if items else []:
+            if isinstance(result, list):
+                if result[Written.DUPLICATE]:
+                    duplicates += 1
+                else:
+                    recorded += 1
+            elif "error" in result:
+                item = by_index[int(result["index"])]
+                failures[item["index"]] = metering_pb2.UsageResult(
+                    index=item["index"],
+                    event_id=item["event_id"],
+                    status=self._item_error(result, item).to_rpc_status(),
+                )
+            else:
+                duplicates += 1
+        return recorded, duplicates, [failures[i] for i in sorted(failures)]
+
     async def RecordUsageBatch(
         self, request: metering_pb2.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.RecordUsageBatchResponse:
@@ -343,35 +377,52 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         request_iterator: AsyncIterator[metering_pb2.StreamUsageRequest],
         context: grpc.aio.ServicerContext,
     ) -> metering_pb2.StreamUsageResponse:
+        """Events are recorded in groups of STREAM_GROUP while the stream goes on: the
+        next group is read while the previous one is in the database (one at a time, so
+        groups commit in order and memory stays bounded)."""
         response = metering_pb2.StreamUsageResponse()
         group: list[metering_pb2.UsageEvent] = []
         seen = 0
+        recording: asyncio.Task[tuple[int, int, list[metering_pb2.UsageResult]]] | None = None
+
+        async def settle() -> None:
+            nonlocal recording
+            if recording is None:
+                return
+            task, recording = recording, None
+            recorded, duplicates, failures = await task
+            response.recorded += recorded
+            response.duplicates += duplicates
+            response.failed += len(failures)
+            room = MAX_STREAM_FAILURES - len(response.failures)
+            response.failures.extend(failures[: max(room, 0)])
 
         async def flush() -> None:
-            nonlocal seen
-            for result in await self._record_group(group, seen):
-                if result.HasField("result"):
-                    if result.result.duplicate:
-                        response.duplicates += 1
-                    else:
-                        response.recorded += 1
-                else:
-                    response.failed += 1
-                    if len(response.failures) < MAX_STREAM_FAILURES:
-                        response.failures.append(result)
+            nonlocal seen, group, recording
+            await settle()
+            recording = asyncio.ensure_future(self._count_group(group, seen))
             seen += len(group)
-            group.clear()
+            group = []
 
-        async for message in request_iterator:
-            if len(message.events) > MAX_BATCH:
-                raise errors.InvalidArgument("events", f"at most {MAX_BATCH} events per message")
-            if message.HasField("event") or not message.events:
-                group.append(message.event)
-            group.extend(message.events)
-            if len(group) >= STREAM_GROUP:
+        try:
+            async for message in request_iterator:
+                if len(message.events) > MAX_BATCH:
+                    raise errors.InvalidArgument(
+                        "events", f"at most {MAX_BATCH} events per message"
+                    )
+                if message.HasField("event") or not message.events:
+                    group.append(message.event)
+                group.extend(message.events)
+                if len(group) >= STREAM_GROUP:
+                    await flush()
+            if group:
                 await flush()
-        if group:
-            await flush()
+            await settle()
+        finally:
+            if recording is not None and not recording.done():
+                recording.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await recording
         return response
 
     # -- long jobs ----------------------------------------------------------------
