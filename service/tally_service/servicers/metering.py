@@ -250,13 +250,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         charge: int = row[Written.CREDITS]
         out.credits = format_amount(charge)
         out.credit_type = convert.CREDIT_TYPES[row[Written.CREDIT_TYPE]]
-        out.start_time.FromDatetime(datetime.fromisoformat(item["started_at"]))
+        convert.set_time(out.start_time, datetime.fromisoformat(item["started_at"]))
         if item["completed_at"] is None:
             out.ClearField("complete_time")
         else:
-            out.complete_time.FromDatetime(datetime.fromisoformat(item["completed_at"]))
+            convert.set_time(out.complete_time, datetime.fromisoformat(item["completed_at"]))
         out.processing_time_ms = item["processing_time_ms"]
-        out.create_time.FromDatetime(datetime.fromisoformat(row[Written.CREATED_AT]))
+        convert.set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
         entry_id = row[Written.ENTRY_ID]
         out.entry_id = entry_id or 0
         out.reservation_id = ""
@@ -281,7 +281,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             if caller:
                 metadata["caller"] = caller
             entry.metadata.update(metadata)
-            entry.create_time.FromDatetime(datetime.fromisoformat(row[Written.ENTRY_CREATED_AT]))
+            convert.set_time(
+                entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT])
+            )
         return message
 
     async def RecordUsage(
