@@ -166,7 +166,7 @@ BEGIN
                OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id
                           AND h.status = 'pending' AND h.expires_at <= v_now)
                OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id
-                          AND g.remaining > 0 AND g.expires_at <= v_now))
+                          AND g.remaining > 0 AND NOT g.expired AND g.expires_at <= v_now))
         ORDER BY a.account_id
     LOOP
         PERFORM tally_lock_account(v_account);
