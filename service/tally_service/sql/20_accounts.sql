@@ -166,15 +166,3 @@ BEGIN
     GROUP BY a.*;
     RETURN jsonb_build_object('replayed', false, 'response', r);
 END $$;
-
-CREATE OR REPLACE FUNCTION tally_insufficient(a accounts, p_requested bigint) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'insufficient credits' USING ERRCODE = 'TA402',
-        DETAIL = json_build_object(
-            'account_id', a.account_id,
-            'available', a.balance - a.reserved,
-            'requested', p_requested,
-            'overdraft_limit', a.overdraft_limit
-        )::text;
-END $$;
