@@ -100,7 +100,7 @@ def test_a_failed_group_fails_only_its_calls_retryably(
         own_database_url,
         server_log_dir,
         {
-            "TALLY_GROUP_MAX_WAIT_MS": "200",
+            "TALLY_GROUP_MAX_WAIT_MS": "1000",
             "TALLY_GROUP_CONCURRENCY": "1",
             "TALLY_DB_STATEMENT_TIMEOUT_MS": "500",
         },
