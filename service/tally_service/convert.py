@@ -5,7 +5,7 @@ message, so a first response and its replay are built by the same code."""
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 from tally_service import models, store
@@ -38,7 +38,8 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
-    json_format.ParseDict(value, message)
+    if value:
+        message.update(value)
     return message
 
 
