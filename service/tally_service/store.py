@@ -194,15 +194,33 @@ _HOLD_FACTS = text(
     """
     SELECT coalesce(sum(amount - captured), 0) AS pending_all,
            coalesce(sum(amount - captured) FILTER (WHERE expires_at > clock_timestamp()), 0)
-               AS pending_live
+               AS pending_live,
+           count(*) FILTER (WHERE expires_at <= :caught_up) AS overdue
     FROM holds WHERE account_id = :account_id AND status = 'pending'
+    """
+)
+# Verification first catches the account up under its lock (as any movement would), at
+# `caught_up`. Then no grant due by then may be left unsettled (DESIGN.md 5). A grant
+# that fell due after `caught_up` is due, not yet written off, and not a violation.
+_CATCH_UP_ALWAYS = text(
+    "SELECT tally_expire_holds(account_id) FROM accounts WHERE account_id = :account_id"
+)
+_EXPIRY_FACTS = text(
+    """
+    SELECT count(*) AS overdue, coalesce(sum(remaining), 0) AS overdue_credit
+    FROM grants
+    WHERE account_id = :account_id AND remaining > 0 AND expires_at <= :caught_up
     """
 )
 
 
 async def verify_account(db: Database, account_id: str) -> Verification:
-    """Recomputes balance and reserved from the rows, in one snapshot."""
-    params = {"account_id": account_id}
+    """Catches the account up, then recomputes balance, reserved and grants from the
+    rows, in one snapshot."""
+    async with db.engine.begin() as conn:
+        caught_up = (await conn.execute(text("SELECT clock_timestamp()"))).scalar_one()
+        await conn.execute(_CATCH_UP_ALWAYS, {"account_id": account_id})
+    params = {"account_id": account_id, "caught_up": caught_up}
     async with db.sessions() as session, session.begin():
         await session.connection(
             execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
@@ -212,6 +230,7 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         last_balance = (await session.execute(_LAST_BALANCE, params)).scalar_one_or_none()
         holds = (await session.execute(_HOLD_FACTS, params)).one()
         granted = int((await session.execute(_GRANT_FACTS, params)).scalar_one())
+        expiry = (await session.execute(_EXPIRY_FACTS, params)).one()
     violations = []
     if account.balance != ledger.total:
         violations.append(
@@ -235,6 +254,16 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         violations.append(
             f"unspent grants {granted} differ from the positive balance {max(account.balance, 0)}"
         )
+    if expiry.overdue:
+        violations.append(
+            f"{expiry.overdue} grants past their expiry still hold {expiry.overdue_credit} "
+            "spendable credit after the catch-up"
+        )
+    if holds.overdue:
+        violations.append(f"{holds.overdue} holds past their expiry are still pending")
+    renews_at = account.subscription_renews_at
+    if renews_at is not None and renews_at <= caught_up:
+        violations.append(f"the subscription renewal due at {renews_at} was not granted")
     return Verification(
         stored_balance=account.balance,
         ledger_balance=int(ledger.total),

@@ -34,3 +34,55 @@ BEGIN
     END IF;
     RETURN v_first;
 END $$;
+
+-- Writes off, at once, the remaining credit of every grant past its expiry
+-- (expires_at <= p_upto); returns the credit written off. One "expired" debit per
+-- grant, dated at its expiry (or at p_at, if later), chained in one statement, so every
+-- due grant is settled however many fall due at once.
+CREATE OR REPLACE FUNCTION tally_write_off(
+    p_account_id text, p_upto timestamptz, p_at timestamptz
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    v_total bigint;
+    v_count bigint;
+    v_last timestamptz;
+BEGIN
+    SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
+    WITH due AS (
+        SELECT grant_id, grant_type, remaining AS lost,
+               greatest(expires_at, p_at) AS lost_at
+        FROM grants
+        WHERE account_id = p_account_id AND remaining > 0 AND expires_at <= p_upto
+    ), marked AS (
+        UPDATE grants g SET remaining = 0, expired = true
+        FROM due d WHERE g.grant_id = d.grant_id
+    ), chained AS (
+        SELECT grant_id, grant_type, lost,
+               greatest(a.balance_updated_at, lost_at) AS at,
+               row_number() OVER w AS n,
+               sum(lost) OVER w AS lost_so_far
+        FROM due
+        WINDOW w AS (ORDER BY lost_at, grant_id)
+    ), written AS (
+        INSERT INTO ledger_entries (
+            account_id, sequence, entry_type, amount, balance_after, description,
+            reference, metadata, request_id, created_at)
+        SELECT p_account_id, a.last_sequence + n, 'debit', -lost, a.balance - lost_so_far,
+               'expired', grant_id::text,
+               jsonb_build_object('grant_id', grant_id, 'grant_type', grant_type),
+               'expiry:' || grant_id, at
+        FROM chained
+        RETURNING amount, created_at
+    )
+    SELECT coalesce(-sum(amount), 0), count(*), max(created_at)
+    INTO v_total, v_count, v_last FROM written;
+    IF v_count > 0 THEN
+        UPDATE accounts
+        SET balance = balance - v_total,
+            last_sequence = last_sequence + v_count,
+            balance_updated_at = greatest(balance_updated_at, v_last)
+        WHERE account_id = p_account_id;
+    END IF;
+    RETURN v_total;
+END $$;
