@@ -1,10 +1,12 @@
 """Grant expiry: every due grant is written off before money moves or a balance is read,
-however many fall due at once (DESIGN.md 5).
+however many fall due at once (DESIGN.md 5), and the credit a pending hold stands on
+does not expire under it (5b).
 
 Most tests run on a server of their own whose sweeper sleeps for an hour after its first
 pass, so what they see is the lazy catch-up under the account lock, not the sweeper.
 """
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,10 +14,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tally.v1 import credits_pb2 as c
 from tally.v1 import ledger_pb2
 from tally_client import InsufficientCredits, TallyClient
+from tally_service.db import async_url
 from tests.conftest import ServerProcess, new_database, start_server
 from tests.support import assert_consistent
 from tests.test_grants import grant, grants, ts
@@ -117,3 +122,203 @@ def test_the_sweeper_writes_off_every_due_grant(client: TallyClient, account_id:
         time.sleep(0.2)
     assert client.list_entries(account_id, page_size=1).entries[0].sequence == 1 + 120 + 120
     assert_consistent(client, account_id)
+
+
+def promised(client: TallyClient, ttl_seconds: int = 60) -> tuple[str, str, datetime]:
+    """An account whose only credit, 5 promotional, expires under a pending hold of 5."""
+    account_id = new_account(client)
+    expires = soon(2)
+    grant(client, account_id, "5", grant_type=PROMO, expire_time=ts(expires))
+    hold = client.reserve(account_id, "5", ttl_seconds=ttl_seconds)
+    wait_past(expires)
+    return account_id, hold.reservation_id, expires
+
+
+def test_capture_after_the_grant_expired_keeps_the_promise(lazy: TallyClient) -> None:
+    account_id, hold, _ = promised(lazy)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("5", "5", "0")
+    (kept,) = grants(lazy, account_id)
+    assert kept.remaining == "5"  # expired, but the hold stands on it
+    assert_consistent(lazy, account_id)
+    with pytest.raises(InsufficientCredits):
+        lazy.debit(account_id, "0.000001")
+    assert lazy.capture(hold).entry.balance_after == "0"
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("0", "0", "0")
+    assert expired_entries(lazy, account_id) == []
+    assert grants(lazy, account_id) == []
+    assert_consistent(lazy, account_id)
+
+
+def test_release_after_the_grant_expired_writes_it_off(lazy: TallyClient) -> None:
+    account_id, hold, _ = promised(lazy)
+    released = lazy.release(hold)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("0", "0", "0")
+    (written,) = expired_entries(lazy, account_id)
+    assert (written.amount, written.balance_after) == ("-5", "0")
+    assert when(written) == released.finalize_time.ToDatetime(tzinfo=UTC)
+    assert_consistent(lazy, account_id)
+
+
+def test_partial_capture_after_expiry_writes_off_the_rest(lazy: TallyClient) -> None:
+    account_id, hold, _ = promised(lazy)
+    captured = lazy.capture(hold, "3")
+    assert captured.entry.balance_after == "2"
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("0", "0", "0")
+    (written,) = expired_entries(lazy, account_id)
+    assert (written.amount, written.balance_after) == ("-2", "0")
+    assert written.sequence == captured.entry.sequence + 1
+    assert_consistent(lazy, account_id)
+
+
+def test_a_hold_expiring_after_its_grant_takes_the_credit_with_it(lazy: TallyClient) -> None:
+    account_id, hold, grant_expired = promised(lazy, ttl_seconds=3)
+    assert lazy.get_balance(account_id).balance == "5"
+    reservation = lazy.get_reservation(hold)
+    hold_expired = reservation.expire_time.ToDatetime(tzinfo=UTC)
+    wait_past(hold_expired)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("0", "0", "0")
+    (written,) = expired_entries(lazy, account_id)
+    assert written.amount == "-5"
+    assert grant_expired < when(written) == hold_expired
+    assert_consistent(lazy, account_id)
+
+
+def test_a_hold_that_expired_first_leaves_nothing_under_the_grant(lazy: TallyClient) -> None:
+    account_id = new_account(lazy)
+    grant_expires = soon(2.5)
+    grant(lazy, account_id, "5", grant_type=PROMO, expire_time=ts(grant_expires))
+    short = lazy.reserve(account_id, "5", ttl_seconds=1)
+    wait_past(grant_expires)
+    # Both fell due before this read; the hold's expiry came first, so nothing covered
+    # the grant at its own expiry, and it is written off at that instant.
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved) == ("0", "0")
+    (written,) = expired_entries(lazy, account_id)
+    assert when(written) == grant_expires
+    assert lazy.get_reservation(short.reservation_id).status == c.RESERVATION_STATUS_EXPIRED
+    assert_consistent(lazy, account_id)
+
+
+def test_two_grants_under_one_hold(lazy: TallyClient) -> None:
+    account_id = new_account(lazy)
+    first, second = soon(2), soon(2.2)
+    grant(lazy, account_id, "3", grant_type=PROMO, expire_time=ts(first))
+    grant(lazy, account_id, "2", grant_type=PROMO, expire_time=ts(second))
+    grant(lazy, account_id, "4")  # purchased, never expires, drawn last
+    hold = lazy.reserve(account_id, "7").reservation_id  # stands on 3 + 2 + 2 of the purchased 4
+    wait_past(second)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("9", "7", "2")
+    assert [g.remaining for g in grants(lazy, account_id)] == ["3", "2", "4"]
+    assert_consistent(lazy, account_id)
+    with pytest.raises(InsufficientCredits):
+        lazy.debit(account_id, "2.000001")
+    # Capturing 4 draws the 3 and 1 of the 2; the other 1 of it is written off.
+    lazy.capture(hold, "4")
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("4", "0", "4")
+    (written,) = expired_entries(lazy, account_id)
+    assert written.amount == "-1"
+    assert [g.remaining for g in grants(lazy, account_id)] == ["4"]
+    assert_consistent(lazy, account_id)
+
+
+def test_only_the_part_of_a_grant_under_holds_is_kept(lazy: TallyClient) -> None:
+    account_id = new_account(lazy)
+    expires = soon(2)
+    grant(lazy, account_id, "4", priority=5)  # drawn first: the hold stands on it first
+    grant(lazy, account_id, "5", grant_type=PROMO, expire_time=ts(expires))
+    hold = lazy.reserve(account_id, "6").reservation_id
+    wait_past(expires)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("6", "6", "0")
+    (written,) = expired_entries(lazy, account_id)
+    assert (written.amount, when(written)) == ("-3", expires)
+    assert_consistent(lazy, account_id)
+    lazy.capture(hold)
+    assert lazy.get_balance(account_id).balance == "0"
+    assert_consistent(lazy, account_id)
+
+
+def test_credit_drawn_before_kept_credit_takes_the_hold_over(lazy: TallyClient) -> None:
+    account_id, hold, _ = promised(lazy)
+    # A grant drawn before the expired one: a capture would now draw it, so the expired
+    # credit is no longer under the hold and is written off as the credit arrives.
+    grant(lazy, account_id, "5", priority=5)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("5", "5", "0")
+    (written,) = expired_entries(lazy, account_id)
+    assert written.amount == "-5"
+    assert_consistent(lazy, account_id)
+    # A grant drawn after it changes nothing.
+    grant(lazy, account_id, "2")
+    assert lazy.get_balance(account_id).available == "2"
+    lazy.capture(hold)
+    assert lazy.get_balance(account_id).balance == "2"
+    assert_consistent(lazy, account_id)
+
+
+def test_expiry_under_holds_never_takes_available_below_zero(lazy: TallyClient) -> None:
+    account_id = new_account(lazy, overdraft_limit="10")
+    expires = soon(2)
+    grant(lazy, account_id, "5", grant_type=PROMO, expire_time=ts(expires))
+    hold = lazy.reserve(account_id, "8").reservation_id  # 3 of it on the overdraft
+    wait_past(expires)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.available) == ("5", "-3")
+    lazy.capture(hold, "6")
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.available) == ("-1", "-1")
+    assert expired_entries(lazy, account_id) == []
+    assert_consistent(lazy, account_id)
+
+
+def test_verify_flags_expired_credit_no_hold_stands_on(
+    lazy: TallyClient, lazy_database_url: str
+) -> None:
+    account_id = new_account(lazy)
+    expires = soon(1)
+    grant(lazy, account_id, "5", grant_type=PROMO, expire_time=ts(expires))
+    wait_past(expires)
+
+    async def mark_expired_without_writing_off() -> None:
+        engine = create_async_engine(async_url(lazy_database_url))
+        async with engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE grants SET expired = true WHERE account_id = :a"), {"a": account_id}
+            )
+        await engine.dispose()
+
+    asyncio.run(mark_expired_without_writing_off())
+    report = lazy.verify_account(account_id)
+    assert not report.consistent
+    assert any("no pending hold stands on" in v for v in report.violations)
+
+
+def test_a_long_job_keeps_its_credit_past_the_grant_expiry(lazy: TallyClient) -> None:
+    account_id = new_account(lazy)
+    product = f"p-{account_id}"
+    lazy.upsert_product(product, "1")
+    expires = soon(2)
+    grant(lazy, account_id, "10", grant_type=PROMO, expire_time=ts(expires))
+    lazy.start_usage(account_id, "done", product, quantity=4, ttl_seconds=60)
+    lazy.start_usage(account_id, "failed", product, quantity=3, ttl_seconds=60)
+    wait_past(expires)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("7", "7", "0")
+    (written,) = expired_entries(lazy, account_id)
+    assert (written.amount, when(written)) == ("-3", expires)
+    # Completing for less than the estimate captures 2; the other 2 expire now.
+    assert lazy.complete_usage(account_id, "done", quantity=2).entry.amount == "-2"
+    assert lazy.get_balance(account_id).balance == "3"
+    # Failing releases the job's hold: its 3 expire now.
+    lazy.fail_usage(account_id, "failed")
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("0", "0", "0")
+    assert [e.amount for e in expired_entries(lazy, account_id)] == ["-3", "-2", "-3"]
+    assert_consistent(lazy, account_id)

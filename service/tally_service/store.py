@@ -50,7 +50,7 @@ _CATCH_UP = text(
     "  OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id "
     "             AND h.status = 'pending' AND h.expires_at <= clock_timestamp()) "
     "  OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id "
-    "             AND g.remaining > 0 AND g.expires_at <= clock_timestamp()))"
+    "             AND g.remaining > 0 AND NOT g.expired AND g.expires_at <= clock_timestamp()))"
 )
 
 
@@ -200,16 +200,28 @@ _HOLD_FACTS = text(
     """
 )
 # Verification first catches the account up under its lock (as any movement would), at
-# `caught_up`. Then no grant due by then may be left unsettled (DESIGN.md 5). A grant
-# that fell due after `caught_up` is due, not yet written off, and not a violation.
+# `caught_up`. Then no grant due by then may be left unsettled, and an expired grant may
+# keep remaining credit only where the pending holds stand on it: inside the first
+# `reserved` credits of the grants in draw order (DESIGN.md 5, 5b). A grant that fell due
+# after `caught_up` is due, not yet written off, and not a violation.
 _CATCH_UP_ALWAYS = text(
     "SELECT tally_expire_holds(account_id) FROM accounts WHERE account_id = :account_id"
 )
 _EXPIRY_FACTS = text(
     """
-    SELECT count(*) AS overdue, coalesce(sum(remaining), 0) AS overdue_credit
-    FROM grants
-    WHERE account_id = :account_id AND remaining > 0 AND expires_at <= :caught_up
+    WITH ordered AS (
+        SELECT expired, expires_at, remaining,
+               coalesce(sum(remaining) OVER (
+                   ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS ahead
+        FROM grants WHERE account_id = :account_id AND remaining > 0
+    )
+    SELECT count(*) FILTER (WHERE NOT o.expired AND o.expires_at <= :caught_up) AS overdue,
+           coalesce(sum(o.remaining) FILTER (
+               WHERE NOT o.expired AND o.expires_at <= :caught_up), 0) AS overdue_credit,
+           coalesce(sum(o.remaining - least(o.remaining, greatest(a.reserved - o.ahead, 0)))
+                    FILTER (WHERE o.expired), 0) AS uncovered
+    FROM ordered o CROSS JOIN accounts a WHERE a.account_id = :account_id
     """
 )
 
@@ -258,6 +270,10 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         violations.append(
             f"{expiry.overdue} grants past their expiry still hold {expiry.overdue_credit} "
             "spendable credit after the catch-up"
+        )
+    if expiry.uncovered:
+        violations.append(
+            f"expired grants keep {expiry.uncovered} credit that no pending hold stands on"
         )
     if holds.overdue:
         violations.append(f"{holds.overdue} holds past their expiry are still pending")

@@ -3,7 +3,8 @@
 -- one instant: holds, then grants, then the renewal). Each step settles a whole set at
 -- once, and the loop runs until nothing is due, however much is: no expired grant is
 -- left spendable (DESIGN.md 5). Grant expiries between two hold expiries or renewals
--- are one step, and so are hold expiries before the next grant expiry or renewal.
+-- are one step (they do not change what the holds stand on); hold expiries are one
+-- step too, unless expired credit is kept under holds, which each of them may release.
 CREATE OR REPLACE FUNCTION tally_lock_account(p_account_id text) RETURNS accounts
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -30,8 +31,15 @@ BEGIN
                            THEN a.subscription_renews_at END;
         EXIT WHEN v_hold_at IS NULL AND v_grant_at IS NULL AND v_renew_at IS NULL;
         IF v_hold_at <= coalesce(least(v_grant_at, v_renew_at), 'infinity') THEN
-            PERFORM tally_expire_due_holds(
-                p_account_id, coalesce(least(v_grant_at, v_renew_at), v_now));
+            IF EXISTS (SELECT 1 FROM grants
+                       WHERE account_id = p_account_id AND remaining > 0 AND expired) THEN
+                -- Expired credit kept under holds: this instant's holds may release it.
+                PERFORM tally_expire_due_holds(p_account_id, v_hold_at);
+                PERFORM tally_write_off(p_account_id, v_hold_at, v_hold_at);
+            ELSE
+                PERFORM tally_expire_due_holds(
+                    p_account_id, coalesce(least(v_grant_at, v_renew_at), v_now));
+            END IF;
         ELSIF v_grant_at <= coalesce(v_renew_at, 'infinity') THEN
             -- Every grant expiring before the next hold expiry (or up to the renewal).
             v_available := a.balance - a.reserved;

@@ -156,6 +156,8 @@ BEGIN
     RETURNING * INTO h;
     UPDATE accounts SET reserved = reserved - h.amount, balance_updated_at = h.finalized_at
     WHERE account_id = h.account_id;
+    -- Expired credit the hold stood on is written off now (DESIGN.md 5b).
+    PERFORM tally_settle_expired(h.account_id, h.finalized_at);
     RETURN tally_remember(p_request_id, 'Release', p_fingerprint,
                           jsonb_build_object('reservation', to_jsonb(h)));
 END $$;
