@@ -24,6 +24,7 @@ from tally_service.db import async_url
 from tests.conftest import ServerProcess, new_database, start_server
 from tests.support import assert_consistent
 from tests.test_grants import grant, grants, ts
+from tests.test_subscriptions import query, subscribe
 
 PROMO = c.CREDIT_GRANT_TYPE_PROMOTIONAL
 
@@ -321,4 +322,51 @@ def test_a_long_job_keeps_its_credit_past_the_grant_expiry(lazy: TallyClient) ->
     balance = lazy.get_balance(account_id)
     assert (balance.balance, balance.reserved, balance.available) == ("0", "0", "0")
     assert [e.amount for e in expired_entries(lazy, account_id)] == ["-3", "-2", "-3"]
+    assert_consistent(lazy, account_id)
+
+
+def test_a_renewal_drawn_first_takes_over_the_hold_in_time_order(lazy: TallyClient) -> None:
+    account_id = new_account(lazy)
+    expires, renews = soon(2), soon(3.5)
+    grant(lazy, account_id, "5", grant_type=PROMO, expire_time=ts(expires))
+    hold = lazy.reserve(account_id, "5").reservation_id
+    subscribe(lazy, account_id, plan="basic", credits_per_period="100", anchor_time=ts(renews))
+    wait_past(renews)
+    # At its expiry the promotional grant was under the hold and kept; at the renewal the
+    # subscription credit (drawn first) took the hold over, so it was written off then.
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("100", "5", "95")
+    expiry, renewal = lazy.list_entries(account_id, page_size=2).entries
+    assert (renewal.amount, when(renewal)) == ("100", renews)
+    assert (expiry.amount, expiry.description, when(expiry)) == ("-5", "expired", renews)
+    assert_consistent(lazy, account_id)
+    lazy.capture(hold)
+    assert lazy.get_balance(account_id).balance == "95"
+    assert_consistent(lazy, account_id)
+
+
+def test_subscription_credit_under_a_hold_outlives_its_period(
+    lazy: TallyClient, lazy_database_url: str
+) -> None:
+    account_id = new_account(lazy)
+    # A period that began a month ago and ends 2 seconds from now.
+    ((anchor,),) = query(
+        lazy_database_url,
+        "SELECT ((clock_timestamp() AT TIME ZONE 'UTC') - interval '1 month' "
+        "+ interval '2 seconds') AT TIME ZONE 'UTC'",
+    )
+    sub = subscribe(lazy, account_id, plan="basic", credits_per_period="10", anchor_time=ts(anchor))
+    period_end = sub.current_period_end_time.ToDatetime(tzinfo=UTC)
+    hold = lazy.reserve(account_id, "4").reservation_id
+    wait_past(period_end)
+    # The old period's 10 expired, but for the 4 under the hold (drawn before the new
+    # period's grant, which expires later); the new period granted 10.
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.reserved, balance.available) == ("14", "4", "10")
+    (written,) = expired_entries(lazy, account_id)
+    assert (written.amount, when(written)) == ("-6", period_end)
+    lazy.release(hold)
+    balance = lazy.get_balance(account_id)
+    assert (balance.balance, balance.available, balance.subscription_credits) == ("10", "10", "10")
+    assert [e.amount for e in expired_entries(lazy, account_id)] == ["-4", "-6"]
     assert_consistent(lazy, account_id)
