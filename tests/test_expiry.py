@@ -10,10 +10,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -370,3 +374,169 @@ def test_subscription_credit_under_a_hold_outlives_its_period(
     assert (balance.balance, balance.available, balance.subscription_credits) == ("10", "10", "10")
     assert [e.amount for e in expired_entries(lazy, account_id)] == ["-4", "-6"]
     assert_consistent(lazy, account_id)
+
+
+@dataclass
+class ModelGrant:
+    priority: int
+    expires_at: datetime | None
+    created: int
+    remaining: int
+    expired: bool = False
+
+    def order(self) -> tuple[int, datetime, int]:
+        return (self.priority, self.expires_at or datetime.max.replace(tzinfo=UTC), self.created)
+
+
+@dataclass
+class ExpiryModel:
+    """The rule in a few lines: holds stand on the first `reserved` credits in draw order;
+    an expired grant keeps only its part inside that prefix."""
+
+    balance: int = 0
+    holds: dict[str, int] = field(default_factory=dict)
+    grants: list[ModelGrant] = field(default_factory=list)
+
+    @property
+    def reserved(self) -> int:
+        return sum(self.holds.values())
+
+    def live(self) -> list[ModelGrant]:
+        return sorted((g for g in self.grants if g.remaining > 0), key=ModelGrant.order)
+
+    def settle(self) -> None:
+        ahead = 0
+        for g in self.live():
+            covered = min(g.remaining, max(self.reserved - ahead, 0))
+            ahead += g.remaining
+            if g.expired and g.remaining > covered:
+                self.balance -= g.remaining - covered
+                g.remaining = covered
+
+    def credit(self, amount: int, priority: int, expires_at: datetime | None) -> None:
+        before, self.balance = self.balance, self.balance + amount
+        remaining = max(self.balance, 0) - max(before, 0)
+        self.grants.append(ModelGrant(priority, expires_at, len(self.grants), remaining))
+        self.settle()
+
+    def draw(self, amount: int) -> None:
+        left = min(amount, max(self.balance, 0))
+        for g in self.live():
+            take = min(left, g.remaining)
+            g.remaining -= take
+            left -= take
+        self.balance -= amount
+
+    def expire_until(self, instant: datetime) -> None:
+        for g in self.grants:
+            if g.expires_at is not None and g.expires_at <= instant and g.remaining > 0:
+                g.expired = True
+        self.settle()
+
+
+micros = st.integers(min_value=1, max_value=20_000_000)
+
+
+def wire(value: int) -> str:
+    whole, fraction = divmod(abs(value), 1_000_000)
+    text = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
+    return f"-{text}" if value < 0 else text
+
+
+class ExpiryMachine(RuleBasedStateMachine):
+    """Top-ups (some expiring in 2-4 s), debits, reserves, captures and releases against
+    the model. Before each step, a grant about to expire is waited out, so no call races
+    an expiry; the model then expires it as the server must have."""
+
+    client: TallyClient
+    holds = Bundle("expiry_holds")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = ExpiryModel()
+        self.account = new_account(self.client)
+
+    def tick(self) -> None:
+        pending = [
+            g.expires_at
+            for g in self.model.grants
+            if g.expires_at is not None and not g.expired and g.remaining > 0
+        ]
+        close = [t for t in pending if t <= soon(1.0)]
+        if close:
+            last = max(close)
+            wait_past(last, margin=0.2)
+            self.model.expire_until(last)
+
+    @rule(
+        amount=micros,
+        priority=st.sampled_from([5, 20, 30]),
+        expires_in_ms=st.none() | st.integers(min_value=2000, max_value=4000),
+    )
+    def top_up(self, amount: int, priority: int, expires_in_ms: int | None) -> None:
+        self.tick()
+        expires = None if expires_in_ms is None else soon(expires_in_ms / 1000)
+        fields = {} if expires is None else {"expire_time": ts(expires)}
+        grant(self.client, self.account, wire(amount), priority=priority, **fields)
+        self.model.credit(amount, priority, expires)
+
+    @rule(amount=micros)
+    def debit(self, amount: int) -> None:
+        self.tick()
+        if amount > self.model.balance - self.model.reserved:
+            with pytest.raises(InsufficientCredits):
+                self.client.debit(self.account, wire(amount))
+            return
+        self.client.debit(self.account, wire(amount))
+        self.model.draw(amount)
+
+    @rule(target=holds, amount=micros)
+    def reserve(self, amount: int) -> str:
+        self.tick()
+        if amount > self.model.balance - self.model.reserved:
+            with pytest.raises(InsufficientCredits):
+                self.client.reserve(self.account, wire(amount))
+            return ""
+        hold = self.client.reserve(self.account, wire(amount), ttl_seconds=3600)
+        self.model.holds[hold.reservation_id] = amount
+        return str(hold.reservation_id)
+
+    @rule(hold=consumes(holds), percent=st.integers(min_value=0, max_value=100))
+    def finish(self, hold: str, percent: int) -> None:
+        self.tick()
+        if hold not in self.model.holds:
+            return
+        amount = self.model.holds.pop(hold)
+        if percent == 0:
+            self.client.release(hold)
+        else:
+            captured = max(1, amount * percent // 100)
+            self.client.capture(hold, wire(captured))
+            self.model.draw(captured)
+        self.model.settle()
+
+    @invariant()
+    def matches_model(self) -> None:
+        self.tick()
+        balance = self.client.get_balance(self.account)
+        assert (balance.balance, balance.reserved, balance.available) == (
+            wire(self.model.balance),
+            wire(self.model.reserved),
+            wire(self.model.balance - self.model.reserved),
+        )
+        assert [g.remaining for g in grants(self.client, self.account)] == [
+            wire(g.remaining) for g in self.model.live()
+        ]
+        assert_consistent(self.client, self.account)
+
+
+def test_expiry_state_machine(lazy: TallyClient) -> None:
+    ExpiryMachine.client = lazy
+    runner = ExpiryMachine.TestCase
+    runner.settings = settings(
+        max_examples=5,
+        stateful_step_count=20,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    runner().runTest()
