@@ -23,7 +23,7 @@ _DUE_ACCOUNTS = text(
     "   ORDER BY expires_at LIMIT :limit)"
     "  UNION ALL"
     "  (SELECT account_id FROM grants"
-    "   WHERE remaining > 0 AND expires_at <= clock_timestamp()"
+    "   WHERE remaining > 0 AND NOT expired AND expires_at <= clock_timestamp()"
     "   ORDER BY expires_at LIMIT :limit)"
     "  UNION ALL"
     "  (SELECT account_id FROM accounts WHERE subscription_renews_at <= clock_timestamp()"

@@ -1,3 +1,40 @@
+-- Expires the account's pending holds due by p_until, in one statement: they leave
+-- reserved at their own instants, and the usage jobs they held fail with them.
+CREATE OR REPLACE FUNCTION tally_expire_due_holds(p_account_id text, p_until timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_freed bigint;
+    v_last timestamptz;
+    v_ids uuid[];
+    ev usage_events;
+BEGIN
+    WITH gone AS (
+        UPDATE holds SET status = 'expired', finalized_at = expires_at
+        WHERE account_id = p_account_id AND status = 'pending' AND expires_at <= p_until
+        RETURNING reservation_id, amount - captured AS freed, expires_at
+    )
+    SELECT sum(freed), max(expires_at), array_agg(reservation_id)
+    INTO v_freed, v_last, v_ids FROM gone;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE accounts
+    SET reserved = reserved - v_freed,
+        balance_updated_at = greatest(balance_updated_at, v_last)
+    WHERE account_id = p_account_id;
+    FOR ev IN
+        UPDATE usage_events e
+        SET status = 'failed', success = false, message = 'EXPIRED',
+            completed_at = h.expires_at
+        FROM holds h
+        WHERE h.reservation_id = ANY (v_ids) AND e.reservation_id = h.reservation_id
+          AND e.status IN ('pending', 'processing')
+        RETURNING e.*
+    LOOP
+        PERFORM tally_roll_up(ev);
+    END LOOP;
+END $$;
+
 CREATE OR REPLACE FUNCTION tally_place_hold(
     a accounts, p_amount bigint, p_ttl_seconds bigint, p_reference text, p_metadata jsonb,
     p_request_id text
@@ -128,6 +165,8 @@ BEGIN
     RETURNING * INTO h;
     UPDATE accounts SET reserved = reserved - h.amount, balance_updated_at = h.finalized_at
     WHERE account_id = h.account_id;
+    -- Expired credit the hold stood on is written off now (DESIGN.md 5b).
+    PERFORM tally_settle_expired(h.account_id, h.finalized_at);
     RETURN tally_remember(p_request_id, 'Release', p_fingerprint,
                           jsonb_build_object('reservation', to_jsonb(h)));
 END $$;
