@@ -103,14 +103,14 @@ ENV PATH=/opt/tally/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TALLY_LISTEN_ADDRESS=0.0.0.0:50051 \
-    TALLY_METRICS_ADDRESS=0.0.0.0:9090 \
+    TALLY_METRICS_ADDRESS=0.0.0.0:9464 \
     TALLY_DATA_DIR=/tmp/tally-data
 
 USER 10001:10001
 WORKDIR /tmp
 
-# 50051: gRPC (with grpc.health.v1); 9090: Prometheus /metrics.
-EXPOSE 50051 9090
+# 50051: gRPC (with grpc.health.v1); 9464: Prometheus /metrics.
+EXPOSE 50051 9464
 
 # gRPC health of the server itself (SERVING only while the database answers).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

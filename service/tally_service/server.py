@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -65,17 +66,49 @@ async def _watch_database(
         await asyncio.sleep(HEALTH_PROBE_SECONDS)
 
 
+class StartupError(Exception):
+    """The server cannot start (a port is taken, ...): one line for the operator."""
+
+
+def check_bindable(address: str, what: str) -> None:
+    """Raises StartupError when `address` (host:port) cannot be listened on: checked with
+    a socket of our own before anything starts, so a taken port is one clear line (gRPC's
+    own bind failure is a C-core log line plus a RuntimeError)."""
+    host, port = metrics.parse_address(address)
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address} ({what}): {exc}") from None
+    for family, kind, proto, _, sockaddr in infos[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {address} ({what}): {exc.strerror or exc}"
+                ) from None
+
+
+def check_addresses(settings: Settings) -> None:
+    """Every address the server will listen on can be bound (before the database starts)."""
+    check_bindable(settings.listen_address, "TALLY_LISTEN_ADDRESS")
+    if settings.metrics_address:
+        check_bindable(settings.metrics_address, "TALLY_METRICS_ADDRESS")
+
+
 def _start_metrics(address: str, meters: metrics.Metrics) -> metrics.MetricsServer | None:
     if not address:
         return None
     try:
         endpoint = metrics.MetricsServer(address, meters.registry)
     except (OSError, ValueError) as exc:
-        if address != metrics.DEFAULT_ADDRESS:
-            raise SystemExit(f"cannot serve metrics on {address}: {exc}") from None
-        # Only the default may be taken (by another Tally, or a local Prometheus).
-        log.warning("metrics disabled: cannot listen on %s: %s", address, exc)
-        return None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise StartupError(
+            f"cannot serve metrics on {address} (TALLY_METRICS_ADDRESS): {reason}"
+        ) from None
     log.info("metrics on http://%s/metrics", address)
     return endpoint
 
@@ -97,7 +130,7 @@ async def serve(settings: Settings, database_url: str) -> None:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    callers = auth.load_callers()
+    callers = auth.load_callers(settings.auth_tokens, settings.auth_tokens_file)
     if not callers:
         log.warning("no TALLY_AUTH_TOKENS: every caller may call every method")
     interceptors: list[grpc.aio.ServerInterceptor] = [
@@ -129,16 +162,20 @@ async def serve(settings: Settings, database_url: str) -> None:
         ],
         server,
     )
-    tls_files = TlsFiles.from_env()
-    if tls_files is None:
-        port = server.add_insecure_port(settings.listen_address)
-    else:
-        port = server.add_secure_port(settings.listen_address, tls_files.credentials())
-        log.info(
-            "TLS on%s", " with client certificates required" if tls_files.client_ca_file else ""
-        )
+    tls_files = TlsFiles.from_settings(settings)
+    try:
+        if tls_files is None:
+            port = server.add_insecure_port(settings.listen_address)
+        else:
+            port = server.add_secure_port(settings.listen_address, tls_files.credentials())
+            log.info(
+                "TLS on%s",
+                " with client certificates required" if tls_files.client_ca_file else "",
+            )
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {settings.listen_address}")
+        raise StartupError(f"cannot listen on {settings.listen_address} (TALLY_LISTEN_ADDRESS)")
     metrics_endpoint = _start_metrics(settings.metrics_address, meters)
     await server.start()
     log.info("tally listening on %s", settings.listen_address)

@@ -1,9 +1,10 @@
 """Server transport security: TLS, or mutual TLS when a client CA is given."""
 
-import os
 from dataclasses import dataclass
 
 import grpc
+
+from tally_service.config import Settings
 
 
 @dataclass(frozen=True)
@@ -13,14 +14,11 @@ class TlsFiles:
     client_ca_file: str  # empty: clients are not asked for certificates
 
     @classmethod
-    def from_env(cls) -> "TlsFiles | None":
-        cert = os.environ.get("TALLY_TLS_CERT_FILE", "")
-        key = os.environ.get("TALLY_TLS_KEY_FILE", "")
-        if not cert and not key:
+    def from_settings(cls, settings: Settings) -> "TlsFiles | None":
+        """The files of TALLY_TLS_* (checked by Settings.from_env); None: no TLS."""
+        if not settings.tls_cert_file:
             return None
-        if not (cert and key):
-            raise SystemExit("TLS needs both TALLY_TLS_CERT_FILE and TALLY_TLS_KEY_FILE")
-        return cls(cert, key, os.environ.get("TALLY_TLS_CLIENT_CA_FILE", ""))
+        return cls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
 
     def credentials(self) -> grpc.ServerCredentials:
         with open(self.cert_file, "rb") as f:
