@@ -104,6 +104,7 @@ ENV PATH=/opt/tally/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
     PYTHONUNBUFFERED=1 \
     TALLY_LISTEN_ADDRESS=0.0.0.0:50051 \
     TALLY_METRICS_ADDRESS=0.0.0.0:9464 \
+    TALLY_LOG_FORMAT=json \
     TALLY_DATA_DIR=/tmp/tally-data
 
 USER 10001:10001

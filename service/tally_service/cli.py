@@ -7,8 +7,14 @@ listened on prints one line and exits with code 1. Neither prints a traceback.
 
 import argparse
 import logging
+import os
 import sys
 
+# gRPC's C core logs (to standard error, unstructured) only errors, unless asked otherwise;
+# read when grpc is first imported, which is below.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from tally_service import logs
 from tally_service.config import LOG_LEVELS, ConfigError, Settings, check_address
 
 EXIT_CONFIG = 2
@@ -79,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(hash_token(sys.stdin.readline().strip()))
         return 0
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.setup(args.log_level, settings.log_format)
     settings.log_level = args.log_level
     settings.database_url = args.database_url
     settings.data_dir = args.data_dir

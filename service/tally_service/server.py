@@ -24,7 +24,7 @@ from tally.v1 import (
 from tally_service import auth, metrics, reloads, sweeper
 from tally_service.config import Settings
 from tally_service.db import Database, make_engine, migrate, start_embedded
-from tally_service.interceptors import ErrorMappingInterceptor
+from tally_service.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from tally_service.servicers.accounts import AccountsServicer
 from tally_service.servicers.credits import CreditsServicer
 from tally_service.servicers.ledger import LedgerServicer
@@ -139,6 +139,8 @@ async def serve(settings: Settings, database_url: str) -> None:
         metrics.MetricsInterceptor(meters),
         ErrorMappingInterceptor(settings.max_call_seconds),
     ]
+    if settings.access_log:
+        interceptors.insert(0, AccessLogInterceptor())
     if callers:
         interceptors.append(auth.AuthInterceptor(callers))
     server = grpc.aio.server(
@@ -179,7 +181,8 @@ async def serve(settings: Settings, database_url: str) -> None:
     metrics_endpoint = _start_metrics(settings.metrics_address, meters)
     await server.start()
     log.info("tally listening on %s", settings.listen_address)
-    print(f"tally: serving on {settings.listen_address}", flush=True)
+    if settings.log_format == "text":
+        print(f"tally: serving on {settings.listen_address}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
