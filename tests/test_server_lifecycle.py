@@ -271,3 +271,55 @@ def test_a_taken_port_is_one_line_and_a_non_zero_exit(variable: str) -> None:
     assert result.stderr.splitlines() == [
         f"tally: cannot listen on {address} ({variable}): Address already in use"
     ]
+
+
+# -- connection management --------------------------------------------------------------
+
+
+def test_connections_are_aged_out_so_clients_reconnect(
+    database_url: str, server_log_dir: Path
+) -> None:
+    replica = start_server(
+        database_url,
+        server_log_dir,
+        {"TALLY_MAX_CONNECTION_AGE_MS": "1000", "TALLY_MAX_CONNECTION_AGE_GRACE_MS": "500"},
+    )
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(replica.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            channel.subscribe(states.append, try_to_connect=False)
+            deadline = time.monotonic() + 10
+            while grpc.ChannelConnectivity.IDLE not in states and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # The server said GOAWAY after about a second: the channel went idle...
+            assert grpc.ChannelConnectivity.IDLE in states, states
+            # ...and the next call connects again (to any replica behind the Service).
+            reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        replica.stop()
+
+
+def test_grpc_options_follow_the_settings() -> None:
+    from tally_service.server import grpc_options
+
+    options = dict(grpc_options(Settings.from_env({})))
+    assert options["grpc.keepalive_time_ms"] == 60_000
+    assert options["grpc.max_connection_age_ms"] == 300_000
+    assert options["grpc.max_connection_age_grace_ms"] == 60_000
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
+    assert options["grpc.keepalive_permit_without_calls"] == 1
+    off = dict(
+        grpc_options(
+            Settings.from_env(
+                {
+                    "TALLY_MAX_CONNECTION_AGE_MS": "0",
+                    "TALLY_KEEPALIVE_PERMIT_WITHOUT_CALLS": "off",
+                }
+            )
+        )
+    )
+    assert "grpc.max_connection_age_ms" not in off
+    assert off["grpc.keepalive_permit_without_calls"] == 0

@@ -199,6 +199,18 @@ class Settings:
     # Bearer-token callers, as JSON or in a JSON file (checked by auth.load_callers).
     auth_tokens: str = ""
     auth_tokens_file: str = ""
+    # gRPC connections (see server.grpc_options and README, Connections): the server pings
+    # an idle connection every keepalive_time_ms and closes it without an answer within
+    # keepalive_timeout_ms; it ends every connection after max_connection_age_ms (jittered
+    # by +-10%; 0: never), letting its calls finish for max_connection_age_grace_ms, so
+    # clients reconnect and reach new replicas; clients may ping every min_ping_interval_ms
+    # (also without calls when keepalive_permit_without_calls) before being told to go away.
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    max_connection_age_ms: int = 300_000
+    max_connection_age_grace_ms: int = 60_000
+    min_ping_interval_ms: int = 10_000
+    keepalive_permit_without_calls: bool = True
     # Unknown TALLY_* variables found (probably misspelt); warned about at start.
     unknown_variables: list[str] = field(default_factory=list)
 
@@ -239,6 +251,12 @@ class Settings:
             tls_client_ca_file=r.readable_file("TALLY_TLS_CLIENT_CA_FILE"),
             auth_tokens=r.string("TALLY_AUTH_TOKENS").strip(),
             auth_tokens_file=r.readable_file("TALLY_AUTH_TOKENS_FILE"),
+            keepalive_time_ms=r.integer("TALLY_KEEPALIVE_TIME_MS", 60_000, 1000),
+            keepalive_timeout_ms=r.integer("TALLY_KEEPALIVE_TIMEOUT_MS", 20_000, 100),
+            max_connection_age_ms=r.integer("TALLY_MAX_CONNECTION_AGE_MS", 300_000, 0),
+            max_connection_age_grace_ms=r.integer("TALLY_MAX_CONNECTION_AGE_GRACE_MS", 60_000, 0),
+            min_ping_interval_ms=r.integer("TALLY_KEEPALIVE_MIN_PING_INTERVAL_MS", 10_000, 0),
+            keepalive_permit_without_calls=r.boolean("TALLY_KEEPALIVE_PERMIT_WITHOUT_CALLS", True),
         )
         problems = r.problems
         if s.database_url:

@@ -113,6 +113,33 @@ def _start_metrics(address: str, meters: metrics.Metrics) -> metrics.MetricsServ
     return endpoint
 
 
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message sizes and connection management."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # Ping idle connections; drop the ones that do not answer (a vanished client or
+        # a middlebox that forgot the connection).
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        # What clients' own keepalive pings may do before the server answers GOAWAY
+        # (too_many_pings): ping as often as this without data, and with no call open.
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if settings.max_connection_age_ms > 0:
+        # Long-lived HTTP/2 connections pin a client to the replicas it first reached; an
+        # age limit (gRPC adds +-10% jitter) makes clients reconnect, behind a ClusterIP
+        # Service to any replica, new ones included. In-flight calls get the grace period.
+        options += [
+            ("grpc.max_connection_age_ms", settings.max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms),
+        ]
+    return options
+
+
 async def serve(settings: Settings, database_url: str) -> None:
     db = Database(
         make_engine(
@@ -125,11 +152,7 @@ async def serve(settings: Settings, database_url: str) -> None:
     meters.watch_engine(db.engine)
     db.observe_query = meters.db_query_seconds.observe
     meters.initialize_rpcs(SERVICE_NAMES)
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
+    options = grpc_options(settings)
     callers = auth.load_callers(settings.auth_tokens, settings.auth_tokens_file)
     if not callers:
         log.warning("no TALLY_AUTH_TOKENS: every caller may call every method")
