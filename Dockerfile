@@ -44,12 +44,13 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
 
 WORKDIR /src
 
-# Dependencies first (a layer that only changes with pyproject.toml). grpcio and protobuf are
+# Dependencies first (a layer that only changes with pyproject.toml), with the optional OTLP
+# trace exporter (tracing is off unless OTEL_TRACES_EXPORTER names it). grpcio and protobuf are
 # pinned to the versions of grpcio-tools, so the generated code matches its runtime.
 COPY pyproject.toml ./
 RUN --mount=type=secret,id=ca-bundle,required=false \
     if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
- && /opt/build/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+ && /opt/build/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["otlp"]))' > /tmp/requirements.txt \
  && /opt/build/bin/pip freeze | grep -iE '^(grpcio|protobuf)==' > /tmp/constraints.txt \
  && /opt/build/bin/pip wheel --quiet --wheel-dir /wheels -r /tmp/requirements.txt -c /tmp/constraints.txt \
  && python3 -m venv --without-pip /opt/tally \

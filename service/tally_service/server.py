@@ -5,6 +5,7 @@ import contextlib
 import logging
 import signal
 import socket
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +31,11 @@ from tally_service.servicers.credits import CreditsServicer
 from tally_service.servicers.ledger import LedgerServicer
 from tally_service.servicers.metering import MeteringServicer
 from tally_service.tls import TlsFiles
+from tally_service.tracing import Tracing
+from tally_service.tracing import provider_from_env as tracing_from_env
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +146,15 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
-async def serve(settings: Settings, database_url: str) -> None:
+async def serve(
+    settings: Settings,
+    database_url: str,
+    stop: asyncio.Event | None = None,
+    tracer_provider: "TracerProvider | None" = None,
+) -> None:
+    """Serves until SIGTERM or SIGINT (or until `stop` is set, when given: then no
+    signal handlers are installed); traces with `tracer_provider` when given."""
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else None
     db = Database(
         make_engine(
             database_url,
@@ -164,6 +178,9 @@ async def serve(settings: Settings, database_url: str) -> None:
     ]
     if settings.access_log:
         interceptors.insert(0, AccessLogInterceptor())
+    if tracing is not None:
+        # Outermost: the span covers everything, and the caller's traceparent is its parent.
+        interceptors.insert(0, tracing.server_interceptor())
     if callers:
         interceptors.append(auth.AuthInterceptor(callers))
     server = grpc.aio.server(
@@ -207,10 +224,11 @@ async def serve(settings: Settings, database_url: str) -> None:
     if settings.log_format == "text":
         print(f"tally: serving on {settings.listen_address}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     background = [
         asyncio.create_task(_watch_database(db, health, meters)),
         asyncio.create_task(sweeper.run(db, settings.sweep_interval_seconds, meters)),
@@ -230,11 +248,18 @@ async def serve(settings: Settings, database_url: str) -> None:
     await db.engine.dispose()
     if metrics_endpoint is not None:
         metrics_endpoint.stop()
+    if tracing is not None:
+        tracing.close()
     log.info("stopped")
 
 
 def run(settings: Settings) -> None:
+    provider = tracing_from_env()  # checked first: a bad OTEL_* value stops the start
     url = resolve_database_url(settings)
     if settings.migrate_on_start or not settings.database_url:
         migrate(url)
-    asyncio.run(serve(settings, url))
+    try:
+        asyncio.run(serve(settings, url, tracer_provider=provider))
+    finally:
+        if provider is not None:
+            provider.shutdown()
