@@ -114,9 +114,10 @@ WORKDIR /tmp
 # 50051: gRPC (with grpc.health.v1); 9464: Prometheus /metrics.
 EXPOSE 50051 9464
 
-# gRPC health of the server itself (SERVING only while the database answers).
+# gRPC health of the server itself (SERVING only while the database answers), on the
+# plaintext health port when TALLY_HEALTH_ADDRESS is set (with TLS on the gRPC port).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["/opt/tally/bin/python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('TALLY_LISTEN_ADDRESS', ':50051').rsplit(':', 1)[1]; reply = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=3); sys.exit(reply.status != h.HealthCheckResponse.SERVING)"]
+  CMD ["/opt/tally/bin/python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = (os.environ.get('TALLY_HEALTH_ADDRESS') or os.environ.get('TALLY_LISTEN_ADDRESS', ':50051')).rsplit(':', 1)[1]; reply = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=3); sys.exit(reply.status != h.HealthCheckResponse.SERVING)"]
 
 # SIGTERM (the default stop signal): stop accepting, drain for TALLY_SHUTDOWN_GRACE_SECONDS.
 ENTRYPOINT ["tally"]

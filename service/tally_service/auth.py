@@ -21,7 +21,9 @@ import contextvars
 import fnmatch
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,8 @@ import grpc
 from tally_service import errors
 from tally_service.config import ConfigError
 from tally_service.handlers import rewrap
+
+log = logging.getLogger(__name__)
 
 current_caller: contextvars.ContextVar[str] = contextvars.ContextVar("current_caller", default="")
 
@@ -113,12 +117,56 @@ def parse_callers(tokens_json: str) -> dict[str, Caller]:
     return callers
 
 
+class TokenFile:
+    """The callers of TALLY_AUTH_TOKENS_FILE, read again when the file changes (checked at
+    most once every `check_seconds`, on a call): tokens rotate with no restart. A file that
+    cannot be read or parsed is logged and skipped; the callers before it stay."""
+
+    def __init__(self, path: str, check_seconds: float = 1.0) -> None:
+        self.path = path
+        self.check_seconds = check_seconds
+        self._signature = self._stat()
+        self.callers = load_callers("", path)
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> dict[str, Caller]:
+        now = time.monotonic()
+        if now - self._checked < self.check_seconds:
+            return self.callers
+        self._checked = now
+        try:
+            signature = self._stat()
+            if signature == self._signature:
+                return self.callers
+            callers = load_callers("", self.path)
+        except (OSError, ConfigError) as exc:
+            log.error("TALLY_AUTH_TOKENS_FILE changed but cannot be used: %s", exc)
+            return self.callers
+        self._signature = signature
+        self.callers = callers
+        log.info(
+            "TALLY_AUTH_TOKENS_FILE changed: reloaded",
+            extra={"callers": sorted({c.name for c in callers.values()})},
+        )
+        return callers
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Checks the bearer token; must come after ErrorMappingInterceptor in the list, so
-    that the errors it raises are mapped like any other."""
+    that the errors it raises are mapped like any other. `callers` is fixed
+    (TALLY_AUTH_TOKENS) or a TokenFile (TALLY_AUTH_TOKENS_FILE, followed as it changes)."""
 
-    def __init__(self, callers: dict[str, Caller]) -> None:
-        self.callers = callers
+    def __init__(self, callers: "dict[str, Caller] | TokenFile") -> None:
+        self.source = callers
+
+    @property
+    def callers(self) -> dict[str, Caller]:
+        source = self.source
+        return source.current() if isinstance(source, TokenFile) else source
 
     def _caller(self, method: str, metadata: Any) -> Caller:
         header = ""

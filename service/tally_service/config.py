@@ -159,6 +159,9 @@ class Settings:
     listen_address: str = "127.0.0.1:50051"
     # host:port of the Prometheus /metrics endpoint (its own port); empty disables it.
     metrics_address: str = DEFAULT_METRICS_ADDRESS
+    # host:port of a plaintext gRPC server with the health service only (for Kubernetes'
+    # probes when the main port speaks TLS); empty: health is on the main port only.
+    health_address: str = ""
     db_pool_size: int = 10
     db_statement_timeout_ms: int = 5000
     shutdown_grace_seconds: float = 20.0
@@ -226,6 +229,7 @@ class Settings:
             metrics_address=r.address(
                 "TALLY_METRICS_ADDRESS", DEFAULT_METRICS_ADDRESS, may_be_empty=True
             ),
+            health_address=r.address("TALLY_HEALTH_ADDRESS", "", may_be_empty=True),
             db_pool_size=r.integer("TALLY_DB_POOL_SIZE", 10, 1, 1000),
             db_statement_timeout_ms=r.integer("TALLY_DB_STATEMENT_TIMEOUT_MS", 5000, 0),
             shutdown_grace_seconds=r.number("TALLY_SHUTDOWN_GRACE_SECONDS", 20.0, 0),

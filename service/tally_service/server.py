@@ -103,6 +103,8 @@ def check_addresses(settings: Settings) -> None:
     check_bindable(settings.listen_address, "TALLY_LISTEN_ADDRESS")
     if settings.metrics_address:
         check_bindable(settings.metrics_address, "TALLY_METRICS_ADDRESS")
+    if settings.health_address:
+        check_bindable(settings.health_address, "TALLY_HEALTH_ADDRESS")
 
 
 def _start_metrics(address: str, meters: metrics.Metrics) -> metrics.MetricsServer | None:
@@ -167,9 +169,16 @@ async def serve(
     db.observe_query = meters.db_query_seconds.observe
     meters.initialize_rpcs(SERVICE_NAMES)
     options = grpc_options(settings)
-    callers = auth.load_callers(settings.auth_tokens, settings.auth_tokens_file)
-    if not callers:
-        log.warning("no TALLY_AUTH_TOKENS: every caller may call every method")
+    callers: dict[str, auth.Caller] | auth.TokenFile
+    if settings.auth_tokens_file:
+        # Followed as it changes; authentication stays on even while it lists nobody.
+        callers = auth.TokenFile(settings.auth_tokens_file)
+        if not callers.callers:
+            log.warning("TALLY_AUTH_TOKENS_FILE lists no caller: every call is refused")
+    else:
+        callers = auth.load_callers(settings.auth_tokens, "")
+        if not callers:
+            log.warning("no TALLY_AUTH_TOKENS: every caller may call every method")
     interceptors: list[grpc.aio.ServerInterceptor] = [
         # Metrics first (outermost): it records the status the error mapping produced;
         # authentication inside the mapping, so its refusals are mapped like any error.
@@ -218,8 +227,23 @@ async def serve(
         port = 0
     if port == 0:
         raise StartupError(f"cannot listen on {settings.listen_address} (TALLY_LISTEN_ADDRESS)")
+    health_server = None
+    if settings.health_address:
+        # Health alone, in plaintext, on a port of its own: Kubernetes' native gRPC probes
+        # cannot speak TLS, and need no token.
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        try:
+            health_port = health_server.add_insecure_port(settings.health_address)
+        except RuntimeError:
+            health_port = 0
+        if health_port == 0:
+            raise StartupError(f"cannot listen on {settings.health_address} (TALLY_HEALTH_ADDRESS)")
     metrics_endpoint = _start_metrics(settings.metrics_address, meters)
     await server.start()
+    if health_server is not None:
+        await health_server.start()
+        log.info("health checks on %s (plaintext)", settings.health_address)
     log.info("tally listening on %s", settings.listen_address)
     if settings.log_format == "text":
         print(f"tally: serving on {settings.listen_address}", flush=True)
@@ -245,6 +269,8 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await server.stop(settings.shutdown_grace_seconds)
+    if health_server is not None:
+        await health_server.stop(0)
     await db.engine.dispose()
     if metrics_endpoint is not None:
         metrics_endpoint.stop()

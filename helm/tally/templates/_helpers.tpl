@@ -114,17 +114,12 @@ Job) the bearer-token callers, an optional key (absent: authentication off). */}
 {{- end }}
 {{- end }}
 
-{{/* A probe's handler: native gRPC health check, or with TLS (which native gRPC probes cannot
-speak) a TCP connect to the gRPC port. */}}
+{{/* A probe's handler: a native gRPC health check of the plaintext health port (which
+answers with or without TLS on the gRPC port). */}}
 {{- define "tally.probeHandler" -}}
-{{- if .root.Values.tls.enabled }}
-tcpSocket:
-  port: grpc
-{{- else }}
 grpc:
-  port: {{ .root.Values.containerPorts.grpc }}
+  port: {{ .root.Values.containerPorts.health }}
   service: {{ .probe.service | quote }}
-{{- end }}
 {{- end }}
 
 {{/* TLS file paths of the server (the mounts of tally.tlsVolumes). */}}
