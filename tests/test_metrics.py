@@ -592,3 +592,24 @@ def test_empty_metrics_address_disables_the_endpoint(
         assert "metrics on" not in process.log()
     finally:
         process.stop()
+
+
+def test_the_workers_report_their_last_success(metrics_server: tuple[ServerProcess, int]) -> None:
+    _, port = metrics_server
+    deadline = time.monotonic() + 20
+    names = (
+        "tally_sweeper_last_success_timestamp_seconds",
+        "tally_reload_worker_last_success_timestamp_seconds",
+    )
+    while True:
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(scrape(port))
+            for s in family.samples
+            if s.name in names
+        }
+        if all(samples.get(name, 0) > 0 for name in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for name in names:
+        assert abs(samples[name] - time.time()) < 60, (name, samples)

@@ -218,6 +218,16 @@ class Metrics:
             buckets=QUERY_BUCKETS,
             registry=registry,
         )
+        self.sweeper_last_success = Gauge(
+            "tally_sweeper_last_success_timestamp_seconds",
+            "Unix time of the sweeper's last pass without an error (0: none yet).",
+            registry=registry,
+        )
+        self.reload_worker_last_success = Gauge(
+            "tally_reload_worker_last_success_timestamp_seconds",
+            "Unix time of the reload worker's last pass without an error (0: none yet).",
+            registry=registry,
+        )
         self.build = Info("tally_build", "The running Tally build.", registry=registry)
         self.build.info({"version": _version(), "python_version": platform.python_version()})
         # The children of the fixed label values, created (at zero) once.

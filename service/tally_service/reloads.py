@@ -182,6 +182,8 @@ class ReloadWorker:
                 try:
                     while await self.run_once():
                         pass
+                    if self.meters is not None:
+                        self.meters.reload_worker_last_success.set_to_current_time()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
