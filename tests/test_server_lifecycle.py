@@ -323,3 +323,13 @@ def test_grpc_options_follow_the_settings() -> None:
     )
     assert "grpc.max_connection_age_ms" not in off
     assert off["grpc.keepalive_permit_without_calls"] == 0
+
+
+def test_unusable_tls_files_are_one_line(tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    result = _run_tally({"TALLY_TLS_CERT_FILE": str(cert), "TALLY_TLS_KEY_FILE": str(key)})
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("tally: TALLY_TLS_CERT_FILE and TALLY_TLS_KEY_FILE cannot be used:")

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.data_dir = args.data_dir
     for name in settings.unknown_variables:
         logging.getLogger("tally_service.config").warning("unknown setting %s: ignored", name)
-    from tally_service import auth, db, server
+    from tally_service import auth, db, server, tls
 
     if args.command == "migrate":
         db.migrate(server.resolve_database_url(settings))
@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         auth.load_callers(settings.auth_tokens, settings.auth_tokens_file)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    tls_files = tls.TlsFiles.from_settings(settings)
+    if tls_files is not None and not problems:
+        try:
+            tls.CertificateReloader(tls_files)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            problems.append(f"TALLY_TLS_CERT_FILE and TALLY_TLS_KEY_FILE cannot be used: {exc}")
     if problems:
         return _fail(problems, EXIT_CONFIG)
     settings.listen_address = args.listen

@@ -23,7 +23,7 @@ from tally.v1 import (
     metering_pb2_grpc,
 )
 from tally_service import auth, metrics, reloads, sweeper
-from tally_service.config import Settings
+from tally_service.config import ConfigError, Settings
 from tally_service.db import Database, make_engine, migrate, start_embedded
 from tally_service.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from tally_service.servicers.accounts import AccountsServicer
@@ -214,11 +214,19 @@ async def serve(
         server,
     )
     tls_files = TlsFiles.from_settings(settings)
+    credentials = None
+    if tls_files is not None:
+        try:
+            credentials = tls_files.credentials()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                [f"TALLY_TLS_CERT_FILE and TALLY_TLS_KEY_FILE cannot be used: {exc}"]
+            ) from None
     try:
         if tls_files is None:
             port = server.add_insecure_port(settings.listen_address)
         else:
-            port = server.add_secure_port(settings.listen_address, tls_files.credentials())
+            port = server.add_secure_port(settings.listen_address, credentials)
             log.info(
                 "TLS on%s",
                 " with client certificates required" if tls_files.client_ca_file else "",
