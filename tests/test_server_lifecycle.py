@@ -333,3 +333,10 @@ def test_unusable_tls_files_are_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     assert line.startswith("tally: TALLY_TLS_CERT_FILE and TALLY_TLS_KEY_FILE cannot be used:")
+
+
+def test_a_misspelt_setting_is_noticed() -> None:
+    settings = Settings.from_env({"TALLY_DB_POOL_SIZ": "5", "TALLY_TEST_DATABASE_URL": "x"})
+    assert settings.unknown_variables == ["TALLY_DB_POOL_SIZ"]
+    result = _run_tally({"TALLY_DB_POOL_SIZ": "5", "TALLY_LISTEN_ADDRESS": "bad"})
+    assert result.returncode == 2  # the warning comes once logging is set up; errors first
