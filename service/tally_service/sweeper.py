@@ -58,6 +58,8 @@ async def run(db: Database, interval_seconds: float, metrics: Metrics | None = N
         try:
             while await sweep_once(db, metrics=metrics) > 0:
                 pass
+            if metrics is not None:
+                metrics.sweeper_last_success.set_to_current_time()
         except asyncio.CancelledError:
             raise
         except Exception:
