@@ -255,6 +255,7 @@ def test_rows_continue_on_the_next_sheet_with_the_header(
     assert Decimal(str(totals[-1][5])) == Decimal("16.5")
     lines = list(csv.reader(io.StringIO(csv_data.decode())))
     assert [line[0] for line in lines[1:]] == ids
+    assert lines[1][1] == base.isoformat()  # as datetime.isoformat() writes it
     # The XLSX rows equal the CSV rows (the ISO timestamp text and every number).
     first = list(book["Usage"].iter_rows(values_only=True))[1]
     assert ["" if v is None else str(v) for v in first] == lines[1]
@@ -296,13 +297,14 @@ def test_text_is_escaped_and_reads_back(
     message = "  a & b < c > \"d\" 'e' _x0041_ tab\there é ✓  "
     base = _recorded(client, funded, 1, message=message, endpoint="/x?a=1&b=<2>")
     stub = metering_pb2_grpc.MeteringServiceStub(client.channel)
+    whole_second = (base + timedelta(minutes=1)).replace(microsecond=0)
     record(
         stub,
         event(
             funded,
             product(stub, "0"),
             event_id="ev-control",
-            start_time=ts(base + timedelta(minutes=1)),
+            start_time=ts(whole_second),
             message="bell\x07 end",
         ),
     )
@@ -320,6 +322,8 @@ def test_text_is_escaped_and_reads_back(
     assert rows[2][6] in ("bell\x07 end", "bell_x0007_ end")
     lines = list(csv.reader(io.StringIO(csv_data.decode(), newline="")))
     assert lines[1][6] == message and lines[2][6] == "bell\x07 end"
+    assert lines[2][1] == whole_second.isoformat()  # no fraction when it is zero
+    assert lines[1][1] == base.isoformat() and base.microsecond
 
 
 @pytest.mark.parametrize("zone", ["Pacific/Kiritimati", "Pacific/Pago_Pago", "Asia/Kolkata"])

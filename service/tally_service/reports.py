@@ -3,28 +3,31 @@
 Rows come from a server-side cursor (a read-only REPEATABLE READ transaction on one
 pooled connection), FETCH_ROWS at a time, in the order of the index on
 (account_id, started_at, event_id), so the first rows arrive without sorting the range.
-Each batch is formatted and sent before the next is fetched; gRPC's flow control holds
-the cursor back while the client is slower than the server.
+The next batch is requested before the current one is formatted, so PostgreSQL and this
+process work at the same time; gRPC's flow control holds the cursor back while the client
+is slower than the server.
 
-CSV is formatted by the csv module. XLSX is a zip written as a stream (`ZipStream`: local
-headers with data descriptors, deflate, zip64 records when an entry or the archive passes
-4 GiB), and each worksheet is written row by row as XML with inline strings, so nothing
-but the current batch is held in memory and nothing is written to disk. The first bytes
-(the CSV header; the XLSX's fixed parts and the first sheet's header) are sent before the
-query runs. The totals sheets come after the rows: the statistics are read when the rows
-are done, so the first byte never waits for them.
+CSV lines are formatted as the csv module writes them. XLSX is a zip written as a stream
+(`ZipStream`: local headers with data descriptors, deflate, zip64 records when an entry or
+the archive passes 4 GiB), and each worksheet is written row by row as XML with inline
+strings, so nothing but the current batches is held in memory and nothing is written to
+disk. The first bytes (the CSV header; the XLSX's fixed parts and the first sheet's
+header) are sent before the query runs. The totals sheets come after the rows: the
+statistics are read when the rows are done, so the first byte never waits for them.
 
 Charges are written as the exact decimal text of their micro-credits (`format_amount`),
 never through a float; timestamps as ISO 8601 text in UTC, as before.
 """
 
+import asyncio
+import contextlib
 import csv
 import io
 import re
 import struct
 import time
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -55,14 +58,45 @@ HEADER = [
 ]
 XLSX_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
+# started_at comes as the text Python's datetime.isoformat() gives for a UTC instant
+# ("2026-11-30T09:15:02.123456+00:00", without the fraction when it is zero), formatted
+# by PostgreSQL: the server process's one core is the limit, and this is its largest
+# per-row cost otherwise.
 _QUERY = """
-SELECT event_id, started_at, product_id, endpoint, status, status_code, message,
-       quantity, credits, processing_time_ms
+SELECT event_id,
+       to_char(started_at AT TIME ZONE 'UTC',
+               CASE WHEN date_trunc('second', started_at) = started_at
+                    THEN 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'
+                    ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"' END),
+       product_id, endpoint, status, status_code, message, quantity, credits,
+       processing_time_ms
 FROM usage_events
 WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
   AND status IN ('completed', 'failed'){product}
 ORDER BY started_at, event_id
 """
+MEMO_ENTRIES = 10_000
+
+
+class _Memo(dict[Any, str]):
+    """A function's results by argument, for the values that repeat from row to row
+    (endpoints, messages, amounts, product ids); emptied when it reaches MEMO_ENTRIES."""
+
+    def __init__(self, function: Callable[[Any], str]) -> None:
+        super().__init__()
+        self.function = function
+
+    def __missing__(self, key: Any) -> str:
+        if len(self) >= MEMO_ENTRIES:
+            self.clear()
+        value = self[key] = self.function(key)
+        return value
+
+
+def _csv_field(text: str) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow([text])
+    return out.getvalue() if text else ""
 
 
 def _day(instant: datetime, zone: ZoneInfo) -> str:
@@ -112,53 +146,62 @@ class Report:
                 assert driver is not None
                 async with driver.transaction(isolation="repeatable_read", readonly=True):
                     cursor = await driver.cursor(query, *args)
-                    while rows := await cursor.fetch(FETCH_ROWS):
-                        yield rows
+                    rows = await cursor.fetch(FETCH_ROWS)
+                    while rows:
+                        # The next FETCH is sent before this batch is formatted, so
+                        # PostgreSQL produces it while this process formats.
+                        following = asyncio.ensure_future(cursor.fetch(FETCH_ROWS))
+                        await asyncio.sleep(0)
+                        try:
+                            yield rows
+                        finally:
+                            if not following.done():
+                                with contextlib.suppress(Exception):
+                                    await asyncio.shield(following)
+                        rows = following.result()
         except asyncpg.PostgresError as exc:
             raise _translated(exc) from None
         except (OSError, asyncpg.InterfaceError):
             raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
 
     async def csv_chunks(self) -> AsyncGenerator[bytes, None]:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(HEADER)
-        yield buffer.getvalue().encode()  # the first bytes, before the query runs
-        buffer.seek(0)
-        buffer.truncate()
+        # Lines as the csv module's default dialect writes them (QUOTE_MINIMAL, CRLF);
+        # ids, product ids and statuses are validated to [A-Za-z0-9._:-], numbers and
+        # timestamps need no quoting, free text is quoted by the csv module itself.
+        header = io.StringIO()
+        csv.writer(header).writerow(HEADER)
+        yield header.getvalue().encode()  # the first bytes, before the query runs
+        text = _Memo(_csv_field)
+        amount = _Memo(format_amount)
+        parts: list[str] = []
+        size = 0
         async for rows in self._batches():
-            writer.writerows(
-                (
-                    event_id,
-                    started.isoformat(),
-                    product,
-                    endpoint,
-                    status,
-                    code,
-                    message,
-                    quantity,
-                    format_amount(credits),
-                    ms,
-                )
-                for (
-                    event_id,
-                    started,
-                    product,
-                    endpoint,
-                    status,
-                    code,
-                    message,
-                    quantity,
-                    credits,
-                    ms,
-                ) in rows
+            batch = "".join(
+                [
+                    f"{event_id},{started},{product},{text[endpoint]},{status},{code},"
+                    f"{text[message]},{quantity},{amount[credits]},{ms}\r\n"
+                    for (
+                        event_id,
+                        started,
+                        product,
+                        endpoint,
+                        status,
+                        code,
+                        message,
+                        quantity,
+                        credits,
+                        ms,
+                    ) in rows
+                ]
             )
-            if buffer.tell() >= CHUNK_BYTES:
-                yield buffer.getvalue().encode()
-                buffer.seek(0)
-                buffer.truncate()
-        if buffer.tell():
-            yield buffer.getvalue().encode()
+            parts.append(batch)
+            size += len(batch)
+            if size >= CHUNK_BYTES:
+                yield "".join(parts).encode()
+                parts.clear()
+                size = 0
+        if parts:
+            yield "".join(parts).encode()
 
     async def xlsx_chunks(self, *, zip64_from: int = 0xFFFFFFFF) -> AsyncGenerator[bytes, None]:
         archive = ZipStream(zip64_from=zip64_from)
@@ -170,6 +213,8 @@ class Report:
         out.add(archive.write(_SHEET_START + _header_row()))
         yield out.take()  # the first bytes, before the query runs
         row = 2
+        text = _Memo(_text_cell)
+        amount = _Memo(format_amount)
         async for rows in self._batches():
             parts: list[str] = []
             for (
@@ -195,12 +240,12 @@ class Report:
                 # The ids, product ids and statuses are validated to [A-Za-z0-9._:-].
                 parts.append(
                     f'<row r="{row}"><c t="inlineStr"><is><t>{event_id}</t></is></c>'
-                    f'<c t="inlineStr"><is><t>{started.isoformat()}</t></is></c>'
+                    f'<c t="inlineStr"><is><t>{started}</t></is></c>'
                     f'<c t="inlineStr"><is><t>{product}</t></is></c>'
-                    f"{_text_cell(endpoint)}"
+                    f"{text[endpoint]}"
                     f'<c t="inlineStr"><is><t>{status}</t></is></c>'
-                    f"<c><v>{code}</v></c>{_text_cell(message)}<c><v>{quantity}</v></c>"
-                    f"<c><v>{format_amount(credits)}</v></c><c><v>{ms}</v></c></row>"
+                    f"<c><v>{code}</v></c>{text[message]}<c><v>{quantity}</v></c>"
+                    f"<c><v>{amount[credits]}</v></c><c><v>{ms}</v></c></row>"
                 )
                 row += 1
             out.add(archive.write("".join(parts).encode()))
@@ -270,7 +315,9 @@ def _escape(text: str) -> str:
 def _text_cell(text: str) -> str:
     if not text:
         return "<c/>"
-    return f'<c t="inlineStr"><is><t xml:space="preserve">{_escape(text)}</t></is></c>'
+    if text[0].isspace() or text[-1].isspace():
+        return f'<c t="inlineStr"><is><t xml:space="preserve">{_escape(text)}</t></is></c>'
+    return f'<c t="inlineStr"><is><t>{_escape(text)}</t></is></c>'
 
 
 class _Number(str):
