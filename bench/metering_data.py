@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from bench.probe import plain_url
+from tally_service import reports
 
 # (product, endpoint) of event i is MIX[i % len(MIX)].
 MIX = (
@@ -82,14 +83,14 @@ SET usage_requests = usage_requests + $2,
 WHERE account_id = $1
 """
 # The rows of ExportUsageReport as tally_service.reports selects them.
-EXPORT_QUERY = """
-SELECT event_id, started_at, product_id, endpoint, status, status_code, message, quantity,
-       credits, processing_time_ms
-FROM usage_events
-WHERE account_id = :account_id AND started_at >= :start AND started_at < :end
-  AND status IN ('completed', 'failed')
-ORDER BY started_at, event_id
-"""
+# The export's query as tally_service.reports runs it (through a cursor, with $n
+# parameters), with named parameters for explain().
+EXPORT_QUERY = (
+    reports._QUERY.format(product="")
+    .replace("$1", ":account_id")
+    .replace("$2", ":start")
+    .replace("$3", ":end")
+)
 _SIZES = """
 SELECT c.relname, pg_relation_size(c.oid) AS bytes
 FROM pg_class c
