@@ -370,15 +370,28 @@ def test_gzip_caller_gets_the_same_bytes(client: TallyClient, funded: str) -> No
         format=m.REPORT_FORMAT_CSV,
     )
 
-    async def fetch(compression: grpc.Compression | None) -> bytes:
-        async with grpc.aio.insecure_channel(client.target) as channel:
+    ask = (("tally-response-compression", "gzip"),)
+
+    async def fetch(
+        compression: grpc.Compression | None,
+        metadata: tuple[tuple[str, str], ...] = ask,
+        options: tuple[tuple[str, int], ...] = (),
+    ) -> bytes:
+        async with grpc.aio.insecure_channel(client.target, options=options) as channel:
             stub = metering_pb2_grpc.MeteringServiceStub(channel)
-            call = stub.ExportUsageReport(request, timeout=30, compression=compression)
+            call = stub.ExportUsageReport(
+                request, timeout=30, compression=compression, metadata=metadata
+            )
             return b"".join([c.data async for c in call])
 
-    plain = asyncio.run(fetch(None))
+    plain = asyncio.run(fetch(None, ()))
     assert plain.count(b"\n") == 31
     assert asyncio.run(fetch(grpc.Compression.Gzip)) == plain
+    assert asyncio.run(fetch(None)) == plain
+    assert asyncio.run(fetch(grpc.Compression.Gzip, ())) == plain
+    # A client that cannot take gzip and does not ask for it gets identity.
+    no_gzip = (("grpc.compression_enabled_algorithms_bitset", 1),)
+    assert asyncio.run(fetch(None, (), no_gzip)) == plain
     xlsx_request = m.ExportUsageReportRequest()
     xlsx_request.CopyFrom(request)
     xlsx_request.format = m.REPORT_FORMAT_XLSX
