@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tally_client import InvalidArgument, NotFound, TallyClient
+from tally_client.cli import main as tallyctl
+from tests.conftest import ServerProcess
 from tests.support import assert_consistent
 
 
@@ -93,3 +95,20 @@ def test_balance_at_every_step(client: TallyClient, account_id: str) -> None:
         top_up.entry_id,
     ]
     assert_consistent(client, account_id)
+
+
+def test_tallyctl_balance_as_of(
+    server: ServerProcess, account_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--target", server.target]
+    assert tallyctl([*base, "accounts", "create", account_id]) == 0
+    assert tallyctl([*base, "topup", account_id, "10"]) == 0
+    between = datetime.now(UTC)
+    assert tallyctl([*base, "topup", account_id, "5"]) == 0
+    capsys.readouterr()
+    assert tallyctl([*base, "balance", account_id, "--as-of", between.isoformat()]) == 0
+    lines = dict(
+        (k.strip(), v.strip())
+        for k, v in (line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    )
+    assert (lines["balance"], lines["available"]) == ("10", "10")
