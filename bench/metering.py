@@ -1041,6 +1041,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, report: Report) -> None:
                         url,
                         metering_data.EXPORT_QUERY,
                         {"account_id": BIG_ACCOUNT, "start": start, "end": data.end},
+                        metering_data.EXPORT_SETTINGS,
                     )
                 )
                 for name, fmt_value in (
