@@ -80,7 +80,7 @@ MEMO_ENTRIES = 10_000
 
 class _Memo(dict[Any, str]):
     """A function's results by argument, for the values that repeat from row to row
-    (endpoints, messages, amounts, product ids); emptied when it reaches MEMO_ENTRIES."""
+    (endpoints, messages, amounts); emptied when it reaches MEMO_ENTRIES."""
 
     def __init__(self, function: Callable[[Any], str]) -> None:
         super().__init__()
