@@ -129,6 +129,22 @@ def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
     )
 
 
+def credit_balance_at(b: store.BalanceAt) -> credits_pb2.CreditBalance:
+    """The balance at a past instant: grant totals are not kept per instant, so
+    subscription_credits and purchased_credits stay empty."""
+    a = b.account
+    return credits_pb2.CreditBalance(
+        account_id=a.account_id,
+        balance=format_amount(b.balance),
+        reserved=format_amount(b.reserved),
+        available=format_amount(b.balance - b.reserved),
+        currency=a.currency,
+        update_time=timestamp(b.update_time),
+        auto_reload=auto_reload(a),
+        overdraft_limit=format_amount(a.overdraft_limit),
+    )
+
+
 GRANT_TYPES = {
     "purchased": credits_pb2.CREDIT_GRANT_TYPE_PURCHASED,
     "subscription": credits_pb2.CREDIT_GRANT_TYPE_SUBSCRIPTION,

@@ -71,6 +71,70 @@ async def get_balance(db: Database, account_id: str) -> Balance:
     )
 
 
+@dataclass
+class BalanceAt:
+    """The balance and reserved credit at a past instant, read from the ledger and holds."""
+
+    account: models.Account
+    balance: int
+    reserved: int
+    update_time: datetime | None
+
+
+# One statement, so one snapshot. The balance is the last entry's balance_after at or
+# before the instant (ledger_entries_by_time: one index probe). Holds that count are
+# those placed at or before it, not yet finalized then and not past expiry then; as no
+# hold lives longer than MAX_TTL_SECONDS, only holds placed in that window before the
+# instant can count (holds_by_account_time, migration 0007). update_time is the latest
+# change at or before the instant among the last entry and the holds of that window.
+_BALANCE_AT = text(
+    """
+SELECT last.balance_after, last.created_at AS entry_time, held.reserved, held.changed
+FROM accounts a
+LEFT JOIN LATERAL (
+    SELECT e.balance_after, e.created_at FROM ledger_entries e
+    WHERE e.account_id = a.account_id AND e.created_at <= :as_of
+    ORDER BY e.created_at DESC, e.sequence DESC LIMIT 1
+) last ON true
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(h.amount) FILTER (
+               WHERE h.expires_at > :as_of
+                 AND (h.finalized_at IS NULL OR h.finalized_at > :as_of)), 0) AS reserved,
+           max(greatest(h.created_at,
+                        CASE WHEN least(coalesce(h.finalized_at, 'infinity'), h.expires_at)
+                                  <= :as_of
+                             THEN least(coalesce(h.finalized_at, 'infinity'), h.expires_at)
+                        END)) AS changed
+    FROM holds h
+    WHERE h.account_id = a.account_id AND h.created_at <= :as_of
+      AND h.created_at > :as_of - CAST(:max_ttl AS integer) * interval '1 second'
+) held
+WHERE a.account_id = :account_id
+"""
+)
+
+
+async def get_balance_at(
+    db: Database, account_id: str, as_of: datetime, max_ttl_seconds: int
+) -> BalanceAt:
+    """Balance, reserved and the last change as of `as_of` (zeros before the account's
+    first entry or hold). What fell due before now is written down first, so an expiry
+    (dated at its instant) counts even if nothing had touched the account since."""
+    await catch_up(db, account_id)
+    async with db.sessions() as session:
+        account = await _account(session, account_id)
+        row = (
+            await session.execute(
+                _BALANCE_AT,
+                {"account_id": account_id, "as_of": as_of, "max_ttl": max_ttl_seconds},
+            )
+        ).one()
+    times = [t for t in (row.entry_time, row.changed) if t is not None]
+    return BalanceAt(
+        account, int(row.balance_after or 0), int(row.reserved), max(times) if times else None
+    )
+
+
 async def list_grants(db: Database, account_id: str, include_spent: bool) -> list[models.Grant]:
     await catch_up(db, account_id)
     g = models.Grant
