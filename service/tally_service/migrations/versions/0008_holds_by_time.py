@@ -2,14 +2,14 @@
 (GetBalance with `as_of`): the holds that can count at an instant are those placed in
 the longest TTL before it, one index range.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 """
 
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
