@@ -81,12 +81,12 @@ def test_labels_of_enums() -> None:
 
 
 def test_parse_address() -> None:
-    assert metrics.parse_address("127.0.0.1:9090") == ("127.0.0.1", 9090)
+    assert metrics.parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert metrics.parse_address("0.0.0.0:9464") == ("0.0.0.0", 9464)
-    assert metrics.parse_address("[::1]:9090") == ("::1", 9090)
-    assert metrics.parse_address(":9090") == ("0.0.0.0", 9090)
+    assert metrics.parse_address("[::1]:9464") == ("::1", 9464)
+    assert metrics.parse_address(":9464") == ("0.0.0.0", 9464)
     with pytest.raises(ValueError):
-        metrics.parse_address("9090")
+        metrics.parse_address("9464")
 
 
 # -- definitions ------------------------------------------------------------------------
@@ -579,7 +579,7 @@ def test_expired_holds_are_counted_by_the_sweeper(
     assert expired - before == 2
 
 
-def test_an_explicit_metrics_address_that_is_taken_stops_the_start(
+def test_a_metrics_address_that_is_taken_stops_the_start(
     database_url: str, server_log_dir: Path
 ) -> None:
     import socket
@@ -588,7 +588,7 @@ def test_an_explicit_metrics_address_that_is_taken_stops_the_start(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        with pytest.raises(RuntimeError, match="cannot serve metrics on"):
+        with pytest.raises(RuntimeError, match=r"cannot listen on .* \(TALLY_METRICS_ADDRESS\)"):
             start_server(database_url, server_log_dir, extra_env={"TALLY_METRICS_ADDRESS": address})
 
 
@@ -600,3 +600,24 @@ def test_empty_metrics_address_disables_the_endpoint(
         assert "metrics on" not in process.log()
     finally:
         process.stop()
+
+
+def test_the_workers_report_their_last_success(metrics_server: tuple[ServerProcess, int]) -> None:
+    _, port = metrics_server
+    deadline = time.monotonic() + 20
+    names = (
+        "tally_sweeper_last_success_timestamp_seconds",
+        "tally_reload_worker_last_success_timestamp_seconds",
+    )
+    while True:
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(scrape(port))
+            for s in family.samples
+            if s.name in names
+        }
+        if all(samples.get(name, 0) > 0 for name in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for name in names:
+        assert abs(samples[name] - time.time()) < 60, (name, samples)

@@ -376,7 +376,8 @@ def _cmd_movement(kind: str) -> Command:
 
 
 def _cmd_balance(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
-    print(format_fields(_balance_fields(c.get_balance(a.account_id))), file=out)
+    b = c.get_balance(a.account_id, as_of=a.as_of)
+    print(format_fields(_balance_fields(b)), file=out)
     return EXIT_OK
 
 
@@ -755,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bal = sub.add_parser("balance", help="show an account's credit")
     bal.add_argument("account_id", metavar="ID")
+    bal.add_argument(
+        "--as-of", type=_parse_time, help="ISO-8601 past instant to answer for (default: now)"
+    )
     bal.set_defaults(func=_cmd_balance)
 
     grs = sub.add_parser("grants", help="an account's credit grants in draw order")

@@ -283,9 +283,7 @@ class Database:
                 if attempt < 2:
                     continue
                 raise errors.DatabaseUnavailable("contention; retry") from None
-            replayed = bool(result["replayed"])
-            metrics.note_call(function, result["response"], replayed)
-            return result["response"], replayed
+            return _answer(function, result)
         raise AssertionError("unreachable")
 
     # -- group commit -------------------------------------------------------------
@@ -334,33 +332,27 @@ class Database:
         )
         try:
             results = await self._fetch(_APPLY_GROUP, [calls])
-        except Exception as exc:  # the whole transaction failed: nothing of it was written
-            error = exc
-            if isinstance(exc, _LostRace):
-                error = errors.DatabaseUnavailable("contention; retry")
+        except errors.DatabaseUnavailable as exc:
+            # Transient (timeout, connection): nothing was written; the callers retry.
             for p in group:
                 if not p.future.done():
-                    p.future.set_exception(error)
+                    p.future.set_exception(exc)
             return
-        retry: list[_Pending] = []
+        except Exception:
+            # Something one call raised (a same-key race with another process, an
+            # overflow): nothing was written; each call runs again alone, so each
+            # gets its own answer.
+            for p in group:
+                if not p.future.done():
+                    await _settle(p, self._call_alone(p.function, p.params, p.caller))
+            return
         for p, result in zip(group, results, strict=True):
             if p.future.done():
                 continue
-            if "ok" in result:
-                replayed = bool(result["ok"]["replayed"])
-                metrics.note_call(p.function, result["ok"]["response"], replayed)
-                p.future.set_result((result["ok"]["response"], replayed))
-                continue
-            failure = result["error"]
-            mapped = translate_state(
-                failure["sqlstate"] or "", failure["detail"], _GroupItemError(failure)
-            )
-            if isinstance(mapped, _LostRace):
-                retry.append(p)  # a concurrent same-key request won: alone, it replays
-            else:
-                p.future.set_exception(mapped)
-        for p in retry:
-            await _settle(p, self._call_alone(p.function, p.params, p.caller))
+            try:
+                p.future.set_result(_answer(p.function, result))
+            except Exception as exc:
+                p.future.set_exception(exc)
 
     async def ping(self) -> bool:
         try:
@@ -374,11 +366,22 @@ class Database:
 _APPLY_GROUP = "SELECT tally_apply_group(p_calls => $1::jsonb)"
 
 
-class _GroupItemError(Exception):
-    """One call's error inside a group, as the database reported it."""
+class _Refused(Exception):
+    """A refusal a money function returned (sql/15_refusals.sql)."""
 
-    def __init__(self, failure: Mapping[str, Any]) -> None:
-        super().__init__(f"{failure.get('sqlstate')}: {failure.get('message')}")
+
+def _answer(function: str, result: Mapping[str, Any]) -> tuple[Any, bool]:
+    """A money function's answer: (response, replayed), or its refusal raised as the
+    catalog's error."""
+    refusal = result.get("error")
+    if refusal is not None:
+        error = translate_state(refusal["sqlstate"], refusal["detail"], _Refused(refusal))
+        if isinstance(error, _LostRace):  # not a refusal any function returns
+            raise errors.Internal("internal error")
+        raise error
+    replayed = bool(result["replayed"])
+    metrics.note_call(function, result["response"], replayed)
+    return result["response"], replayed
 
 
 def _check_names(function: str, names: tuple[str, ...]) -> None:

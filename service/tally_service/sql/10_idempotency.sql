@@ -1,5 +1,5 @@
 -- The stored response of an earlier request with this key, or NULL. The same key with
--- another method or payload is an error (AIP-155).
+-- another method or payload is refused (AIP-155): callers return what this returns.
 CREATE OR REPLACE FUNCTION tally_replay(p_request_id text, p_method text, p_fingerprint bytea)
 RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
@@ -10,12 +10,10 @@ BEGIN
         RETURN NULL;
     END IF;
     IF k.method <> p_method OR k.fingerprint <> p_fingerprint THEN
-        RAISE EXCEPTION 'request_id reused' USING ERRCODE = 'TA409',
-            DETAIL = json_build_object(
-                'request_id', p_request_id,
-                'original_method', k.method,
-                'mismatch', CASE WHEN k.method <> p_method THEN 'method' ELSE 'payload' END
-            )::text;
+        RETURN tally_refusal('TA409', json_build_object(
+            'request_id', p_request_id,
+            'original_method', k.method,
+            'mismatch', CASE WHEN k.method <> p_method THEN 'method' ELSE 'payload' END));
     END IF;
     RETURN jsonb_build_object('replayed', true, 'response', k.response);
 END $$;

@@ -1,16 +1,19 @@
--- The lock now also catches up on grant expiries and subscription renewals that fell
--- due, in time order (an expiry before a renewal at the same instant), a bounded
--- number per call.
+-- Takes the account's row lock and, under it, catches up on everything that fell due
+-- by now, in time order: hold expiries, grant expiries and subscription renewals (at
+-- one instant: holds, then grants, then the renewal). Each step settles a whole set at
+-- once, and the loop runs until nothing is due, however much is: no expired grant is
+-- left spendable (DESIGN.md 5). Grant expiries between two hold expiries or renewals
+-- are one step (they do not change what the holds stand on); hold expiries are one
+-- step too, unless expired credit is kept under holds, which each of them may release.
 CREATE OR REPLACE FUNCTION tally_lock_account(p_account_id text) RETURNS accounts
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
-    h holds;
-    g grants;
-    ev usage_events;
-    v_expired bigint := 0;
-    v_last_expiry timestamptz;
     v_now timestamptz;
+    v_hold_at timestamptz;
+    v_grant_at timestamptz;
+    v_renew_at timestamptz;
+    v_available bigint;
 BEGIN
     SELECT * INTO a FROM accounts WHERE account_id = p_account_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -18,49 +21,39 @@ BEGIN
             DETAIL = json_build_object('resource', 'account', 'id', p_account_id)::text;
     END IF;
     v_now := clock_timestamp();
-    FOR h IN
-        UPDATE holds SET status = 'expired', finalized_at = expires_at
-        WHERE account_id = p_account_id AND status = 'pending' AND expires_at <= v_now
-        RETURNING *
     LOOP
-        v_expired := v_expired + h.amount - h.captured;
-        v_last_expiry := greatest(v_last_expiry, h.expires_at);
-        FOR ev IN
-            UPDATE usage_events
-            SET status = 'failed', success = false, message = 'EXPIRED',
-                completed_at = h.expires_at
-            WHERE reservation_id = h.reservation_id AND status IN ('pending', 'processing')
-            RETURNING *
-        LOOP
-            PERFORM tally_roll_up(ev);
-        END LOOP;
-    END LOOP;
-    IF v_expired > 0 THEN
-        UPDATE accounts
-        SET reserved = reserved - v_expired,
-            balance_updated_at = greatest(balance_updated_at, v_last_expiry)
-        WHERE account_id = p_account_id;
-    END IF;
-    FOR i IN 1..100 LOOP
-        SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
-        SELECT * INTO g FROM grants
-        WHERE account_id = p_account_id AND remaining > 0 AND expires_at <= v_now
-        ORDER BY expires_at, grant_id LIMIT 1;
-        IF g.grant_id IS NOT NULL
-           AND (a.subscription_renews_at IS NULL OR a.subscription_renews_at > v_now
-                OR g.expires_at <= a.subscription_renews_at) THEN
-            PERFORM tally_post_entry(
-                p_account_id, 'debit', -g.remaining, 0, 'expired', g.grant_id::text,
-                jsonb_build_object('grant_id', g.grant_id, 'grant_type', g.grant_type),
-                'expiry:' || g.grant_id, NULL, NULL, g.expires_at, false);
-            UPDATE grants SET remaining = 0, expired = true WHERE grant_id = g.grant_id;
-        ELSIF a.subscription_renews_at <= v_now THEN
-            PERFORM tally_renew_subscription(a);
+        SELECT min(expires_at) INTO v_hold_at FROM holds
+        WHERE account_id = p_account_id AND status = 'pending' AND expires_at <= v_now;
+        SELECT min(expires_at) INTO v_grant_at FROM grants
+        WHERE account_id = p_account_id AND remaining > 0 AND NOT expired
+          AND expires_at <= v_now;
+        v_renew_at := CASE WHEN a.subscription_renews_at <= v_now
+                           THEN a.subscription_renews_at END;
+        EXIT WHEN v_hold_at IS NULL AND v_grant_at IS NULL AND v_renew_at IS NULL;
+        IF v_hold_at <= coalesce(least(v_grant_at, v_renew_at), 'infinity') THEN
+            IF EXISTS (SELECT 1 FROM grants
+                       WHERE account_id = p_account_id AND remaining > 0 AND expired) THEN
+                -- Expired credit kept under holds: this instant's holds may release it.
+                PERFORM tally_expire_due_holds(p_account_id, v_hold_at);
+                PERFORM tally_write_off(p_account_id, v_hold_at, v_hold_at);
+            ELSE
+                PERFORM tally_expire_due_holds(
+                    p_account_id, coalesce(least(v_grant_at, v_renew_at), v_now));
+            END IF;
+        ELSIF v_grant_at <= coalesce(v_renew_at, 'infinity') THEN
+            -- Every grant expiring before the next hold expiry (or up to the renewal).
+            v_available := a.balance - a.reserved;
+            IF tally_write_off(p_account_id,
+                               least(v_renew_at, v_now, v_hold_at - interval '1 microsecond'),
+                               NULL) > 0 THEN
+                SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
+                PERFORM tally_maybe_reload(a, v_available);
+            END IF;
         ELSE
-            EXIT;
+            PERFORM tally_renew_subscription(a);
         END IF;
+        SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
     END LOOP;
-    SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
     RETURN a;
 END $$;
 
@@ -150,7 +143,7 @@ BEGIN
        OR EXISTS (SELECT 1 FROM holds WHERE account_id = p_account_id
                   AND status = 'pending' AND expires_at <= v_now)
        OR EXISTS (SELECT 1 FROM grants WHERE account_id = p_account_id
-                  AND remaining > 0 AND expires_at <= v_now) THEN
+                  AND remaining > 0 AND NOT expired AND expires_at <= v_now) THEN
         PERFORM tally_lock_account(p_account_id);
     END IF;
     SELECT jsonb_build_object(
@@ -165,16 +158,4 @@ BEGIN
     WHERE a.account_id = p_account_id
     GROUP BY a.*;
     RETURN jsonb_build_object('replayed', false, 'response', r);
-END $$;
-
-CREATE OR REPLACE FUNCTION tally_insufficient(a accounts, p_requested bigint) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'insufficient credits' USING ERRCODE = 'TA402',
-        DETAIL = json_build_object(
-            'account_id', a.account_id,
-            'available', a.balance - a.reserved,
-            'requested', p_requested,
-            'overdraft_limit', a.overdraft_limit
-        )::text;
 END $$;

@@ -9,6 +9,7 @@ DECLARE
     v_before bigint;
     v_grant_type text;
     v_credit_type text;
+    v_available_before bigint;
 BEGIN
     -- Entries stay in time order even when one is backdated to an instant it caught up:
     -- the entry's time is the account's new balance_updated_at.
@@ -20,6 +21,7 @@ BEGIN
     WHERE account_id = p_account_id
     RETURNING * INTO a;
     v_before := a.balance - p_amount;
+    v_available_before := v_before - (a.reserved - p_reserved_delta);
     IF p_amount < 0 AND p_draw THEN
         v_credit_type := tally_draw_grants(p_account_id, least(-p_amount, greatest(v_before, 0)));
     END IF;
@@ -45,8 +47,15 @@ BEGIN
                 (p_grant ->> 'expires_at')::timestamptz, e.created_at, e.entry_id,
                 (p_grant ->> 'subscription_id')::uuid, (p_grant ->> 'period')::bigint);
     END IF;
-    PERFORM tally_maybe_reload(
-        a, (a.balance - p_amount) - (a.reserved - p_reserved_delta));
+    -- A credit drawn before expired credit kept under holds, or holds taken off it (a
+    -- capture), leaves that credit uncovered: it is written off now (DESIGN.md 5b),
+    -- before the reload rule looks at the movement as a whole.
+    IF p_amount > 0 OR p_reserved_delta < 0 THEN
+        IF tally_settle_expired(p_account_id, a.balance_updated_at) > 0 THEN
+            SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
+        END IF;
+    END IF;
+    PERFORM tally_maybe_reload(a, v_available_before);
     RETURN e;
 END $$;
 

@@ -10,13 +10,16 @@ DECLARE
     e ledger_entries;
     r jsonb;
 BEGIN
-    a := tally_lock_account(p_account_id);
+    a := tally_find_account(p_account_id);
+    IF a.account_id IS NULL THEN
+        RETURN tally_not_found('account', p_account_id);
+    END IF;
     r := tally_replay(p_request_id, p_method, p_fingerprint);
     IF r IS NOT NULL THEN
         RETURN r;
     END IF;
-    IF p_type = 'debit' AND a.balance - a.reserved + p_amount < -a.overdraft_limit THEN
-        PERFORM tally_insufficient(a, -p_amount);
+    IF p_type = 'debit' AND NOT tally_fits(a, -p_amount) THEN
+        RETURN tally_insufficient(a, -p_amount);
     END IF;
     e := tally_post_entry(p_account_id, p_type, p_amount, 0, p_description, p_reference,
                           p_metadata, p_request_id, NULL, p_grant, NULL, true);

@@ -537,6 +537,7 @@ BEGIN
         WHERE reservation_id = h.reservation_id;
         UPDATE accounts SET reserved = reserved - h.amount, balance_updated_at = clock_timestamp()
         WHERE account_id = a.account_id;
+        PERFORM tally_settle_expired(a.account_id, clock_timestamp());
     END IF;
     v_completed_at := coalesce((p_item ->> 'completed_at')::timestamptz, clock_timestamp());
     UPDATE usage_events SET

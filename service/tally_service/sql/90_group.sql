@@ -4,15 +4,18 @@
 -- p_calls is a JSON array of {"f": function, "caller": name, "a": {arguments}}; the
 -- arguments are the named parameters of the function without their `p_` prefix
 -- (fingerprints as hex, metadata and grants as JSON text). The answer is an array of
--- the same length: {"ok": response} or {"error": {"sqlstate", "detail", "message"}}.
+-- the same length holding each function's own answer: {"replayed", "response"}, or
+-- {"error": {"sqlstate", "detail"}} for a refusal (sql/15_refusals.sql).
 --
 -- Every account the group touches is locked first, in account_id order, so two groups
--- (of this or another process) never wait on each other in a cycle. Each call then
--- runs as it would alone, in a subtransaction: a refused call (insufficient credit,
--- a reused key, an unknown account…) rolls back only its own writes and answers its
--- own error; its neighbours are unaffected. Errors a subtransaction cannot catch (the
--- statement timeout, a lost connection) fail the whole group, and nothing of it is
--- written; the server answers each caller UNAVAILABLE, and retries are safe by key.
+-- (of this or another process) never wait on each other in a cycle. The calls then run
+-- one after another, each exactly as it would alone. A refusal is returned before its
+-- call writes anything, so it never undoes or changes a neighbour's work, and no
+-- subtransaction is needed (a subtransaction per call makes every waiter on the hot
+-- account's row pay for each of them: measured 3x slower under contention). Anything
+-- raised (the statement timeout, a lost connection, an assertion, a same-key race with
+-- another process) fails the whole group and nothing of it is written; the server then
+-- answers UNAVAILABLE, or runs each call again alone when the error was not transient.
 CREATE OR REPLACE FUNCTION tally_apply_group(p_calls jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -20,9 +23,6 @@ DECLARE
     a jsonb;
     r jsonb;
     v_results jsonb[] := '{}';
-    v_state text;
-    v_detail text;
-    v_message text;
 BEGIN
     PERFORM 1 FROM accounts
     WHERE account_id IN (
@@ -36,53 +36,46 @@ BEGIN
     ORDER BY account_id FOR UPDATE;
     FOR c IN SELECT value FROM jsonb_array_elements(p_calls) LOOP
         a := c->'a';
-        BEGIN
-            PERFORM set_config('tally.caller', coalesce(c->>'caller', ''), true);
-            CASE c->>'f'
-            WHEN 'tally_move' THEN
-                r := tally_move(
-                    p_request_id => a->>'request_id',
-                    p_fingerprint => decode(a->>'fingerprint', 'hex'),
-                    p_method => a->>'method',
-                    p_account_id => a->>'account_id',
-                    p_type => a->>'type',
-                    p_amount => (a->>'amount')::bigint,
-                    p_description => a->>'description',
-                    p_reference => a->>'reference',
-                    p_metadata => (a->>'metadata')::jsonb,
-                    p_grant => (a->>'grant')::jsonb);
-            WHEN 'tally_reserve' THEN
-                r := tally_reserve(
-                    p_request_id => a->>'request_id',
-                    p_fingerprint => decode(a->>'fingerprint', 'hex'),
-                    p_account_id => a->>'account_id',
-                    p_amount => (a->>'amount')::bigint,
-                    p_ttl_seconds => (a->>'ttl_seconds')::bigint,
-                    p_reference => a->>'reference',
-                    p_metadata => (a->>'metadata')::jsonb);
-            WHEN 'tally_capture' THEN
-                r := tally_capture(
-                    p_request_id => a->>'request_id',
-                    p_fingerprint => decode(a->>'fingerprint', 'hex'),
-                    p_reservation_id => (a->>'reservation_id')::uuid,
-                    p_amount => (a->>'amount')::bigint,
-                    p_description => a->>'description',
-                    p_metadata => (a->>'metadata')::jsonb);
-            WHEN 'tally_release' THEN
-                r := tally_release(
-                    p_request_id => a->>'request_id',
-                    p_fingerprint => decode(a->>'fingerprint', 'hex'),
-                    p_reservation_id => (a->>'reservation_id')::uuid);
-            ELSE
-                RAISE EXCEPTION 'not a grouped function: %', c->>'f' USING ERRCODE = 'TA999';
-            END CASE;
-            v_results := v_results || jsonb_build_object('ok', r);
-        EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE,
-                v_detail = PG_EXCEPTION_DETAIL, v_message = MESSAGE_TEXT;
-            v_results := v_results || jsonb_build_object('error', jsonb_build_object(
-                'sqlstate', v_state, 'detail', v_detail, 'message', v_message));
-        END;
+        PERFORM set_config('tally.caller', coalesce(c->>'caller', ''), true);
+        CASE c->>'f'
+        WHEN 'tally_move' THEN
+            r := tally_move(
+                p_request_id => a->>'request_id',
+                p_fingerprint => decode(a->>'fingerprint', 'hex'),
+                p_method => a->>'method',
+                p_account_id => a->>'account_id',
+                p_type => a->>'type',
+                p_amount => (a->>'amount')::bigint,
+                p_description => a->>'description',
+                p_reference => a->>'reference',
+                p_metadata => (a->>'metadata')::jsonb,
+                p_grant => (a->>'grant')::jsonb);
+        WHEN 'tally_reserve' THEN
+            r := tally_reserve(
+                p_request_id => a->>'request_id',
+                p_fingerprint => decode(a->>'fingerprint', 'hex'),
+                p_account_id => a->>'account_id',
+                p_amount => (a->>'amount')::bigint,
+                p_ttl_seconds => (a->>'ttl_seconds')::bigint,
+                p_reference => a->>'reference',
+                p_metadata => (a->>'metadata')::jsonb);
+        WHEN 'tally_capture' THEN
+            r := tally_capture(
+                p_request_id => a->>'request_id',
+                p_fingerprint => decode(a->>'fingerprint', 'hex'),
+                p_reservation_id => (a->>'reservation_id')::uuid,
+                p_amount => (a->>'amount')::bigint,
+                p_description => a->>'description',
+                p_metadata => (a->>'metadata')::jsonb);
+        WHEN 'tally_release' THEN
+            r := tally_release(
+                p_request_id => a->>'request_id',
+                p_fingerprint => decode(a->>'fingerprint', 'hex'),
+                p_reservation_id => (a->>'reservation_id')::uuid);
+        ELSE
+            RAISE EXCEPTION 'not a grouped function: %', c->>'f' USING ERRCODE = 'TA999';
+        END CASE;
+        v_results := v_results || r;
     END LOOP;
     RETURN to_jsonb(v_results);
 END $$;

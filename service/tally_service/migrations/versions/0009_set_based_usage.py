@@ -7,14 +7,14 @@ few set operations instead of one loop turn per event.
   two writers of `usage_events.entry_id`, `tally_record_usage` and `tally_finish_usage`,
   now set `credit_type` themselves from the entry they write.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 from tally_service.migrations.script import run_script
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
