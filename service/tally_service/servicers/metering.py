@@ -276,11 +276,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
             entry.reference = item["event_id"]
             entry.request_id = item["event_id"]
-            metadata = {"event_id": item["event_id"], "product_id": item["product_id"]}
+            fields = entry.metadata.fields
+            fields["event_id"].string_value = item["event_id"]
+            fields["product_id"].string_value = product
             caller = current_caller.get()
             if caller:
-                metadata["caller"] = caller
-            entry.metadata.update(metadata)
+                fields["caller"].string_value = caller
             convert.set_time(
                 entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT])
             )
