@@ -128,7 +128,7 @@ DECLARE
     v_new_accounts text[];
     v_stamp jsonb;
     v_at timestamptz;
-    v_now timestamptz := clock_timestamp();
+    v_now timestamptz;
 BEGIN
     -- The events, priced, in (account_id, index) order: pos is the array subscript.
     SELECT array_agg(ROW(
@@ -159,6 +159,7 @@ BEGIN
     FROM (SELECT account_id FROM accounts
           WHERE account_id IN (SELECT i.account_id FROM unnest(v_items) i)
           ORDER BY account_id FOR UPDATE) l;
+    v_now := clock_timestamp();  -- after the lock wait: what fell due while waiting
     FOR v_account IN
         SELECT a.account_id FROM accounts a
         WHERE a.account_id = ANY (v_locked)
