@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from tally_service import errors, metrics
 from tally_service.db import translate
 from tally_service.handlers import rewrap
+from tally_service.outage import outage
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def _as_domain_error(exc: BaseException, method: str) -> errors.DomainError:
             return translated
     if isinstance(exc, OSError | TimeoutError):
         return errors.DatabaseUnavailable("a dependency is unavailable; retry")
+    if outage.absorb(exc, method):  # logs an outage once, not each call's traceback
+        return errors.DatabaseUnavailable("the database is unavailable; retry")
     log.error("unhandled error in %s", method, exc_info=exc)
     return errors.Internal("internal error")
 
