@@ -12,6 +12,8 @@ VerifyAccount (1-4) after each drill.
 import asyncio
 import contextlib
 import logging
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally_client import TallyClient, TallyError
 from tally_service import errors
 from tally_service.db import is_unavailable, translate_state
-from tests.conftest import ServerProcess, free_port, new_database, start_server
+from tests.conftest import ROOT, ServerProcess, free_port, new_database, start_server
 from tests.own_postgres import OwnPostgres, RowLock
 from tests.support import assert_consistent
 
@@ -319,3 +321,37 @@ def test_postgres_errors_that_mean_not_now_are_unavailable(
         error = translate_state(sqlstate, None, Exception(sqlstate))
         assert isinstance(error, errors.DatabaseUnavailable), sqlstate
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _helm() -> str | None:
+    local = ROOT / ".tools" / "bin" / "helm"  # where scripts/check-deploy installs it
+    return str(local) if local.exists() else shutil.which("helm")
+
+
+def test_chart_probes_liveness_apart_from_readiness() -> None:
+    """The chart's liveness (and startup) probes ask for `liveness`, readiness for the
+    database-dependent "": a database outage must not restart every pod."""
+    helm = _helm()
+    if helm is None:
+        pytest.skip("helm is not installed; `scripts/check-deploy` installs it")
+    rendered = subprocess.run(
+        [
+            helm,
+            "template",
+            "tally",
+            str(ROOT / "helm" / "tally"),
+            "--set",
+            "secret.databaseUrl=postgresql://tally@postgres:5432/tally",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    services = dict(
+        re.findall(r"\n\s+(\w+Probe):\n\s+grpc:\n\s+port: \d+\n\s+service: \"([^\"]*)\"", rendered)
+    )
+    assert services == {
+        "startupProbe": "liveness",
+        "livenessProbe": "liveness",
+        "readinessProbe": "",
+    }
