@@ -18,8 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -30,8 +32,9 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
-from tally_client import TallyClient, TallyError
+from tally_client import TallyClient, TallyError, Unavailable
 from tally_service import errors
 from tally_service.db import is_unavailable, translate_state
 from tests.conftest import ROOT, ServerProcess, free_port, new_database, start_server
@@ -355,3 +358,120 @@ def test_chart_probes_liveness_apart_from_readiness() -> None:
         "livenessProbe": "liveness",
         "readinessProbe": "",
     }
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics of a server as {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        exposition = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def pool_in_use(port: int) -> float:
+    return scrape(port)[("tally_db_pool_connections", (("state", "in_use"),))]
+
+
+def test_statement_timeout_is_unavailable_and_writes_nothing(
+    own_database_url: str, tmp_path: Path
+) -> None:
+    """A statement that outlasts TALLY_DB_STATEMENT_TIMEOUT_MS (a Debit waiting on a row
+    lock another session holds) fails UNAVAILABLE (retryable) at once, writes nothing, and
+    the retry with the same key does the work once the lock is gone."""
+    server = start_server(own_database_url, tmp_path, {"TALLY_DB_STATEMENT_TIMEOUT_MS": "300"})
+    try:
+        with TallyClient(server.target, timeout_seconds=10, max_attempts=1) as client:
+            client.create_account("locked")
+            client.top_up("locked", "10", request_id="locked-start")
+            with RowLock(own_database_url, "locked"):
+                started = time.monotonic()
+                with pytest.raises(Unavailable) as info:
+                    client.debit("locked", "4", request_id="timed-out")
+                took = time.monotonic() - started
+                assert info.value.reason == "DATABASE_UNAVAILABLE"
+                assert "timed out" in info.value.message
+                assert took < 3, took
+            assert client.get_balance("locked").balance == "10"
+            assert [e.request_id for e in client.iter_entries("locked")] == ["locked-start"]
+            assert client.debit("locked", "4", request_id="timed-out").balance_after == "6"
+            assert client.debit("locked", "4", request_id="timed-out").balance_after == "6"
+            assert_consistent(client, "locked")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
+def test_slow_database_deadlines_hold_and_the_pool_does_not_leak(
+    own_database_url: str, tmp_path: Path
+) -> None:
+    """With the database slow (a row lock held by another session): callers' deadlines are
+    honoured, the server's own bound (TALLY_MAX_CALL_SECONDS) holds for callers with
+    none, and after many timed-out calls the pool has every connection back (checked out
+    0 on /metrics) and serves as soon as the lock is gone."""
+    port = free_port()
+    server = start_server(
+        own_database_url,
+        tmp_path,
+        {
+            "TALLY_MAX_CALL_SECONDS": "2",
+            "TALLY_DB_POOL_SIZE": "3",
+            "TALLY_DB_STATEMENT_TIMEOUT_MS": "20000",
+            "TALLY_METRICS_ADDRESS": f"127.0.0.1:{port}",
+        },
+    )
+    try:
+        with TallyClient(server.target, timeout_seconds=10, max_attempts=1) as client:
+            client.create_account("slow")
+            client.top_up("slow", "100", request_id="slow-start")
+        timed_out: list[str] = []
+        with RowLock(own_database_url, "slow"):
+            # 30 callers with a 0.5 s deadline, 10 at a time: 3 wait on the lock, the rest
+            # for a pooled connection, and all give up.
+            def call(i: int) -> tuple[str, float]:
+                with TallyClient(server.target, timeout_seconds=0.5, max_attempts=1) as c:
+                    started = time.monotonic()
+                    try:
+                        c.debit("slow", "1", request_id=f"slow-{i}")
+                    except TallyError as exc:
+                        return exc.code.name, time.monotonic() - started
+                    return "OK", time.monotonic() - started
+
+            with ThreadPoolExecutor(10) as pool:
+                outcomes = list(pool.map(call, range(30)))
+            assert {code for code, _ in outcomes} == {"DEADLINE_EXCEEDED"}, outcomes
+            assert max(took for _, took in outcomes) < 1.5, outcomes
+            timed_out = [f"slow-{i}" for i in range(30)]
+            # A caller with a long deadline meets the server's bound instead.
+            with TallyClient(server.target, timeout_seconds=20, max_attempts=1) as c:
+                started = time.monotonic()
+                with pytest.raises(TallyError) as info:
+                    c.debit("slow", "1", request_id="slow-bounded")
+                took = time.monotonic() - started
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert info.value.reason == "CALL_TIMEOUT"
+            assert 1.8 < took < 4, took
+            timed_out.append("slow-bounded")
+            # Every cancelled call gave its connection back, with the lock still held.
+            deadline = time.monotonic() + 5
+            while pool_in_use(port) != 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert pool_in_use(port) == 0
+            assert scrape(port)[("tally_db_pool_waiting", ())] == 0
+        # The lock is gone: calls succeed at once, each timed-out request applies once.
+        with TallyClient(server.target, timeout_seconds=5, max_attempts=1) as client:
+            for request_id in timed_out:
+                client.debit("slow", "1", request_id=request_id)
+            for request_id in timed_out:  # replays
+                client.debit("slow", "1", request_id=request_id)
+            ids = sorted(e.request_id for e in client.iter_entries("slow", page_size=100))
+            assert ids == sorted(["slow-start", *timed_out])
+            assert client.get_balance("slow").balance == str(100 - len(timed_out))
+            assert_consistent(client, "slow")
+        assert pool_in_use(port) == 0
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
