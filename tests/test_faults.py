@@ -475,3 +475,62 @@ def test_slow_database_deadlines_hold_and_the_pool_does_not_leak(
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+def _sum(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **want: str
+) -> float:
+    return sum(
+        value
+        for (sample, labels), value in samples.items()
+        if sample == name and all((k, v) in labels for k, v in want.items())
+    )
+
+
+def test_shed_calls_are_counted(own_database_url: str, tmp_path: Path) -> None:
+    """Over TALLY_MAX_CONCURRENT_RPCS, calls are refused RESOURCE_EXHAUSTED, and every one
+    is counted on /metrics: tally_rpcs_shed_total and grpc_server_handled_total with
+    grpc_code ResourceExhausted (which the error ratio counts). Health checks are never
+    shed: an overloaded pod must not fail its probes."""
+    port = free_port()
+    server = start_server(
+        own_database_url,
+        tmp_path,
+        {"TALLY_MAX_CONCURRENT_RPCS": "2", "TALLY_METRICS_ADDRESS": f"127.0.0.1:{port}"},
+    )
+    try:
+        with TallyClient(server.target, timeout_seconds=10, max_attempts=1) as client:
+            client.create_account("busy")
+            client.top_up("busy", "100", request_id="busy-start")
+        before = scrape(port)
+
+        def call(i: int) -> str:
+            with TallyClient(server.target, timeout_seconds=15, max_attempts=1) as c:
+                try:
+                    c.debit("busy", "1", request_id=f"busy-{i}")
+                except TallyError as exc:
+                    return str(exc.code.name)
+                return "OK"
+
+        with RowLock(own_database_url, "busy") as lock, ThreadPoolExecutor(12) as pool:
+            slow = [pool.submit(call, i) for i in range(2)]
+            time.sleep(1.0)  # both wait on the row lock: the server is at its limit
+            assert health_status(server.target, "") == SERVING
+            assert health_status(server.target, "liveness") == SERVING
+            shed = list(pool.map(call, range(2, 22)))
+            lock.release.set()
+            held = [future.result(20) for future in slow]
+        assert held == ["OK", "OK"]
+        assert shed == ["RESOURCE_EXHAUSTED"] * 20
+        after = scrape(port)
+        counted = _sum(after, "tally_rpcs_shed_total") - _sum(before, "tally_rpcs_shed_total")
+        handled = _sum(after, "grpc_server_handled_total", grpc_code="ResourceExhausted") - _sum(
+            before, "grpc_server_handled_total", grpc_code="ResourceExhausted"
+        )
+        assert counted == handled == 20
+        assert _sum(after, "tally_rpcs_shed_total", grpc_method="Debit") == 20
+        with TallyClient(server.target, timeout_seconds=10, max_attempts=1) as client:
+            assert client.get_balance("busy").balance == "98"  # the shed calls wrote nothing
+            assert_consistent(client, "busy")
+    finally:
+        server.stop()

@@ -24,7 +24,7 @@ from tally.v1 import (
 from tally_service import auth, metrics, reloads, sweeper
 from tally_service.config import Settings
 from tally_service.db import Database, describe, make_engine, migrate, start_embedded
-from tally_service.interceptors import ErrorMappingInterceptor
+from tally_service.interceptors import ConcurrencyLimitInterceptor, ErrorMappingInterceptor
 from tally_service.outage import outage
 from tally_service.servicers.accounts import AccountsServicer
 from tally_service.servicers.credits import CreditsServicer
@@ -130,15 +130,15 @@ async def serve(settings: Settings, database_url: str) -> None:
         # Metrics first (outermost): it records the status the error mapping produced;
         # authentication inside the mapping, so its refusals are mapped like any error.
         metrics.MetricsInterceptor(meters),
+        # The concurrency limit inside the metrics, so shed calls are counted.
+        ConcurrencyLimitInterceptor(settings.max_concurrent_rpcs, meters.shed),
         ErrorMappingInterceptor(settings.max_call_seconds),
     ]
     if callers:
         interceptors.append(auth.AuthInterceptor(callers))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=options,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    # No maximum_concurrent_rpcs: grpc's limit refuses before any interceptor, uncounted
+    # (ConcurrencyLimitInterceptor keeps the limit instead).
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     accounts_pb2_grpc.add_AccountsServiceServicer_to_server(AccountsServicer(db), server)
     credits_pb2_grpc.add_CreditsServiceServicer_to_server(CreditsServicer(db), server)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(db), server)
