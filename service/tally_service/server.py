@@ -77,6 +77,11 @@ async def _watch_database(
         error = await _probe(db)
         if error is None:
             outage.recovered()
+        elif isinstance(error, TimeoutError):
+            outage.failed(
+                f"health probe: no answer in {HEALTH_PROBE_TIMEOUT_SECONDS} s "
+                "(the database is slow, or every pooled connection is busy)"
+            )
         else:
             outage.failed(f"health probe: {describe(error)}")
         if meters is not None:
