@@ -425,7 +425,7 @@ def test_slow_database_deadlines_hold_and_the_pool_does_not_leak(
         {
             "TALLY_MAX_CALL_SECONDS": "2",
             "TALLY_DB_POOL_SIZE": "3",
-            "TALLY_DB_STATEMENT_TIMEOUT_MS": "20000",
+            "TALLY_DB_STATEMENT_TIMEOUT_MS": "3000",
             "TALLY_METRICS_ADDRESS": f"127.0.0.1:{port}",
         },
     )
@@ -461,8 +461,14 @@ def test_slow_database_deadlines_hold_and_the_pool_does_not_leak(
             assert info.value.reason == "CALL_TIMEOUT"
             assert 1.8 < took < 4, took
             timed_out.append("slow-bounded")
-            # Every cancelled call gave its connection back, with the lock still held.
-            deadline = time.monotonic() + 5
+            # Every cancelled call gives its connection back, with the lock still held.
+            # Not always at once: a call cancelled by its deadline asks PostgreSQL to
+            # cancel its statement, and a CancelRequest that reaches the backend before
+            # it starts the statement is lost (seen here about once in 8 rounds of 31
+            # calls); the statement then waits on the lock, holding its connection,
+            # until the statement timeout (3 s here) ends it. So the bound is the
+            # statement timeout, not the caller's deadline.
+            deadline = time.monotonic() + 8
             while pool_in_use(port) != 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert pool_in_use(port) == 0
