@@ -127,6 +127,13 @@ class DatabaseUnavailable(DomainError):
     reason = "DATABASE_UNAVAILABLE"
 
 
+class Overloaded(DomainError):
+    """Refused unstarted: the process already runs TALLY_MAX_CONCURRENT_RPCS calls."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+
+
 class CallTimeout(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "CALL_TIMEOUT"

@@ -164,6 +164,14 @@ class Metrics:
             buckets=RPC_BUCKETS,
             registry=registry,
         )
+        self.rpcs_shed = Counter(
+            "tally_rpcs_shed_total",
+            "RPCs refused unstarted with RESOURCE_EXHAUSTED because the process already ran "
+            "TALLY_MAX_CONCURRENT_RPCS (also in grpc_server_handled_total as "
+            "ResourceExhausted).",
+            ["grpc_service", "grpc_method"],
+            registry=registry,
+        )
         self.usage_events = Counter(
             "tally_usage_events_total",
             "Usage events recorded or finished (not duplicates), by product and final status.",
@@ -250,6 +258,11 @@ class Metrics:
                 self.rpc_started.labels(*labels)
                 self.rpc_handled.labels(*labels, "OK")
                 self.rpc_seconds.labels(*labels)
+                self.rpcs_shed.labels(service.full_name, method.name)
+
+    def shed(self, full_method: str) -> None:
+        """One RPC refused by the concurrency limit (``ConcurrencyLimitInterceptor``)."""
+        self.rpcs_shed.labels(*_split(full_method)).inc()
 
     # -- business events --------------------------------------------------------------
 
