@@ -1,7 +1,6 @@
 """tally.v1.CreditsService."""
 
 import json
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -206,13 +205,13 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     ) -> credits_pb2.ListReloadsResponse:
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
-        after = pagination.decode(request.page_token, ["reloads", account_id])
-        before = None
-        if after is not None:
-            try:
-                before = (datetime.fromisoformat(after[0]), str(uuid.UUID(after[1])))
-            except (TypeError, ValueError, IndexError):
-                raise InvalidArgument("page_token", "malformed page token") from None
+        key = pagination.decode(
+            request.page_token,
+            ["reloads", account_id],
+            pagination.instant,
+            pagination.uuid_text,
+        )
+        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
         rows = await store.list_reloads(self.db, account_id, before, limit + 1)
         token = ""
         if len(rows) > limit:

@@ -75,7 +75,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         quantity = event.quantity if event.HasField("quantity") else 1
         if not 0 <= quantity <= MAX_QUANTITY:
             raise errors.InvalidArgument("event.quantity", f"must be 0 to {MAX_QUANTITY}")
-        started = validation.optional_time(event, "start_time", event.start_time) or now
+        started = (
+            validation.optional_time(event, "start_time", event.start_time, name="event.start_time")
+            or now
+        )
         if started < now - timedelta(days=self.settings.usage_backdate_days):
             raise errors.InvalidArgument(
                 "event.start_time",
@@ -83,7 +86,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             )
         if started > now + FUTURE_SKEW:
             raise errors.InvalidArgument("event.start_time", "in the future")
-        completed = validation.optional_time(event, "complete_time", event.complete_time)
+        completed = validation.optional_time(
+            event, "complete_time", event.complete_time, name="event.complete_time"
+        )
         if not starting and completed is None:
             completed = now
         if completed is not None and completed < started:
@@ -151,10 +156,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self, request: metering_pb2.ListProductsRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.ListProductsResponse:
         limit = validation.page_size(request.page_size)
-        after = pagination.decode(request.page_token, "products")
+        key = pagination.decode(request.page_token, "products", pagination.short_text)
         query = select(models.Product).order_by(models.Product.product_id).limit(limit + 1)
-        if after is not None:
-            query = query.where(models.Product.product_id > str(after))
+        if key is not None:
+            query = query.where(models.Product.product_id > key[0])
         async with self.db.sessions() as session:
             rows = list((await session.scalars(query)).all())
         token = ""
@@ -409,14 +414,18 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         # The token is bound to the filters as given; it carries the range it resolved
         # to, so later pages keep the first page's "now".
         filters = [account_id, str(given_start), str(given_end), product_id]
-        after = pagination.decode(request.page_token, filters)
+        key = pagination.decode(
+            request.page_token,
+            filters,
+            pagination.instant,
+            pagination.short_text,
+            pagination.instant,
+            pagination.instant,
+        )
         cursor: tuple[datetime, str] | None = None
-        if after is not None:
-            try:
-                cursor = (datetime.fromisoformat(after[0]), str(after[1]))
-                start, end = datetime.fromisoformat(after[2]), datetime.fromisoformat(after[3])
-            except (TypeError, ValueError, IndexError):
-                raise errors.InvalidArgument("page_token", "malformed page token") from None
+        if key is not None:
+            cursor = (key[0], key[1])
+            start, end = key[2], key[3]
         else:
             end = given_end or _now()
             start = given_start or end - max_range
