@@ -405,7 +405,6 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.ListUsageEventsResponse:
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
-        max_range = timedelta(days=self.settings.usage_list_max_days)
         given_end = validation.optional_time(request, "end_time", request.end_time)
         given_start = validation.optional_time(request, "start_time", request.start_time)
         product_id = (
@@ -426,17 +425,22 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if key is not None:
             cursor = (key[0], key[1])
             start, end = key[2], key[3]
-        else:
+        account = await store.get_account(self.db, account_id)
+        # Days are the account's calendar days (a range across a DST change may be
+        # 7 x 24 hours plus or minus one).
+        zone = ZoneInfo(account.time_zone)
+        days = self.settings.usage_list_max_days
+        if key is None:
             end = given_end or _now()
-            start = given_start or end - max_range
+            start = given_start or ranges.add_days(end, -days, zone)
         if start > end:
             raise errors.InvalidArgument("start_time", "must not be after end_time")
-        if end - start > max_range:
+        if not ranges.within_days(ranges.Range(start, end), days, zone):
             raise errors.InvalidArgument(
                 "end_time",
-                f"the range may span at most {self.settings.usage_list_max_days} days",
+                f"the range may span at most {days} days of the account's time zone "
+                f"({account.time_zone})",
             )
-        await store.get_account(self.db, account_id)
         rows = await _events(self.db, account_id, start, end, product_id, cursor, limit + 1)
         token = ""
         if len(rows) > limit:
@@ -456,10 +460,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> AsyncIterator[metering_pb2.ExportUsageReportResponse]:
         account = await store.get_account(self.db, validation.account_id(request.account_id))
         r = self._range(request, account)
-        if r.end - r.start > timedelta(days=self.settings.usage_export_max_days):
+        days = self.settings.usage_export_max_days
+        if not ranges.within_days(r, days, ZoneInfo(account.time_zone)):
             raise errors.InvalidArgument(
                 "end_time",
-                f"the range may span at most {self.settings.usage_export_max_days} days",
+                f"the range may span at most {days} days of the account's time zone "
+                f"({account.time_zone})",
             )
         product_id = (
             validation.product_id(request.product_id, "product_id") if request.product_id else ""
