@@ -262,3 +262,44 @@ def test_signed_amounts_are_refused_where_no_sign_is_allowed(
         assert_invalid(outcome, "amount")
     assert client.get_balance(account_id).balance == ("-1" if amount == "-1" else "0")
     assert_consistent(client, account_id)
+
+
+def test_the_hold_of_a_long_job_is_finished_only_by_its_event(
+    client: TallyClient, channel: grpc.Channel, account_id: str
+) -> None:
+    """Found by tests/test_fuzz.py: Capture or Release of a StartUsage hold, then
+    FailUsage, was INTERNAL (a released hold with a captured amount), and CompleteUsage
+    after a Release would have taken the reservation off twice. The hold now belongs to
+    its event: Capture and Release refuse it, and the event finishes it."""
+    client.create_account(account_id)
+    client.top_up(account_id, "10")
+    product = f"p-{account_id}"
+    client.upsert_product(product, "1.5")
+    other = client.reserve(account_id, "2", ttl_seconds=3600)  # another pending hold
+    started = client.start_usage(account_id, f"job-{account_id}", product)
+    hold = started.reservation.reservation_id
+    for name, request in [
+        ("Capture", credits_pb2.CaptureRequest(request_id=f"c-{hold}", reservation_id=hold)),
+        ("Release", credits_pb2.ReleaseRequest(request_id=f"r-{hold}", reservation_id=hold)),
+        (
+            "Capture",
+            credits_pb2.CaptureRequest(request_id=f"c2-{hold}", reservation_id=hold, amount="0.5"),
+        ),
+    ]:
+        outcome = invoke(channel, method(name), request)
+        assert outcome.code == grpc.StatusCode.FAILED_PRECONDITION, (name, outcome.details)
+        assert outcome.status is not None and "RESERVATION_OF_USAGE_EVENT" in str(outcome.status)
+    failed = client.fail_usage(account_id, f"job-{account_id}")
+    assert failed.event.credits == "0"
+    balance = client.get_balance(account_id)
+    assert (balance.balance, balance.reserved) == ("10", "2")
+    # A finished job's hold answers as any finished hold does.
+    again = invoke(
+        channel,
+        method("Release"),
+        credits_pb2.ReleaseRequest(request_id=f"r3-{hold}", reservation_id=hold),
+    )
+    assert again.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert again.status is not None and "RESERVATION_NOT_PENDING" in str(again.status)
+    client.release(other.reservation_id)
+    assert_consistent(client, account_id)

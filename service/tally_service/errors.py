@@ -137,6 +137,14 @@ class ReservationNotPending(DomainError):
     reason = "RESERVATION_NOT_PENDING"
 
 
+class ReservationOfUsageEvent(DomainError):
+    """The hold belongs to a long job (StartUsage): only CompleteUsage or FailUsage may
+    finish it, so that the event and its hold finish together."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "RESERVATION_OF_USAGE_EVENT"
+
+
 class BalanceLimit(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "BALANCE_LIMIT"

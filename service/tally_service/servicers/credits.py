@@ -52,11 +52,14 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def Capture(
         self, request: credits_pb2.CaptureRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.CaptureResponse:
+        common = _common("Capture", request)
+        reservation_id = validation.reservation_id(request.reservation_id)
+        await store.refuse_usage_hold(self.db, reservation_id)
         response, _ = await self.db.call(
             "tally_capture",
-            _common("Capture", request)
+            common
             | {
-                "reservation_id": validation.reservation_id(request.reservation_id),
+                "reservation_id": reservation_id,
                 "amount": parse_amount("amount", request.amount) if request.amount else None,
                 "description": validation.text(
                     request.description, "description", validation.MAX_DESCRIPTION_CHARS
@@ -74,10 +77,11 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def Release(
         self, request: credits_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.ReleaseResponse:
+        common = _common("Release", request)
+        reservation_id = validation.reservation_id(request.reservation_id)
+        await store.refuse_usage_hold(self.db, reservation_id)
         response, _ = await self.db.call(
-            "tally_release",
-            _common("Release", request)
-            | {"reservation_id": validation.reservation_id(request.reservation_id)},
+            "tally_release", common | {"reservation_id": reservation_id}
         )
         hold = convert.from_json(models.Hold, response["reservation"])
         return credits_pb2.ReleaseResponse(reservation=convert.reservation(hold))
