@@ -303,3 +303,32 @@ def test_the_hold_of_a_long_job_is_finished_only_by_its_event(
     assert again.status is not None and "RESERVATION_NOT_PENDING" in str(again.status)
     client.release(other.reservation_id)
     assert_consistent(client, account_id)
+
+
+@pytest.mark.parametrize("zone", ["localtime", "Factory", "posixrules", "EST5EDT", "US/Pacific"])
+def test_every_accepted_time_zone_is_served(
+    client: TallyClient, channel: grpc.Channel, account_id: str, zone: str
+) -> None:
+    """An account's zone is used by PostgreSQL (AT TIME ZONE) and by Python: a zone the
+    API accepts must be one both know, or it is refused at the door."""
+    created = invoke(
+        channel,
+        method("CreateAccount"),
+        accounts_pb2.CreateAccountRequest(
+            request_id=f"c-{account_id}",
+            account=account_pb2.Account(account_id=account_id, time_zone=zone),
+        ),
+    )
+    if not created.ok:
+        assert_invalid(created, "time_zone")
+        return
+    client.top_up(account_id, "1")
+    for period in (1, 2, 3):
+        usage = metering_pb2.GetUsageRequest(account_id=account_id, period=period)  # type: ignore[arg-type]
+        assert invoke(channel, method("GetUsage"), usage).ok
+    for name in ("GetAccountSummary", "GetUsageSummary", "ListUsageEvents", "GetBalance"):
+        request = message_class(method(name).input_type)(account_id=account_id)
+        outcome = invoke(channel, method(name), request)
+        assert outcome.ok, (name, outcome.code, outcome.details)
+    export = metering_pb2.ExportUsageReportRequest(account_id=account_id)
+    assert invoke(channel, method("ExportUsageReport"), export).ok
