@@ -192,6 +192,9 @@ def test_extreme_timestamps_are_invalid_argument(
     events = metering_pb2.ListUsageEventsRequest(account_id=account_id)
     events.end_time.CopyFrom(lowest)
     assert invoke(channel, method("ListUsageEvents"), events).ok
+    early = metering_pb2.ListUsageEventsRequest(account_id=account_id)
+    early.end_time.CopyFrom(ts(datetime(1970, 1, 3, tzinfo=UTC)))
+    assert invoke(channel, method("ListUsageEvents"), early).ok
     update = accounts_pb2.UpdateAccountRequest(
         request_id=f"u-{account_id}-max",
         account=account_pb2.Account(account_id=account_id),

@@ -432,7 +432,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         days = self.settings.usage_list_max_days
         if key is None:
             end = given_end or _now()
-            start = given_start or ranges.add_days(end, -days, zone)
+            # Not before the earliest instant the API accepts, so the token issued
+            # for the next page carries a range it accepts back.
+            start = given_start or max(ranges.add_days(end, -days, zone), validation.MIN_TIME)
         if start > end:
             raise errors.InvalidArgument("start_time", "must not be after end_time")
         if not ranges.within_days(ranges.Range(start, end), days, zone):
