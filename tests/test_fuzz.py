@@ -482,9 +482,16 @@ def reads(account_id: str) -> list[tuple[str, message.Message]]:
 
 
 def assert_reads_serve(channel: grpc.Channel, account_id: str, world: World) -> None:
+    """Every read of an account that exists answers OK (not merely "not INTERNAL"):
+    whatever a mutation stored, a later read can serve."""
+    exists = False
     for name, request in reads(account_id):
         outcome = invoke(channel, method(name), request)
         assert outcome.code not in NEVER, (name, account_id, outcome.code, outcome.details)
+        if name == "GetAccount":
+            exists = outcome.ok
+        elif exists:
+            assert outcome.ok, (name, account_id, outcome.code, outcome.details)
         world.learn(outcome.response)
         token = getattr(outcome.response, "next_page_token", "")
         if token:  # the next page, through the token the server issued
