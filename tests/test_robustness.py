@@ -335,3 +335,40 @@ def test_every_accepted_time_zone_is_served(
         assert outcome.ok, (name, outcome.code, outcome.details)
     export = metering_pb2.ExportUsageReportRequest(account_id=account_id)
     assert invoke(channel, method("ExportUsageReport"), export).ok
+
+
+def test_one_events_overflowing_charge_fails_only_that_event(
+    client: TallyClient, channel: grpc.Channel, account_id: str
+) -> None:
+    """DESIGN.md 9: a charge out of range (1e9 credits a unit x 1e9 units) rolled back
+    the whole batch with it; now only that event is refused."""
+    client.create_account(account_id, overdraft_limit="1000000000")
+    client.top_up(account_id, "10")
+    big, small = f"big-{account_id}", f"small-{account_id}"
+    client.upsert_product(big, "1000000000")
+    client.upsert_product(small, "1")
+
+    def event(product: str, quantity: int) -> metering_pb2.UsageEvent:
+        return metering_pb2.UsageEvent(
+            account_id=account_id,
+            event_id=f"{product}-{quantity}",
+            product_id=product,
+            quantity=quantity,
+        )
+
+    batch = metering_pb2.RecordUsageBatchRequest(
+        events=[event(small, 1), event(big, 10**9), event(small, 2)]
+    )
+    for _ in range(2):  # and the same again: the recorded ones are duplicates
+        outcome = invoke(channel, method("RecordUsageBatch"), batch)
+        assert outcome.ok, (outcome.code, outcome.details)
+        first, refused, third = outcome.response.results
+        assert first.HasField("result") and third.HasField("result")
+        assert refused.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "BALANCE_LIMIT" in str(refused.status)
+    assert client.get_balance(account_id).balance == "7"
+    single = invoke(
+        channel, method("RecordUsage"), metering_pb2.RecordUsageRequest(event=event(big, 10**9))
+    )
+    assert single.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert_consistent(client, account_id)

@@ -180,9 +180,28 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         results: list[dict[str, Any]] = []
         for first in range(0, len(items), COMMIT_GROUP):
             group = items[first : first + COMMIT_GROUP]
-            answered, _ = await self.db.call("tally_record_usage", {"events": json.dumps(group)})
+            try:
+                answered, _ = await self.db.call(
+                    "tally_record_usage", {"events": json.dumps(group)}
+                )
+            except errors.BalanceLimit:
+                # One item's charge took a sum out of range and the group's transaction
+                # rolled back: record its items one by one, so that only that item is
+                # refused and the others keep their own outcome (DESIGN.md 9).
+                if len(group) == 1:
+                    raise
+                answered = [await self._record_alone(item) for item in group]
             results.extend(answered)
         return results
+
+    async def _record_alone(self, item: dict[str, Any]) -> dict[str, Any]:
+        try:
+            (answered,), _ = await self.db.call(
+                "tally_record_usage", {"events": json.dumps([item])}
+            )
+        except errors.BalanceLimit:
+            return {"index": item["index"], "error": "BALANCE_LIMIT"}
+        return dict(answered)
 
     @staticmethod
     def _item_error(result: dict[str, Any], item: dict[str, Any]) -> errors.DomainError:
@@ -191,6 +210,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             return errors.NotFound("account", item["account_id"])
         if reason == "PRODUCT_NOT_FOUND":
             return errors.NotFound("product", item["product_id"])
+        if reason == "BALANCE_LIMIT":
+            return errors.BalanceLimit(
+                "the event's charge would take the balance out of range",
+                metadata={"account_id": item["account_id"], "event_id": item["event_id"]},
+            )
         if reason == "EVENT_ID_REUSED":
             return errors.EventIdReused(
                 f"event_id {item['event_id']!r} was already recorded with another payload",
