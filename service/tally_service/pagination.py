@@ -85,9 +85,11 @@ def encode(last_key: Any, filters: Any) -> str:
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
-def decode(token: str, filters: Any, *kinds: Kind) -> tuple[Any, ...] | None:
+def decode(token: str, filters: Any, kind: Kind, *more: Kind) -> tuple[Any, ...] | None:
     """The last key carried by the token, one checked value per kind (a one-kind key is
-    encoded as the value itself, a longer one as a list), or None for an empty token."""
+    encoded as the value itself, a longer one as a list), or None for an empty token.
+    At least one kind is required: an unchecked key is what this function prevents."""
+    kinds = (kind, *more)
     if not token:
         return None
     if len(token) > MAX_TOKEN_CHARS:
