@@ -1,6 +1,18 @@
 """Shared assertions for tests."""
 
+import os
+
 from tally_client import TallyClient
+
+# How many times more examples a Hypothesis test draws under the "long" profile.
+LONG_FACTOR = 25
+
+
+def scaled(examples: int) -> int:
+    """A test's example count: as given in CI, LONG_FACTOR times more in a long run."""
+    if os.environ.get("TALLY_HYPOTHESIS_PROFILE") == "long":
+        return examples * LONG_FACTOR
+    return examples
 
 
 def assert_consistent(client: TallyClient, account_id: str) -> None:
