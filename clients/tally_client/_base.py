@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _requests as rq
+from ._service_config import service_config_json
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_ATTEMPTS = 4
@@ -65,6 +66,14 @@ def check_channel_args(target: str | None, channel: Any, credentials: Any) -> st
     return None
 
 
-def channel_options(options: ChannelOptions | None) -> list[tuple[str, Any]]:
-    """The channel arguments of a channel the client creates."""
-    return list(options or ())
+def channel_options(options: ChannelOptions | None, max_attempts: int) -> list[tuple[str, Any]]:
+    """The channel arguments of a channel the client creates: ``options``, plus the retry
+    policy of the shipped service config with ``max_attempts`` (unless ``options`` has a
+    ``grpc.service_config`` of its own)."""
+    opts = list(options or ())
+    names = {name for name, _ in opts}
+    if "grpc.service_config" not in names:
+        opts.append(("grpc.service_config", service_config_json(max_attempts)))
+    if "grpc.enable_retries" not in names:
+        opts.append(("grpc.enable_retries", 1 if max_attempts > 1 else 0))
+    return opts

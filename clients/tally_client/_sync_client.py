@@ -41,7 +41,7 @@ from ._base import (
     settings,
     stream_timeout,
 )
-from ._retry import backoff_delay, should_retry
+from ._retry import LOOP_RETRYABLE_CODES, RETRYABLE_CODES, backoff_delay, should_retry
 from .amounts import Amount
 from .errors import error_from_rpc
 
@@ -120,8 +120,12 @@ class TallyClient:
         self.stream_timeout_seconds = stream_timeout(self.timeout_seconds, stream_timeout_seconds)
         self.target = check_channel_args(target, channel, channel_credentials)
         self._credentials = channel_credentials
-        self._options = channel_options(options)
+        self._options = channel_options(options, self.max_attempts)
         self._owns_channel = channel is None
+        # What the client's own loops retry on calls with a gRPC retry policy: on a channel
+        # it creates, gRPC retries UNAVAILABLE (the service config in ``_options``); a
+        # channel passed in may have no retry policy, so the loops retry UNAVAILABLE too.
+        self._loop_codes = LOOP_RETRYABLE_CODES if self._owns_channel else RETRYABLE_CODES
         self._channel: grpc.Channel | None = channel
         self._stubs: Stubs | None = None
         # At once, not on first use: threads sharing the client share one channel.
@@ -202,12 +206,15 @@ class TallyClient:
     def _call(self, rpc: rq.Rpc[Any, T]) -> T:
         method = getattr(getattr(self.stubs, rpc.service), rpc.method)
         attempt = 0
+        # gRPC retries UNAVAILABLE within each attempt's deadline (the service config); this
+        # thin loop only gives DEADLINE_EXCEEDED another attempt with a deadline of its own,
+        # which a service config cannot express.
         while True:
             attempt += 1
             try:
                 response = method(rpc.request, timeout=self.timeout_seconds, metadata=self.metadata)
             except grpc.RpcError as e:
-                if should_retry(e, attempt, self.max_attempts):
+                if should_retry(e, attempt, self.max_attempts, self._loop_codes):
                     time.sleep(backoff_delay(attempt))
                     continue
                 raise error_from_rpc(e) from e
@@ -899,7 +906,9 @@ class TallyClient:
                     yield chunk.data
                 return
             except grpc.RpcError as e:
-                if not received and should_retry(e, attempt, self.max_attempts):
+                # Before the first chunk gRPC retried UNAVAILABLE already; after it, the
+                # caller has part of the report and the error is final.
+                if not received and should_retry(e, attempt, self.max_attempts, self._loop_codes):
                     time.sleep(backoff_delay(attempt))
                     continue
                 raise error_from_rpc(e) from e
@@ -949,15 +958,20 @@ class TallyClient:
                 attempt += 1
                 file_name = content_type = ""
                 written = 0
+                received = False
                 try:
                     with part.open("wb") as f:
                         for chunk in self._export_attempt(req, timeout):
+                            received = True
                             file_name = file_name or chunk.file_name
                             content_type = content_type or chunk.content_type
                             f.write(chunk.data)
                             written += len(chunk.data)
                 except grpc.RpcError as e:
-                    if should_retry(e, attempt, self.max_attempts):
+                    # gRPC retries a stream only until its first response; after that the
+                    # download starts over here, for UNAVAILABLE too.
+                    codes = RETRYABLE_CODES if received else self._loop_codes
+                    if should_retry(e, attempt, self.max_attempts, codes):
                         time.sleep(backoff_delay(attempt))
                         continue
                     raise error_from_rpc(e) from e

@@ -8,8 +8,17 @@ The client is written once, as :class:`AsyncTallyClient` (``_async_client.py``);
 Behaviour common to every high-level method:
 
 * each attempt has a deadline of ``timeout_seconds``;
-* UNAVAILABLE and DEADLINE_EXCEEDED are retried, up to ``max_attempts`` attempts
-  in total, with exponential backoff and jitter (50 ms, 100 ms, ... capped at 2 s);
+* UNAVAILABLE is retried by gRPC itself, by the retry policy of the service config
+  shipped with the protos (``tally/v1/service_config.json``, see
+  :mod:`tally_client._service_config`), which the client passes as the
+  ``grpc.service_config`` channel option with ``maxAttempts`` set to ``max_attempts``
+  (gRPC allows at most 5); exponential backoff with jitter (50 ms, 100 ms, ... capped at
+  2 s), within the attempt's deadline;
+* DEADLINE_EXCEEDED is retried by the client with a new deadline, up to
+  ``max_attempts`` attempts in total (the service config cannot give each attempt a
+  deadline of its own);
+* with ``channel=`` (a channel of your own), the client retries UNAVAILABLE itself as
+  well, since that channel may have no retry policy;
 * a mutating call gets ``request_id=str(uuid.uuid4())`` unless one is given, and
   every retry resends the same request id (so the server applies it once);
 * any :class:`grpc.RpcError` is raised as a :class:`~tally_client.errors.TallyError`
