@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -934,14 +934,20 @@ class TallyClient:
         end_time: datetime | None = None,
         product_id: str = "",
         timeout_seconds: float | None = None,
+        progress: Callable[[int | None, int], None] | None = None,
     ) -> tuple[str, str, int]:
         """Write a usage report to ``path``; returns (file_name, content_type, bytes_written).
 
         ``format=None`` picks CSV for a ``.csv`` path, else XLSX. The report is
         written to ``<path>.part`` and renamed when complete, so ``path`` never
         holds a partial report; a retry starts the download over.
+
+        ``progress(rows, bytes_written)`` is called after each chunk with the totals
+        of the download so far (they start again from 0 when a retry starts over);
+        ``rows`` counts the CSV lines after the header, and is None for XLSX.
         """
         target = Path(path)
+        csv = report_format(format, target) == "csv"
         req = rq.export_usage_report(
             account_id,
             format=report_format(format, target),
@@ -957,7 +963,7 @@ class TallyClient:
             while True:
                 attempt += 1
                 file_name = content_type = ""
-                written = 0
+                written = lines = 0
                 received = False
                 try:
                     with part.open("wb") as f:
@@ -967,6 +973,9 @@ class TallyClient:
                             content_type = content_type or chunk.content_type
                             f.write(chunk.data)
                             written += len(chunk.data)
+                            if progress is not None:
+                                lines += chunk.data.count(b"\n")
+                                progress(max(lines - 1, 0) if csv else None, written)
                 except grpc.RpcError as e:
                     # gRPC retries a stream only until its first response; after that the
                     # download starts over here, for UNAVAILABLE too.
