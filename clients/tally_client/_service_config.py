@@ -6,7 +6,9 @@ languages can use the same file. It retries ``UNAVAILABLE`` (the request never r
 server, or the server is going away), with exponential backoff and jitter, for every method
 but ``MeteringService.StreamUsage``. That is safe because every mutation carries its
 idempotency key (``request_id``, or ``event_id`` for usage): a retry of a request that was
-applied returns the first response.
+applied returns the first response. Its ``retryThrottling`` (10 tokens, each failure takes
+one, each success gives back 0.1; retries stop below half) keeps a channel whose calls mostly
+fail from multiplying the load on a struggling server. Calls fail fast (no ``waitForReady``).
 
 Not retried by gRPC, and why:
 
