@@ -45,13 +45,14 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
 WORKDIR /src
 
 # Dependencies first (a layer that only changes with the two pyproject.toml files): the
-# server's, less the client distribution (built below), and the client's. grpcio and protobuf
+# server's, less the client distribution (built below), with the optional OTLP trace exporter
+# (tracing is off unless OTEL_TRACES_EXPORTER names it), and the client's. grpcio and protobuf
 # are pinned to the versions of grpcio-tools, so the generated code matches its runtime.
 COPY pyproject.toml ./
 COPY clients/pyproject.toml clients/pyproject.toml
 RUN --mount=type=secret,id=ca-bundle,required=false \
     if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
- && /opt/build/bin/python -c 'import tomllib; server = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; client = tomllib.load(open("clients/pyproject.toml", "rb"))["tool"]["tally-client"]["dependencies"]; print("\n".join([d for d in server if not d.startswith("tally-metering-client")] + client + ["grpcio", "protobuf"]))' > /tmp/requirements.txt \
+ && /opt/build/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; client = tomllib.load(open("clients/pyproject.toml", "rb"))["tool"]["tally-client"]["dependencies"]; print("\n".join([d for d in p["dependencies"] if not d.startswith("tally-metering-client")] + p["optional-dependencies"]["otlp"] + client + ["grpcio", "protobuf"]))' > /tmp/requirements.txt \
  && /opt/build/bin/pip freeze | grep -iE '^(grpcio|protobuf)==' > /tmp/constraints.txt \
  && /opt/build/bin/pip wheel --quiet --wheel-dir /wheels -r /tmp/requirements.txt -c /tmp/constraints.txt \
  && python3 -m venv --without-pip /opt/tally \
@@ -107,18 +108,20 @@ ENV PATH=/opt/tally/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TALLY_LISTEN_ADDRESS=0.0.0.0:50051 \
-    TALLY_METRICS_ADDRESS=0.0.0.0:9090 \
+    TALLY_METRICS_ADDRESS=0.0.0.0:9464 \
+    TALLY_LOG_FORMAT=json \
     TALLY_DATA_DIR=/tmp/tally-data
 
 USER 10001:10001
 WORKDIR /tmp
 
-# 50051: gRPC (with grpc.health.v1); 9090: Prometheus /metrics.
-EXPOSE 50051 9090
+# 50051: gRPC (with grpc.health.v1); 9464: Prometheus /metrics.
+EXPOSE 50051 9464
 
-# gRPC health of the server itself (SERVING only while the database answers).
+# gRPC health of the server itself (SERVING only while the database answers), on the
+# plaintext health port when TALLY_HEALTH_ADDRESS is set (with TLS on the gRPC port).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["/opt/tally/bin/python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('TALLY_LISTEN_ADDRESS', ':50051').rsplit(':', 1)[1]; reply = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=3); sys.exit(reply.status != h.HealthCheckResponse.SERVING)"]
+  CMD ["/opt/tally/bin/python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = (os.environ.get('TALLY_HEALTH_ADDRESS') or os.environ.get('TALLY_LISTEN_ADDRESS', ':50051')).rsplit(':', 1)[1]; reply = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=3); sys.exit(reply.status != h.HealthCheckResponse.SERVING)"]
 
 # SIGTERM (the default stop signal): stop accepting, drain for TALLY_SHUTDOWN_GRACE_SECONDS.
 ENTRYPOINT ["tally"]

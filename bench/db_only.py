@@ -93,7 +93,30 @@ def scripts(has_grant: bool) -> dict[str, str]:
     return {
         "spread": f"{r}\\set a random(0, {ACCOUNTS - 1})\nSELECT {spread};\n",
         "hot": f"{r}SELECT {hot};\n",
+        "hot-grouped": f"{r}SELECT tally_apply_group({_group_of_debits()});\n",
     }
+
+
+# Debits per transaction in the grouped scenario: what one server's group commit
+# gathers on a hot account.
+GROUP = 16
+
+
+def _group_of_debits() -> str:
+    """GROUP debits of the hot account as one ``tally_apply_group`` call (group commit),
+    each with its own request id."""
+    calls = ", ".join(
+        "jsonb_build_object('f', 'tally_move', 'caller', '', 'a', jsonb_build_object("
+        f"'request_id', 'g' || :client_id || '-' || :r || '-{i}', 'fingerprint', '00', "
+        f"'method', 'Debit', 'account_id', 'bench-{ACCOUNTS}', 'type', 'debit', "
+        f"'amount', {-DEBIT_MICROS}, 'description', '', 'reference', '', "
+        "'metadata', '{}', 'grant', NULL))"
+        for i in range(GROUP)
+    )
+    return f"p_calls => jsonb_build_array({calls})"
+
+
+KINDS = ("spread", "hot", "hot-grouped")
 
 
 @dataclass
@@ -167,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=_positive_ints, default=[1, 16])
     parser.add_argument("--database-url", default="")
     args = parser.parse_args(argv)
-    runs_planned = 2 * 2 * len(args.clients)
+    runs_planned = 2 * len(KINDS) * len(args.clients)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(math.ceil(120 + runs_planned * (args.seconds + 10)))
     runs: list[Run] = []
@@ -185,10 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 files[kind].write_text(text)
             for mode in ("on", "off"):
                 for clients in args.clients:
-                    for kind in ("spread", "hot"):
+                    for kind in KINDS:
                         tps, latency, failed = run_pgbench(
                             url, files[kind], clients, args.seconds, mode
                         )
+                        if kind == "hot-grouped":
+                            tps *= GROUP  # debits, not transactions
                         runs.append(Run(mode, clients, kind, tps, latency, failed))
                         print(
                             f"db_only: synchronous_commit={mode} clients={clients} {kind}: "
@@ -204,16 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nPostgreSQL: {facts.version}\n")
     print(
         "| synchronous_commit | clients | spread debits/s | hot debits/s | hot / spread "
+        f"| hot, {GROUP} a transaction, debits/s | grouped / hot "
         "| spread ms | hot ms |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     by_key = {(r.synchronous_commit, r.clients, r.kind): r for r in runs}
     for mode in ("on", "off"):
         for clients in args.clients:
             spread, hot = by_key[(mode, clients, "spread")], by_key[(mode, clients, "hot")]
+            grouped = by_key[(mode, clients, "hot-grouped")]
             print(
                 f"| {mode} | {clients} | {spread.tps:,.0f} | {hot.tps:,.0f} "
-                f"| {hot.tps / spread.tps:.0%} | {spread.latency_ms:.2f} | {hot.latency_ms:.2f} |"
+                f"| {hot.tps / spread.tps:.0%} | {grouped.tps:,.0f} "
+                f"| {grouped.tps / hot.tps:.1f}x "
+                f"| {spread.latency_ms:.2f} | {hot.latency_ms:.2f} |"
             )
     return 1 if any(r.failed for r in runs) else 0
 

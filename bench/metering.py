@@ -42,6 +42,7 @@ import io
 import math
 import os
 import platform
+import stat
 import subprocess
 import sys
 import tempfile
@@ -713,13 +714,34 @@ def proc_status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+def open_file_bytes(pid: int) -> int | None:
+    """Bytes of the regular files a process holds open, deleted ones included (the
+    temporary files of an export), leaving out its standard streams (the log)."""
+    total = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        if int(fd) <= 2:
+            continue
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total
+
+
 class RssSampler:
     """VmRSS of a process every RSS_SAMPLE_SECONDS in a thread: the peak, as a cross-check
-    of VmHWM."""
+    of VmHWM; and the peak of the bytes of files it holds open (temporary disk)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_kib = 0
+        self.peak_open_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
@@ -737,6 +759,7 @@ class RssSampler:
             if rss is None:
                 return
             self.peak_kib = max(self.peak_kib, rss)
+            self.peak_open_bytes = max(self.peak_open_bytes, open_file_bytes(self.pid) or 0)
 
 
 @dataclass
@@ -752,6 +775,7 @@ class ExportResult:
     hwm_after_kib: int | None
     rss_after_kib: int | None
     rss_peak_sampled_kib: int
+    open_files_peak_bytes: int
     server_cpu_seconds: float
     file_name: str
     error: str = ""
@@ -847,6 +871,7 @@ def measure_export(
         hwm_after_kib=hwm_after,
         rss_after_kib=rss_after,
         rss_peak_sampled_kib=sampler.peak_kib,
+        open_files_peak_bytes=sampler.peak_open_bytes,
         server_cpu_seconds=cpu,
         file_name=file_name,
         error=error,
@@ -1016,6 +1041,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, report: Report) -> None:
                         url,
                         metering_data.EXPORT_QUERY,
                         {"account_id": BIG_ACCOUNT, "start": start, "end": data.end},
+                        metering_data.EXPORT_SETTINGS,
                     )
                 )
                 for name, fmt_value in (
@@ -1104,7 +1130,8 @@ def print_report(args: argparse.Namespace, report: Report) -> None:
             p(
                 f"- {r.format}: {r.file_name}, {r.chunks:,} chunks; sampled peak RSS "
                 f"{kib_mib(r.rss_peak_sampled_kib)} MiB, RSS after {kib_mib(r.rss_after_kib)}"
-                " MiB"
+                f" MiB; files held open by the server at most "
+                f"{r.open_files_peak_bytes / 2**20:,.1f} MiB"
             )
     p("", "## Server logs", "")
     counts: Counter[str] = Counter()

@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from bench.probe import plain_url
+from tally_service import reports
 
 # (product, endpoint) of event i is MIX[i % len(MIX)].
 MIX = (
@@ -82,14 +83,15 @@ SET usage_requests = usage_requests + $2,
 WHERE account_id = $1
 """
 # The rows of ExportUsageReport as tally_service.reports selects them.
-EXPORT_QUERY = """
-SELECT event_id, started_at, product_id, endpoint, status, status_code, message, quantity,
-       credits, processing_time_ms
-FROM usage_events
-WHERE account_id = :account_id AND started_at >= :start AND started_at < :end
-  AND status IN ('completed', 'failed')
-ORDER BY started_at, event_id
-"""
+# The export's query as tally_service.reports runs it (through a cursor, with $n
+# parameters, after EXPORT_SETTINGS), with named parameters for explain().
+EXPORT_QUERY = (
+    reports._QUERY.format(product="")
+    .replace("$1", ":account_id")
+    .replace("$2", ":start")
+    .replace("$3", ":end")
+)
+EXPORT_SETTINGS = ("SET LOCAL enable_sort = off",)
 _SIZES = """
 SELECT c.relname, pg_relation_size(c.oid) AS bytes
 FROM pg_class c
@@ -285,7 +287,7 @@ def count(
     return asyncio.run(run())
 
 
-def explain(url: str, sql: str, params: dict[str, Any]) -> list[str]:
+def explain(url: str, sql: str, params: dict[str, Any], settings: Sequence[str] = ()) -> list[str]:
     """``EXPLAIN (ANALYZE, BUFFERS)`` of a statement with SQLAlchemy-style ``:name``
     parameters (the text of tally_service.usage), as the server would run it."""
     from sqlalchemy import text
@@ -299,6 +301,8 @@ def explain(url: str, sql: str, params: dict[str, Any]) -> list[str]:
         )
         try:
             async with engine.connect() as conn:
+                for setting in settings:  # SET LOCAL ..., in the same transaction
+                    await conn.execute(text(setting))
                 rows = await conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql), params)
                 return [str(r[0]) for r in rows]
         finally:

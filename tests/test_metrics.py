@@ -81,12 +81,12 @@ def test_labels_of_enums() -> None:
 
 
 def test_parse_address() -> None:
-    assert metrics.parse_address("127.0.0.1:9090") == ("127.0.0.1", 9090)
+    assert metrics.parse_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
     assert metrics.parse_address("0.0.0.0:9464") == ("0.0.0.0", 9464)
-    assert metrics.parse_address("[::1]:9090") == ("::1", 9090)
-    assert metrics.parse_address(":9090") == ("0.0.0.0", 9090)
+    assert metrics.parse_address("[::1]:9464") == ("::1", 9464)
+    assert metrics.parse_address(":9464") == ("0.0.0.0", 9464)
     with pytest.raises(ValueError):
-        metrics.parse_address("9090")
+        metrics.parse_address("9464")
 
 
 # -- definitions ------------------------------------------------------------------------
@@ -474,13 +474,21 @@ def test_metrics_of_money_rpcs_over_http(metrics_server: tuple[ServerProcess, in
         client.release(other.reservation_id)
         with pytest.raises(InsufficientCredits):
             client.debit(account, "100")
-    after = _parse(scrape(port))
+    top_up = _rpc("CreditsService", "TopUp")
+    debit = _rpc("CreditsService", "Debit")
+    # The server counts a call when its handler returns, which may be just after the
+    # client has its answer: scrape until the last call is counted.
+    deadline = time.monotonic() + 10
+    while True:
+        after = _parse(scrape(port))
+        last = _delta(before, after, "grpc_server_handled_total", **debit)
+        if last >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def delta(name: str, **labels: str) -> float:
         return _delta(before, after, name, **labels)
 
-    top_up = _rpc("CreditsService", "TopUp")
-    debit = _rpc("CreditsService", "Debit")
     assert delta("grpc_server_started_total", **top_up) == 2
     assert delta("grpc_server_handled_total", **top_up, grpc_code="OK") == 2
     assert delta("grpc_server_handling_seconds_count", **top_up) == 2
@@ -571,7 +579,7 @@ def test_expired_holds_are_counted_by_the_sweeper(
     assert expired - before == 2
 
 
-def test_an_explicit_metrics_address_that_is_taken_stops_the_start(
+def test_a_metrics_address_that_is_taken_stops_the_start(
     database_url: str, server_log_dir: Path
 ) -> None:
     import socket
@@ -580,7 +588,7 @@ def test_an_explicit_metrics_address_that_is_taken_stops_the_start(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        with pytest.raises(RuntimeError, match="cannot serve metrics on"):
+        with pytest.raises(RuntimeError, match=r"cannot listen on .* \(TALLY_METRICS_ADDRESS\)"):
             start_server(database_url, server_log_dir, extra_env={"TALLY_METRICS_ADDRESS": address})
 
 
@@ -592,3 +600,24 @@ def test_empty_metrics_address_disables_the_endpoint(
         assert "metrics on" not in process.log()
     finally:
         process.stop()
+
+
+def test_the_workers_report_their_last_success(metrics_server: tuple[ServerProcess, int]) -> None:
+    _, port = metrics_server
+    deadline = time.monotonic() + 20
+    names = (
+        "tally_sweeper_last_success_timestamp_seconds",
+        "tally_reload_worker_last_success_timestamp_seconds",
+    )
+    while True:
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(scrape(port))
+            for s in family.samples
+            if s.name in names
+        }
+        if all(samples.get(name, 0) > 0 for name in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for name in names:
+        assert abs(samples[name] - time.time()) < 60, (name, samples)

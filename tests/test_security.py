@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tally_client import PermissionDenied, TallyClient, Unauthenticated, Unavailable
+from tally_client import NotFound, PermissionDenied, TallyClient, Unauthenticated, Unavailable
 from tally_service.auth import hash_token
 from tests.conftest import ServerProcess, start_server
 from tests.support import assert_consistent
@@ -200,3 +200,119 @@ def test_hash_token_command() -> None:
         check=True,
     )
     assert out.stdout.strip() == hash_token("s3cret")
+
+
+# -- rotation without a restart -----------------------------------------------------------
+
+
+def _presented_certificate(target: str, ca: Path) -> x509.Certificate:
+    """The certificate the server presents to a new TLS connection."""
+    import socket
+    import ssl
+
+    host, port = target.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Writes the file as a new inode, the way a Secret volume's update appears."""
+    fresh = path.with_suffix(".new")
+    fresh.write_bytes(data)
+    fresh.replace(path)
+
+
+def test_a_rotated_certificate_is_served_to_new_connections(
+    database_url: str, server_log_dir: Path, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import free_port
+
+    ca_key = serialization.load_pem_private_key(pki["ca.key"].read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate(pki["ca.crt"].read_bytes())
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(pki["server.crt"].read_bytes())
+    key_file.write_bytes(pki["server.key"].read_bytes())
+    health_address = f"127.0.0.1:{free_port()}"
+    env = {
+        "TALLY_TLS_CERT_FILE": str(cert_file),
+        "TALLY_TLS_KEY_FILE": str(key_file),
+        "TALLY_HEALTH_ADDRESS": health_address,
+    }
+    server = start_server(database_url, server_log_dir, env, credentials=_tls(pki, False))
+    try:
+        first = _presented_certificate(server.target, pki["ca.crt"])
+        assert first.subject.rfc4514_string() == "CN=tally-server"
+        renewed_key = _key()
+        renewed = _cert("tally-server-renewed", renewed_key, ca, ca_key, server=True)
+        _replace(key_file, _pem_key(renewed_key))
+        _replace(cert_file, renewed.public_bytes(serialization.Encoding.PEM))
+        presented = _presented_certificate(server.target, pki["ca.crt"])
+        assert presented.subject.rfc4514_string() == "CN=tally-server-renewed"
+        with TallyClient(
+            server.target, channel_credentials=_tls(pki, False), max_attempts=1
+        ) as client:
+            client.create_account(f"rotated-{uuid.uuid4().hex[:8]}")
+        # Health in plaintext on its own port, for Kubernetes' native gRPC probes.
+        with grpc.insecure_channel(health_address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+    assert "TLS certificate files changed: reloaded" in server.log()
+
+
+def test_a_changed_token_file_is_followed(
+    database_url: str, server_log_dir: Path, tmp_path: Path
+) -> None:
+    import time
+
+    tokens = tmp_path / "callers.json"
+    old, new = "old-" + uuid.uuid4().hex, "new-" + uuid.uuid4().hex
+    tokens.write_text(json.dumps([{"name": "old", "sha256": hash_token(old), "methods": ["*"]}]))
+    server = start_server(database_url, server_log_dir, {"TALLY_AUTH_TOKENS_FILE": str(tokens)})
+
+    def balance(token: str) -> None:
+        metadata = [("authorization", f"Bearer {token}")]
+        with TallyClient(server.target, metadata=metadata, max_attempts=1) as c:
+            c.get_balance("nobody-at-all")
+
+    try:
+        with pytest.raises(NotFound):
+            balance(old)  # authenticated (the account does not exist)
+        with pytest.raises(Unauthenticated):
+            balance(new)
+        _replace(
+            tokens,
+            json.dumps([{"name": "new", "sha256": hash_token(new), "methods": ["*"]}]).encode(),
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                balance(new)
+            except NotFound:
+                break
+            except Unauthenticated:
+                assert time.monotonic() < deadline, "the new token was never accepted"
+                time.sleep(0.2)
+        with pytest.raises(Unauthenticated):
+            balance(old)
+        # A broken file is skipped: the callers before it stay.
+        tokens.write_text("[{not json")
+        time.sleep(1.5)
+        with pytest.raises(NotFound):
+            balance(new)
+    finally:
+        server.stop()
+    assert "TALLY_AUTH_TOKENS_FILE changed: reloaded" in server.log()

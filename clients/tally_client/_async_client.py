@@ -336,8 +336,11 @@ class AsyncTallyClient:
 
     # --- CreditsService --------------------------------------------------------
 
-    async def get_balance(self, account_id: str) -> credits_pb2.CreditBalance:
-        return await self._call(rq.get_balance(account_id))
+    async def get_balance(
+        self, account_id: str, *, as_of: datetime | None = None
+    ) -> credits_pb2.CreditBalance:
+        """The balance now, or as of a past instant (`as_of`, timezone-aware)."""
+        return await self._call(rq.get_balance(account_id, as_of))
 
     async def reserve(
         self,

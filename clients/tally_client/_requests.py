@@ -335,8 +335,12 @@ def cancel_subscription(
 # --- CreditsService --------------------------------------------------------
 
 
-def get_balance(account_id: str) -> Rpc[credits_pb2.GetBalanceResponse, credits_pb2.CreditBalance]:
-    req = credits_pb2.GetBalanceRequest(account_id=account_id)
+def get_balance(
+    account_id: str, as_of: datetime | None = None
+) -> Rpc[credits_pb2.GetBalanceResponse, credits_pb2.CreditBalance]:
+    req = credits_pb2.GetBalanceRequest(
+        account_id=account_id, as_of=None if as_of is None else to_timestamp(as_of)
+    )
     return Rpc("credits", "GetBalance", req, lambda r: r.balance)
 
 

@@ -295,8 +295,11 @@ class TallyClient:
 
     # --- CreditsService --------------------------------------------------------
 
-    def get_balance(self, account_id: str) -> credits_pb2.CreditBalance:
-        return self._call(rq.get_balance(account_id))
+    def get_balance(
+        self, account_id: str, *, as_of: datetime | None = None
+    ) -> credits_pb2.CreditBalance:
+        """The balance now, or as of a past instant (`as_of`, timezone-aware)."""
+        return self._call(rq.get_balance(account_id, as_of))
 
     def reserve(
         self,

@@ -447,7 +447,7 @@ def _cmd_movement(kind: str) -> Command:
 
 
 def _cmd_balance(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
-    balance = c.get_balance(a.account_id)
+    balance = c.get_balance(a.account_id, as_of=a.as_of)
     _emit(a, out, balance, lambda: format_fields(_balance_fields(balance)))
     return EXIT_OK
 
@@ -960,6 +960,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bal = sub.add_parser("balance", help="show an account's credit")
     bal.add_argument("account_id", metavar="ID")
+    bal.add_argument(
+        "--as-of", type=_parse_time, help="ISO-8601 past instant to answer for (default: now)"
+    )
     bal.set_defaults(func=_cmd_balance)
 
     grs = sub.add_parser("grants", help="an account's credit grants in draw order")

@@ -21,7 +21,9 @@ import contextvars
 import fnmatch
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,10 @@ from typing import Any
 import grpc
 
 from tally_service import errors
+from tally_service.config import ConfigError
 from tally_service.handlers import rewrap
+
+log = logging.getLogger(__name__)
 
 current_caller: contextvars.ContextVar[str] = contextvars.ContextVar("current_caller", default="")
 
@@ -63,31 +68,105 @@ def hash_token(token: str) -> str:
 def load_callers(
     tokens_json: str | None = None, tokens_file: str | None = None
 ) -> dict[str, Caller]:
-    """Callers by the SHA-256 of their token, from TALLY_AUTH_TOKENS(_FILE)."""
+    """Callers by the SHA-256 of their token, from TALLY_AUTH_TOKENS(_FILE).
+
+    Raises ConfigError naming the variable when the callers cannot be read."""
     if tokens_json is None:
         tokens_json = os.environ.get("TALLY_AUTH_TOKENS", "")
     if tokens_file is None:
         tokens_file = os.environ.get("TALLY_AUTH_TOKENS_FILE", "")
+    source = "TALLY_AUTH_TOKENS"
     if tokens_file:
-        with open(tokens_file) as f:
-            tokens_json = f.read()
-    if not tokens_json:
+        source = f"TALLY_AUTH_TOKENS_FILE ({tokens_file})"
+        try:
+            with open(tokens_file) as f:
+                tokens_json = f.read()
+        except OSError as exc:
+            raise ConfigError([f"{source}: cannot read it: {exc.strerror}"]) from None
+    if not tokens_json.strip():
         return {}
+    try:
+        return parse_callers(tokens_json)
+    except ValueError as exc:
+        raise ConfigError([f"{source} is not valid: {exc}"]) from None
+
+
+def parse_callers(tokens_json: str) -> dict[str, Caller]:
+    """Parses the callers' JSON; ValueError says what is wrong."""
+    try:
+        items = json.loads(tokens_json)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    shape = 'expected a JSON list of {"name": ..., "sha256": ..., "methods": [...]}'
+    if not isinstance(items, list):
+        raise ValueError(shape)
     callers: dict[str, Caller] = {}
-    for item in json.loads(tokens_json):
-        digest = str(item["sha256"]).lower()
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError(f"item {index}: {shape}")
+        name = item["name"]
+        digest = str(item.get("sha256", "")).lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise SystemExit(f"auth token of {item.get('name')!r}: sha256 must be 64 hex digits")
-        callers[digest] = Caller(str(item["name"]), tuple(str(m) for m in item["methods"]))
+            raise ValueError(f"caller {name!r}: sha256 must be 64 hex digits (tally hash-token)")
+        methods = item.get("methods")
+        if not isinstance(methods, list) or not all(isinstance(m, str) and m for m in methods):
+            raise ValueError(f"caller {name!r}: methods must be a list of method globs")
+        if digest in callers:
+            raise ValueError(f"caller {name!r}: the same sha256 as {callers[digest].name!r}")
+        callers[digest] = Caller(name, tuple(methods))
     return callers
+
+
+class TokenFile:
+    """The callers of TALLY_AUTH_TOKENS_FILE, read again when the file changes (checked at
+    most once every `check_seconds`, on a call): tokens rotate with no restart. A file that
+    cannot be read or parsed is logged and skipped; the callers before it stay."""
+
+    def __init__(self, path: str, check_seconds: float = 1.0) -> None:
+        self.path = path
+        self.check_seconds = check_seconds
+        self._signature = self._stat()
+        self.callers = load_callers("", path)
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> dict[str, Caller]:
+        now = time.monotonic()
+        if now - self._checked < self.check_seconds:
+            return self.callers
+        self._checked = now
+        try:
+            signature = self._stat()
+            if signature == self._signature:
+                return self.callers
+            callers = load_callers("", self.path)
+        except (OSError, ConfigError) as exc:
+            log.error("TALLY_AUTH_TOKENS_FILE changed but cannot be used: %s", exc)
+            return self.callers
+        self._signature = signature
+        self.callers = callers
+        log.info(
+            "TALLY_AUTH_TOKENS_FILE changed: reloaded",
+            extra={"callers": sorted({c.name for c in callers.values()})},
+        )
+        return callers
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Checks the bearer token; must come after ErrorMappingInterceptor in the list, so
-    that the errors it raises are mapped like any other."""
+    that the errors it raises are mapped like any other. `callers` is fixed
+    (TALLY_AUTH_TOKENS) or a TokenFile (TALLY_AUTH_TOKENS_FILE, followed as it changes)."""
 
-    def __init__(self, callers: dict[str, Caller]) -> None:
-        self.callers = callers
+    def __init__(self, callers: "dict[str, Caller] | TokenFile") -> None:
+        self.source = callers
+
+    @property
+    def callers(self) -> dict[str, Caller]:
+        source = self.source
+        return source.current() if isinstance(source, TokenFile) else source
 
     def _caller(self, method: str, metadata: Any) -> Caller:
         header = ""

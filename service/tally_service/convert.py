@@ -5,7 +5,7 @@ message, so a first response and its replay are built by the same code."""
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 from tally_service import models, store
@@ -38,7 +38,8 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
-    json_format.ParseDict(value, message)
+    if value:
+        message.update(value)
     return message
 
 
@@ -125,6 +126,22 @@ def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
         overdraft_limit=format_amount(a.overdraft_limit),
         subscription_credits=format_amount(b.subscription_credits),
         purchased_credits=format_amount(b.purchased_credits),
+    )
+
+
+def credit_balance_at(b: store.BalanceAt) -> credits_pb2.CreditBalance:
+    """The balance at a past instant: grant totals are not kept per instant, so
+    subscription_credits and purchased_credits stay empty."""
+    a = b.account
+    return credits_pb2.CreditBalance(
+        account_id=a.account_id,
+        balance=format_amount(b.balance),
+        reserved=format_amount(b.reserved),
+        available=format_amount(b.balance - b.reserved),
+        currency=a.currency,
+        update_time=timestamp(b.update_time),
+        auto_reload=auto_reload(a),
+        overdraft_limit=format_amount(a.overdraft_limit),
     )
 
 

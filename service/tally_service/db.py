@@ -1,11 +1,14 @@
 """The database: engine, the embedded default, migrations, and calls of the server-side
 money functions with their errors mapped to domain errors."""
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from tally_service import errors, metrics
+from tally_service import errors, metrics, sqlfiles
 from tally_service.auth import current_caller
 from tally_service.money import format_amount
 
@@ -69,7 +72,7 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 50
 
 
 def migrate(url: str) -> None:
-    """Applies every migration (idempotent)."""
+    """Applies every migration, then the money SQL files if they changed (idempotent)."""
     from alembic import command
     from alembic.config import Config
 
@@ -79,6 +82,21 @@ def migrate(url: str) -> None:
     )
     config.set_main_option("sqlalchemy.url", async_url(url).replace("%", "%%"))
     command.upgrade(config, "head")
+    asyncio.run(_apply_sql_files(url))
+
+
+async def _apply_sql_files(url: str) -> None:
+    conn = await asyncpg.connect(_driver_url(url))
+    try:
+        if await sqlfiles.apply(conn):
+            log.info("money SQL files applied (checksum %s)", sqlfiles.checksum()[:12])
+    finally:
+        await conn.close()
+
+
+def _driver_url(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(("postgresql", *parts[1:]))
 
 
 class _LostRace(Exception):
@@ -168,10 +186,34 @@ def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -
     return errors.Internal("internal error")
 
 
-class Database:
-    """The engine plus one call per money function; one connection per call."""
+@dataclass(frozen=True)
+class GroupSettings:
+    """Group commit (`TALLY_GROUP_*`): how many movements one transaction may carry, how
+    long the first may wait for company, and how many groups one process runs at once.
+    With the default wait of 0 a group is whatever arrived while the previous groups
+    were in the database, so a lone call is never delayed."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    max_items: int = 64
+    max_wait_seconds: float = 0.0
+    concurrency: int = 4
+
+
+# The movements that group commit carries (`tally_apply_group` dispatches them).
+GROUPED = frozenset({"tally_move", "tally_reserve", "tally_capture", "tally_release"})
+
+
+@dataclass
+class _Pending:
+    function: str
+    params: Mapping[str, Any]
+    caller: str
+    future: asyncio.Future[tuple[Any, bool]]
+
+
+class Database:
+    """The engine and the one gateway to the money functions (`call`)."""
+
+    def __init__(self, engine: AsyncEngine, group: GroupSettings | None = None) -> None:
         self.engine = engine
         # One statement is one transaction: the functions hold the account lock for
         # their own work and the commit, never across round trips.
@@ -179,55 +221,145 @@ class Database:
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         # Set by the server to time the money functions (tally_db_query_seconds).
         self.observe_query: Callable[[float], None] | None = None
-        self._statements: dict[tuple[str, int], str] = {}
+        self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.group = group or GroupSettings()
+        self._queue: list[_Pending] = []
+        self._groups_running = 0
+        self._group_tasks: set[asyncio.Task[None]] = set()
 
-    def _statement(self, function: str, arity: int) -> str:
-        # The caller is set for this statement's transaction before the function runs
-        # (a FROM item is evaluated first); ledger entries copy it (migration 0004).
-        key = (function, arity)
-        if key not in self._statements:
-            arguments = ", ".join(f"${i}" for i in range(1, arity + 1))
-            self._statements[key] = (
+    def _statement(self, function: str, names: tuple[str, ...]) -> str:
+        """`SELECT f(p_a => $1, p_b => $2, …)`: arguments by name, so no dict order can
+        shift a value into another parameter. The caller is set for this statement's
+        transaction before the function runs (a FROM item is evaluated first); ledger
+        entries copy it (migration 0004)."""
+        key = (function, names)
+        statement = self._statements.get(key)
+        if statement is None:
+            _check_names(function, names)
+            arguments = ", ".join(f"p_{n} => ${i}" for i, n in enumerate(names, 1))
+            statement = (
                 f"SELECT {function}({arguments}) "
-                f"FROM (SELECT set_config('tally.caller', ${arity + 1}, true)) AS audit"
+                f"FROM (SELECT set_config('tally.caller', ${len(names) + 1}, true)) AS audit"
             )
-        return self._statements[key]
+            self._statements[key] = statement
+        return statement
+
+    async def _fetch(self, statement: str, args: list[Any]) -> Any:
+        """Runs one statement (one transaction) on a pooled connection's driver (asyncpg)
+        directly, without SQLAlchemy's statement layer; maps database errors."""
+        try:
+            async with self._autocommit.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None
+                started = time.perf_counter()
+                try:
+                    raw = await driver.fetchval(statement, *args)
+                except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError, OSError):
+                    await conn.invalidate()
+                    raise
+                if self.observe_query is not None:
+                    self.observe_query(time.perf_counter() - started)
+        except asyncpg.PostgresError as exc:
+            raise translate_state(exc.sqlstate or "", exc.detail, exc) from None
+        except (PoolTimeout, OSError, asyncpg.InterfaceError, DBAPIError):
+            raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
+        return json.loads(raw) if isinstance(raw, str) else raw
 
     async def call(self, function: str, params: Mapping[str, Any]) -> tuple[Any, bool]:
-        """Calls a money function; returns (response, replayed).
+        """Calls a money function with named arguments (`params` keys are its parameter
+        names without `p_`); returns (response, replayed). Movements go through group
+        commit: answered only after the transaction that carried them committed."""
+        if function in GROUPED and self.group.max_items > 1:
+            _check_names(function, tuple(params))
+            loop = asyncio.get_running_loop()
+            pending = _Pending(function, params, current_caller.get(), loop.create_future())
+            self._queue.append(pending)
+            self._start_groups()
+            return await pending.future
+        return await self._call_alone(function, params, current_caller.get())
 
-        The hot path of every money movement: the pooled connection's driver (asyncpg)
-        runs the one prepared statement directly, without SQLAlchemy's statement layer.
-        """
-        statement = self._statement(function, len(params))
-        args = [*params.values(), current_caller.get()]
+    async def _call_alone(
+        self, function: str, params: Mapping[str, Any], caller: str
+    ) -> tuple[Any, bool]:
+        statement = self._statement(function, tuple(params))
+        args = [*params.values(), caller]
         for attempt in range(3):
             try:
-                async with self._autocommit.connect() as conn:
-                    driver = (await conn.get_raw_connection()).driver_connection
-                    assert driver is not None
-                    started = time.perf_counter()
-                    try:
-                        raw = await driver.fetchval(statement, *args)
-                    except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError, OSError):
-                        await conn.invalidate()
-                        raise
-                    if self.observe_query is not None:
-                        self.observe_query(time.perf_counter() - started)
-            except asyncpg.PostgresError as exc:
-                error = translate_state(exc.sqlstate or "", exc.detail, exc)
-                if isinstance(error, _LostRace) and attempt < 2:
+                result = await self._fetch(statement, args)
+            except _LostRace:
+                if attempt < 2:
                     continue
-                if isinstance(error, _LostRace):
-                    error = errors.DatabaseUnavailable("contention; retry")
-                raise error from None
-            except (PoolTimeout, OSError, asyncpg.InterfaceError, DBAPIError):
-                raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
-            result: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
-            replayed = bool(result["replayed"])
-            metrics.note_call(function, result["response"], replayed)
-            return result["response"], replayed
+                raise errors.DatabaseUnavailable("contention; retry") from None
+            return _answer(function, result)
         raise AssertionError("unreachable")
+
+    # -- group commit -------------------------------------------------------------
+
+    def _start_groups(self) -> None:
+        while self._queue and self._groups_running < self.group.concurrency:
+            self._groups_running += 1
+            task = asyncio.get_running_loop().create_task(self._run_group())
+            self._group_tasks.add(task)
+            task.add_done_callback(self._group_tasks.discard)
+
+    async def _run_group(self) -> None:
+        try:
+            if self.group.max_wait_seconds > 0 and len(self._queue) < self.group.max_items:
+                await asyncio.sleep(self.group.max_wait_seconds)
+            taken = self._queue[: self.group.max_items]
+            del self._queue[: self.group.max_items]
+            # A caller that gave up before its group formed is not applied.
+            group = [p for p in taken if not p.future.done()]
+            if group:
+                work = asyncio.ensure_future(self._apply_group(group))
+
+                def abandon(_: object) -> None:
+                    # Every caller gave up (deadline, cancellation): stop the statement,
+                    # so a group nobody waits for rolls back, as a lone call would.
+                    if not work.done() and all(p.future.done() for p in group):
+                        work.cancel()
+
+                for p in group:
+                    p.future.add_done_callback(abandon)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        finally:
+            self._groups_running -= 1
+            if self._queue:
+                self._start_groups()
+
+    async def _apply_group(self, group: list[_Pending]) -> None:
+        if len(group) == 1:
+            only = group[0]
+            await _settle(only, self._call_alone(only.function, only.params, only.caller))
+            return
+        calls = json.dumps(
+            [{"f": p.function, "caller": p.caller, "a": _json_arguments(p.params)} for p in group],
+            separators=(",", ":"),
+        )
+        try:
+            results = await self._fetch(_APPLY_GROUP, [calls])
+        except errors.DatabaseUnavailable as exc:
+            # Transient (timeout, connection): nothing was written; the callers retry.
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        except Exception:
+            # Something one call raised (a same-key race with another process, an
+            # overflow): nothing was written; each call runs again alone, so each
+            # gets its own answer.
+            for p in group:
+                if not p.future.done():
+                    await _settle(p, self._call_alone(p.function, p.params, p.caller))
+            return
+        for p, result in zip(group, results, strict=True):
+            if p.future.done():
+                continue
+            try:
+                p.future.set_result(_answer(p.function, result))
+            except Exception as exc:
+                p.future.set_exception(exc)
 
     async def ping(self) -> bool:
         try:
@@ -236,3 +368,45 @@ class Database:
         except Exception:
             return False
         return True
+
+
+_APPLY_GROUP = "SELECT tally_apply_group(p_calls => $1::jsonb)"
+
+
+class _Refused(Exception):
+    """A refusal a money function returned (sql/15_refusals.sql)."""
+
+
+def _answer(function: str, result: Mapping[str, Any]) -> tuple[Any, bool]:
+    """A money function's answer: (response, replayed), or its refusal raised as the
+    catalog's error."""
+    refusal = result.get("error")
+    if refusal is not None:
+        error = translate_state(refusal["sqlstate"], refusal["detail"], _Refused(refusal))
+        if isinstance(error, _LostRace):  # not a refusal any function returns
+            raise errors.Internal("internal error")
+        raise error
+    replayed = bool(result["replayed"])
+    metrics.note_call(function, result["response"], replayed)
+    return result["response"], replayed
+
+
+def _check_names(function: str, names: tuple[str, ...]) -> None:
+    expected = sqlfiles.signatures().get(function)
+    if expected is None or set(expected) != {f"p_{n}" for n in names}:
+        raise AssertionError(f"{function} takes {expected}, called with {sorted(names)}")
+
+
+def _json_arguments(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.hex() if isinstance(v, bytes) else v for k, v in params.items()}
+
+
+async def _settle(pending: _Pending, outcome: Coroutine[Any, Any, tuple[Any, bool]]) -> None:
+    try:
+        result = await outcome
+    except Exception as exc:
+        if not pending.future.done():
+            pending.future.set_exception(exc)
+        return
+    if not pending.future.done():
+        pending.future.set_result(result)

@@ -7,6 +7,7 @@ never a traceback on the wire).
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import grpc
 from sqlalchemy.exc import DBAPIError
 
 from tally_service import errors, metrics
+from tally_service.auth import current_caller
 from tally_service.db import translate
 from tally_service.handlers import rewrap
 
@@ -95,5 +97,89 @@ def _wrap_stream(behavior: Any, method: str) -> Any:
             raise
         except Exception as exc:
             await _abort(context, exc, method)
+
+    return wrapped
+
+
+access_log = logging.getLogger("tally.access")
+
+
+def _status_name(exc: BaseException | None, context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        code = grpc.StatusCode.CANCELLED
+    elif not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
+    return str(code.name)
+
+
+class AccessLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """One log line per RPC (logger ``tally.access``, TALLY_ACCESS_LOG): method, code,
+    duration_ms, caller (the token's caller name; empty without authentication) and peer.
+
+    Put it first (outermost): it then sees the status every other interceptor produced,
+    and the caller the authentication interceptor found."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        return rewrap(
+            handler,
+            lambda behavior, _: _logged_unary(behavior, method),
+            lambda behavior, _: _logged_stream(behavior, method),
+        )
+
+
+def _log_rpc(
+    method: str, started: float, exc: BaseException | None, context: grpc.aio.ServicerContext
+) -> None:
+    code = _status_name(exc, context)
+    access_log.info(
+        "%s %s",
+        method,
+        code,
+        extra={
+            "method": method,
+            "code": code,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "caller": current_caller.get(),
+            "peer": context.peer(),
+        },
+    )
+
+
+def _logged_unary(behavior: Any, method: str) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            _log_rpc(method, started, failure, context)
+
+    return wrapped
+
+
+def _logged_stream(behavior: Any, method: str) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            _log_rpc(method, started, failure, context)
 
     return wrapped

@@ -69,8 +69,6 @@ from tally_service.handlers import rewrap
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "127.0.0.1:9090"
-
 # RPCs take milliseconds; streams and exports up to minutes.
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 QUERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -124,7 +122,7 @@ def entry_type_label(value: int) -> str:
 
 def _version() -> str:
     try:
-        return metadata.version("tally")
+        return metadata.version("tally-metering-server")
     except metadata.PackageNotFoundError:
         return "unknown"
 
@@ -218,6 +216,16 @@ class Metrics:
             "tally_db_query_seconds",
             "Time of one database statement (cursor execute), in seconds.",
             buckets=QUERY_BUCKETS,
+            registry=registry,
+        )
+        self.sweeper_last_success = Gauge(
+            "tally_sweeper_last_success_timestamp_seconds",
+            "Unix time of the sweeper's last pass without an error (0: none yet).",
+            registry=registry,
+        )
+        self.reload_worker_last_success = Gauge(
+            "tally_reload_worker_last_success_timestamp_seconds",
+            "Unix time of the reload worker's last pass without an error (0: none yet).",
             registry=registry,
         )
         self.build = Info("tally_build", "The running Tally build.", registry=registry)

@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from tally.v1 import funding_pb2, funding_pb2_grpc
 from tally_service import metrics
-from tally_service.config import Settings
+from tally_service.config import ConfigError, Settings
 from tally_service.db import Database, async_url
 from tally_service.money import format_amount
 
@@ -58,7 +58,7 @@ class GrpcFunding:
 
     def __init__(self, target: str, timeout_seconds: float) -> None:
         if not target:
-            raise SystemExit("TALLY_FUNDING_TARGET is required with TALLY_FUNDING_HOOK=grpc")
+            raise ConfigError(["TALLY_FUNDING_TARGET is required with TALLY_FUNDING_HOOK=grpc"])
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = funding_pb2_grpc.FundingServiceStub(self.channel)
         self.timeout_seconds = timeout_seconds
@@ -81,7 +81,7 @@ def make_hook(settings: Settings) -> FundingHook:
         return InternalFunding()
     if settings.funding_hook == "grpc":
         return GrpcFunding(settings.funding_target, settings.funding_timeout_seconds)
-    raise SystemExit(f"unknown TALLY_FUNDING_HOOK {settings.funding_hook!r}")
+    raise ConfigError([f"unknown TALLY_FUNDING_HOOK {settings.funding_hook!r}"])
 
 
 _CLAIM = text(
@@ -182,6 +182,8 @@ class ReloadWorker:
                 try:
                     while await self.run_once():
                         pass
+                    if self.meters is not None:
+                        self.meters.reload_worker_last_success.set_to_current_time()
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -50,7 +50,7 @@ _CATCH_UP = text(
     "  OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id "
     "             AND h.status = 'pending' AND h.expires_at <= clock_timestamp()) "
     "  OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id "
-    "             AND g.remaining > 0 AND g.expires_at <= clock_timestamp()))"
+    "             AND g.remaining > 0 AND NOT g.expired AND g.expires_at <= clock_timestamp()))"
 )
 
 
@@ -68,6 +68,70 @@ async def get_balance(db: Database, account_id: str) -> Balance:
         account.balance_updated_at,
         int(response["subscription_credits"]),
         int(response["purchased_credits"]),
+    )
+
+
+@dataclass
+class BalanceAt:
+    """The balance and reserved credit at a past instant, read from the ledger and holds."""
+
+    account: models.Account
+    balance: int
+    reserved: int
+    update_time: datetime | None
+
+
+# One statement, so one snapshot. The balance is the last entry's balance_after at or
+# before the instant (ledger_entries_by_time: one index probe). Holds that count are
+# those placed at or before it, not yet finalized then and not past expiry then; as no
+# hold lives longer than MAX_TTL_SECONDS, only holds placed in that window before the
+# instant can count (holds_by_account_time, migration 0007). update_time is the latest
+# change at or before the instant among the last entry and the holds of that window.
+_BALANCE_AT = text(
+    """
+SELECT last.balance_after, last.created_at AS entry_time, held.reserved, held.changed
+FROM accounts a
+LEFT JOIN LATERAL (
+    SELECT e.balance_after, e.created_at FROM ledger_entries e
+    WHERE e.account_id = a.account_id AND e.created_at <= :as_of
+    ORDER BY e.created_at DESC, e.sequence DESC LIMIT 1
+) last ON true
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(h.amount) FILTER (
+               WHERE h.expires_at > :as_of
+                 AND (h.finalized_at IS NULL OR h.finalized_at > :as_of)), 0) AS reserved,
+           max(greatest(h.created_at,
+                        CASE WHEN least(coalesce(h.finalized_at, 'infinity'), h.expires_at)
+                                  <= :as_of
+                             THEN least(coalesce(h.finalized_at, 'infinity'), h.expires_at)
+                        END)) AS changed
+    FROM holds h
+    WHERE h.account_id = a.account_id AND h.created_at <= :as_of
+      AND h.created_at > :as_of - CAST(:max_ttl AS integer) * interval '1 second'
+) held
+WHERE a.account_id = :account_id
+"""
+)
+
+
+async def get_balance_at(
+    db: Database, account_id: str, as_of: datetime, max_ttl_seconds: int
+) -> BalanceAt:
+    """Balance, reserved and the last change as of `as_of` (zeros before the account's
+    first entry or hold). What fell due before now is written down first, so an expiry
+    (dated at its instant) counts even if nothing had touched the account since."""
+    await catch_up(db, account_id)
+    async with db.sessions() as session:
+        account = await _account(session, account_id)
+        row = (
+            await session.execute(
+                _BALANCE_AT,
+                {"account_id": account_id, "as_of": as_of, "max_ttl": max_ttl_seconds},
+            )
+        ).one()
+    times = [t for t in (row.entry_time, row.changed) if t is not None]
+    return BalanceAt(
+        account, int(row.balance_after or 0), int(row.reserved), max(times) if times else None
     )
 
 
@@ -194,15 +258,45 @@ _HOLD_FACTS = text(
     """
     SELECT coalesce(sum(amount - captured), 0) AS pending_all,
            coalesce(sum(amount - captured) FILTER (WHERE expires_at > clock_timestamp()), 0)
-               AS pending_live
+               AS pending_live,
+           count(*) FILTER (WHERE expires_at <= :caught_up) AS overdue
     FROM holds WHERE account_id = :account_id AND status = 'pending'
+    """
+)
+# Verification first catches the account up under its lock (as any movement would), at
+# `caught_up`. Then no grant due by then may be left unsettled, and an expired grant may
+# keep remaining credit only where the pending holds stand on it: inside the first
+# `reserved` credits of the grants in draw order (DESIGN.md 5, 5b). A grant that fell due
+# after `caught_up` is due, not yet written off, and not a violation.
+_CATCH_UP_ALWAYS = text(
+    "SELECT tally_expire_holds(account_id) FROM accounts WHERE account_id = :account_id"
+)
+_EXPIRY_FACTS = text(
+    """
+    WITH ordered AS (
+        SELECT expired, expires_at, remaining,
+               coalesce(sum(remaining) OVER (
+                   ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
+                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS ahead
+        FROM grants WHERE account_id = :account_id AND remaining > 0
+    )
+    SELECT count(*) FILTER (WHERE NOT o.expired AND o.expires_at <= :caught_up) AS overdue,
+           coalesce(sum(o.remaining) FILTER (
+               WHERE NOT o.expired AND o.expires_at <= :caught_up), 0) AS overdue_credit,
+           coalesce(sum(o.remaining - least(o.remaining, greatest(a.reserved - o.ahead, 0)))
+                    FILTER (WHERE o.expired), 0) AS uncovered
+    FROM ordered o CROSS JOIN accounts a WHERE a.account_id = :account_id
     """
 )
 
 
 async def verify_account(db: Database, account_id: str) -> Verification:
-    """Recomputes balance and reserved from the rows, in one snapshot."""
-    params = {"account_id": account_id}
+    """Catches the account up, then recomputes balance, reserved and grants from the
+    rows, in one snapshot."""
+    async with db.engine.begin() as conn:
+        caught_up = (await conn.execute(text("SELECT clock_timestamp()"))).scalar_one()
+        await conn.execute(_CATCH_UP_ALWAYS, {"account_id": account_id})
+    params = {"account_id": account_id, "caught_up": caught_up}
     async with db.sessions() as session, session.begin():
         await session.connection(
             execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
@@ -212,6 +306,7 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         last_balance = (await session.execute(_LAST_BALANCE, params)).scalar_one_or_none()
         holds = (await session.execute(_HOLD_FACTS, params)).one()
         granted = int((await session.execute(_GRANT_FACTS, params)).scalar_one())
+        expiry = (await session.execute(_EXPIRY_FACTS, params)).one()
     violations = []
     if account.balance != ledger.total:
         violations.append(
@@ -235,6 +330,20 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         violations.append(
             f"unspent grants {granted} differ from the positive balance {max(account.balance, 0)}"
         )
+    if expiry.overdue:
+        violations.append(
+            f"{expiry.overdue} grants past their expiry still hold {expiry.overdue_credit} "
+            "spendable credit after the catch-up"
+        )
+    if expiry.uncovered:
+        violations.append(
+            f"expired grants keep {expiry.uncovered} credit that no pending hold stands on"
+        )
+    if holds.overdue:
+        violations.append(f"{holds.overdue} holds past their expiry are still pending")
+    renews_at = account.subscription_renews_at
+    if renews_at is not None and renews_at <= caught_up:
+        violations.append(f"the subscription renewal due at {renews_at} was not granted")
     return Verification(
         stored_balance=account.balance,
         ledger_balance=int(ledger.total),

@@ -23,7 +23,7 @@ _DUE_ACCOUNTS = text(
     "   ORDER BY expires_at LIMIT :limit)"
     "  UNION ALL"
     "  (SELECT account_id FROM grants"
-    "   WHERE remaining > 0 AND expires_at <= clock_timestamp()"
+    "   WHERE remaining > 0 AND NOT expired AND expires_at <= clock_timestamp()"
     "   ORDER BY expires_at LIMIT :limit)"
     "  UNION ALL"
     "  (SELECT account_id FROM accounts WHERE subscription_renews_at <= clock_timestamp()"
@@ -58,6 +58,8 @@ async def run(db: Database, interval_seconds: float, metrics: Metrics | None = N
         try:
             while await sweep_once(db, metrics=metrics) > 0:
                 pass
+            if metrics is not None:
+                metrics.sweeper_last_success.set_to_current_time()
         except asyncio.CancelledError:
             raise
         except Exception:

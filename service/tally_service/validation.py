@@ -63,6 +63,8 @@ def text(value: str, field: str, max_chars: int, *, required: bool = False) -> s
 
 def metadata(value: struct_pb2.Struct, field: str = "metadata") -> str:
     """Returns the Struct as JSON text for a jsonb column, bounded in size."""
+    if not value.fields:
+        return "{}"
     as_dict: dict[str, Any] = json_format.MessageToDict(value)
     encoded = json.dumps(as_dict, separators=(",", ":"), sort_keys=True)
     if len(encoded.encode()) > MAX_METADATA_BYTES:

@@ -103,7 +103,10 @@ Job) the bearer-token callers, an optional key (absent: authentication off). */}
     secretKeyRef:
       name: {{ $secret }}
       key: {{ .Values.secret.databaseUrlKey }}
-{{- if not $migration }}
+{{- if and (not $migration) .Values.secret.authTokensAsFile }}
+- name: TALLY_AUTH_TOKENS_FILE
+  value: /etc/tally/auth/callers.json
+{{- else if not $migration }}
 - name: TALLY_AUTH_TOKENS
   valueFrom:
     secretKeyRef:
@@ -114,17 +117,12 @@ Job) the bearer-token callers, an optional key (absent: authentication off). */}
 {{- end }}
 {{- end }}
 
-{{/* A probe's handler: native gRPC health check, or with TLS (which native gRPC probes cannot
-speak) a TCP connect to the gRPC port. */}}
+{{/* A probe's handler: a native gRPC health check of the plaintext health port (which
+answers with or without TLS on the gRPC port). */}}
 {{- define "tally.probeHandler" -}}
-{{- if .root.Values.tls.enabled }}
-tcpSocket:
-  port: grpc
-{{- else }}
 grpc:
-  port: {{ .root.Values.containerPorts.grpc }}
+  port: {{ .root.Values.containerPorts.health }}
   service: {{ .probe.service | quote }}
-{{- end }}
 {{- end }}
 
 {{/* TLS file paths of the server (the mounts of tally.tlsVolumes). */}}
@@ -142,6 +140,11 @@ grpc:
 {{- end }}
 
 {{- define "tally.tlsVolumeMounts" -}}
+{{- if .Values.secret.authTokensAsFile }}
+- name: auth-tokens
+  mountPath: /etc/tally/auth
+  readOnly: true
+{{- end }}
 {{- if .Values.tls.enabled }}
 - name: tls
   mountPath: /etc/tally/tls
@@ -154,8 +157,18 @@ grpc:
 {{- end }}
 {{- end }}
 
-{{/* Mode 0440 (288): group-readable through podSecurityContext.fsGroup. */}}
+{{/* Mode 0440 (288): group-readable through podSecurityContext.fsGroup. The token file
+(secret.authTokensAsFile) too. */}}
 {{- define "tally.tlsVolumes" -}}
+{{- if .Values.secret.authTokensAsFile }}
+- name: auth-tokens
+  secret:
+    secretName: {{ include "tally.secretName" . }}
+    defaultMode: 288
+    items:
+      - key: {{ .Values.secret.authTokensKey }}
+        path: callers.json
+{{- end }}
 {{- if .Values.tls.enabled }}
 - name: tls
   secret:
@@ -204,6 +217,14 @@ grpc:
 {{- fail "tally: autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
 {{- include "tally.validateAuthTokens" . }}
+{{- if .Values.secret.authTokensAsFile }}
+{{- if and (not .Values.secret.existingSecret) (not (include "tally.authTokensJson" .)) }}
+{{- fail "tally: secret.authTokensAsFile needs callers: set secret.authTokens (or use secret.existingSecret with the key secret.authTokensKey)" }}
+{{- end }}
+{{- if not (hasKey .Values.podSecurityContext "fsGroup") }}
+{{- fail "tally: secret.authTokensAsFile needs podSecurityContext.fsGroup (the file is mounted with mode 0440, readable through that group)" }}
+{{- end }}
+{{- end }}
 {{- with .Values.tls }}
 {{- if and .enabled (not .existingSecret) }}
 {{- fail "tally: tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret with tls.crt and tls.key)" }}

@@ -28,8 +28,15 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def GetBalance(
         self, request: credits_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.GetBalanceResponse:
-        b = await store.get_balance(self.db, validation.account_id(request.account_id))
-        return credits_pb2.GetBalanceResponse(balance=convert.credit_balance(b))
+        account_id = validation.account_id(request.account_id)
+        as_of = validation.optional_time(request, "as_of", request.as_of)
+        if as_of is None:
+            b = await store.get_balance(self.db, account_id)
+            return credits_pb2.GetBalanceResponse(balance=convert.credit_balance(b))
+        if as_of > datetime.now(UTC):
+            raise InvalidArgument("as_of", "must not be in the future")
+        past = await store.get_balance_at(self.db, account_id, as_of, validation.MAX_TTL_SECONDS)
+        return credits_pb2.GetBalanceResponse(balance=convert.credit_balance_at(past))
 
     async def Reserve(
         self, request: credits_pb2.ReserveRequest, context: grpc.aio.ServicerContext

@@ -1,5 +1,6 @@
 """tally.v1.MeteringService."""
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -463,19 +464,33 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise errors.InvalidArgument("format", f"unknown format {request.format}")
         as_csv = request.format == metering_pb2.REPORT_FORMAT_CSV
         report = reports.Report(self.db, account, r, product_id)
+        if _asks_for_gzip(context):
+            context.set_compression(grpc.Compression.Gzip)
         first = True
         chunks = report.csv_chunks() if as_csv else report.xlsx_chunks()
-        async for chunk in chunks:
-            message = metering_pb2.ExportUsageReportResponse(data=chunk)
-            if first:
-                message.file_name = report.file_name("csv" if as_csv else "xlsx")
-                message.content_type = (
-                    "text/csv"
-                    if as_csv
-                    else "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
-                )
-                first = False
-            yield message
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                message = metering_pb2.ExportUsageReportResponse(data=chunk)
+                if first:
+                    message.file_name = report.file_name("csv" if as_csv else "xlsx")
+                    message.content_type = "text/csv" if as_csv else reports.XLSX_TYPE
+                    first = False
+                yield message
+
+
+# How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told
+# how the request was compressed (grpc-encoding and grpc-accept-encoding stay in the
+# core), and gzip cannot be sent unasked: the core does not check the caller's
+# grpc-accept-encoding, and a client without gzip (a Go client that did not register
+# it, or one that disabled it) would fail the call.
+RESPONSE_COMPRESSION_KEY = "tally-response-compression"
+
+
+def _asks_for_gzip(context: grpc.aio.ServicerContext) -> bool:
+    for key, value in context.invocation_metadata() or ():
+        if key == RESPONSE_COMPRESSION_KEY and value == "gzip":
+            return True
+    return False
 
 
 async def _events(

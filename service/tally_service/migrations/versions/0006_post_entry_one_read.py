@@ -6,90 +6,15 @@ Revision ID: 0006
 Revises: 0005
 """
 
-from tally_service.migrations.script import run_script
-
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-SCHEMA = r"""
--- The auto-reload rule on a row already in hand (after the movement).
-CREATE FUNCTION tally_maybe_reload(a accounts, p_available_before bigint) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF a.auto_reload_enabled AND p_available_before >= a.auto_reload_threshold
-       AND a.balance - a.reserved < a.auto_reload_threshold THEN
-        PERFORM tally_decide_reload(a);
-    END IF;
-END $$;
-
-CREATE OR REPLACE FUNCTION tally_check_reload(p_account_id text, p_available_before bigint)
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    a accounts;
-BEGIN
-    SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
-    PERFORM tally_maybe_reload(a, p_available_before);
-END $$;
-
-CREATE OR REPLACE FUNCTION tally_post_entry(
-    p_account_id text, p_type text, p_amount bigint, p_reserved_delta bigint,
-    p_description text, p_reference text, p_metadata jsonb, p_request_id text,
-    p_reservation_id uuid, p_grant jsonb, p_at timestamptz, p_draw boolean
-) RETURNS ledger_entries LANGUAGE plpgsql AS $$
-DECLARE
-    a accounts;
-    e ledger_entries;
-    v_before bigint;
-    v_grant_type text;
-    v_credit_type text;
-BEGIN
-    -- Entries stay in time order even when one is backdated to an instant it caught up:
-    -- the entry's time is the account's new balance_updated_at.
-    UPDATE accounts
-    SET balance = balance + p_amount,
-        reserved = reserved + p_reserved_delta,
-        last_sequence = last_sequence + 1,
-        balance_updated_at = greatest(balance_updated_at, coalesce(p_at, clock_timestamp()))
-    WHERE account_id = p_account_id
-    RETURNING * INTO a;
-    v_before := a.balance - p_amount;
-    IF p_amount < 0 AND p_draw THEN
-        v_credit_type := tally_draw_grants(p_account_id, least(-p_amount, greatest(v_before, 0)));
-    END IF;
-    INSERT INTO ledger_entries (
-        account_id, sequence, entry_type, amount, balance_after, description,
-        reference, metadata, request_id, reservation_id, created_at, credit_type
-    ) VALUES (
-        p_account_id, a.last_sequence, p_type, p_amount, a.balance, p_description,
-        p_reference, p_metadata, p_request_id, p_reservation_id, a.balance_updated_at,
-        v_credit_type
-    ) RETURNING * INTO e;
-    IF p_amount > 0 THEN
-        v_grant_type := coalesce(p_grant ->> 'type',
-                                 CASE p_type WHEN 'adjustment' THEN 'promotional'
-                                             ELSE 'purchased' END);
-        -- A credit first repays any debt; only the rest is spendable.
-        INSERT INTO grants (account_id, grant_type, amount, remaining, priority, expires_at,
-                            created_at, entry_id, subscription_id, subscription_period)
-        VALUES (p_account_id, v_grant_type, p_amount,
-                greatest(a.balance, 0) - greatest(v_before, 0),
-                coalesce((p_grant ->> 'priority')::integer,
-                         tally_default_priority(v_grant_type)),
-                (p_grant ->> 'expires_at')::timestamptz, e.created_at, e.entry_id,
-                (p_grant ->> 'subscription_id')::uuid, (p_grant ->> 'period')::bigint);
-    END IF;
-    PERFORM tally_maybe_reload(
-        a, (a.balance - p_amount) - (a.reserved - p_reserved_delta));
-    RETURN e;
-END $$;
-"""
-
 
 def upgrade() -> None:
-    run_script(SCHEMA)
+    """Functions only: they now live in `tally_service/sql/` (applied after every migration)."""
 
 
 def downgrade() -> None:
-    raise NotImplementedError("restore 0003's tally_post_entry by downgrading further")
+    pass

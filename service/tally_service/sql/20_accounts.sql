@@ -1,0 +1,161 @@
+-- Takes the account's row lock and, under it, catches up on everything that fell due
+-- by now, in time order: hold expiries, grant expiries and subscription renewals (at
+-- one instant: holds, then grants, then the renewal). Each step settles a whole set at
+-- once, and the loop runs until nothing is due, however much is: no expired grant is
+-- left spendable (DESIGN.md 5). Grant expiries between two hold expiries or renewals
+-- are one step (they do not change what the holds stand on); hold expiries are one
+-- step too, unless expired credit is kept under holds, which each of them may release.
+CREATE OR REPLACE FUNCTION tally_lock_account(p_account_id text) RETURNS accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    v_now timestamptz;
+    v_hold_at timestamptz;
+    v_grant_at timestamptz;
+    v_renew_at timestamptz;
+    v_available bigint;
+BEGIN
+    SELECT * INTO a FROM accounts WHERE account_id = p_account_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account not found' USING ERRCODE = 'TA404',
+            DETAIL = json_build_object('resource', 'account', 'id', p_account_id)::text;
+    END IF;
+    v_now := clock_timestamp();
+    LOOP
+        SELECT min(expires_at) INTO v_hold_at FROM holds
+        WHERE account_id = p_account_id AND status = 'pending' AND expires_at <= v_now;
+        SELECT min(expires_at) INTO v_grant_at FROM grants
+        WHERE account_id = p_account_id AND remaining > 0 AND NOT expired
+          AND expires_at <= v_now;
+        v_renew_at := CASE WHEN a.subscription_renews_at <= v_now
+                           THEN a.subscription_renews_at END;
+        EXIT WHEN v_hold_at IS NULL AND v_grant_at IS NULL AND v_renew_at IS NULL;
+        IF v_hold_at <= coalesce(least(v_grant_at, v_renew_at), 'infinity') THEN
+            IF EXISTS (SELECT 1 FROM grants
+                       WHERE account_id = p_account_id AND remaining > 0 AND expired) THEN
+                -- Expired credit kept under holds: this instant's holds may release it.
+                PERFORM tally_expire_due_holds(p_account_id, v_hold_at);
+                PERFORM tally_write_off(p_account_id, v_hold_at, v_hold_at);
+            ELSE
+                PERFORM tally_expire_due_holds(
+                    p_account_id, coalesce(least(v_grant_at, v_renew_at), v_now));
+            END IF;
+        ELSIF v_grant_at <= coalesce(v_renew_at, 'infinity') THEN
+            -- Every grant expiring before the next hold expiry (or up to the renewal).
+            v_available := a.balance - a.reserved;
+            IF tally_write_off(p_account_id,
+                               least(v_renew_at, v_now, v_hold_at - interval '1 microsecond'),
+                               NULL) > 0 THEN
+                SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
+                PERFORM tally_maybe_reload(a, v_available);
+            END IF;
+        ELSE
+            PERFORM tally_renew_subscription(a);
+        END IF;
+        SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
+    END LOOP;
+    RETURN a;
+END $$;
+
+-- The sweeper's unit of work: expires one account's overdue holds under its lock.
+CREATE OR REPLACE FUNCTION tally_expire_holds(p_account_id text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tally_lock_account(p_account_id);
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_create_account(
+    p_request_id text, p_fingerprint bytea, p_account_id text, p_email text,
+    p_name text, p_time_zone text, p_currency text, p_overdraft_limit bigint,
+    p_trial_ends_at timestamptz
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    r jsonb;
+BEGIN
+    r := tally_replay(p_request_id, 'CreateAccount', p_fingerprint);
+    IF r IS NOT NULL THEN
+        RETURN r;
+    END IF;
+    INSERT INTO accounts (
+        account_id, email, name, time_zone, currency, overdraft_limit, trial_ends_at
+    ) VALUES (
+        p_account_id, p_email, p_name, p_time_zone, p_currency, p_overdraft_limit,
+        p_trial_ends_at
+    ) ON CONFLICT (account_id) DO NOTHING
+    RETURNING * INTO a;
+    IF NOT FOUND THEN
+        -- A concurrent retry of this very request may have just committed it.
+        r := tally_replay(p_request_id, 'CreateAccount', p_fingerprint);
+        IF r IS NOT NULL THEN
+            RETURN r;
+        END IF;
+        RAISE EXCEPTION 'account exists' USING ERRCODE = 'TA410',
+            DETAIL = json_build_object('resource', 'account', 'id', p_account_id)::text;
+    END IF;
+    RETURN tally_remember(p_request_id, 'CreateAccount', p_fingerprint,
+                          jsonb_build_object('account', to_jsonb(a)));
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_update_account(
+    p_request_id text, p_fingerprint bytea, p_account_id text, p_mask text[],
+    p_email text, p_name text, p_time_zone text, p_overdraft_limit bigint,
+    p_trial_ends_at timestamptz
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    r jsonb;
+BEGIN
+    PERFORM tally_lock_account(p_account_id);
+    r := tally_replay(p_request_id, 'UpdateAccount', p_fingerprint);
+    IF r IS NOT NULL THEN
+        RETURN r;
+    END IF;
+    UPDATE accounts SET
+        email = CASE WHEN 'email' = ANY (p_mask) THEN p_email ELSE email END,
+        name = CASE WHEN 'name' = ANY (p_mask) THEN p_name ELSE name END,
+        time_zone = CASE WHEN 'time_zone' = ANY (p_mask) THEN p_time_zone ELSE time_zone END,
+        overdraft_limit = CASE WHEN 'overdraft_limit' = ANY (p_mask)
+                               THEN p_overdraft_limit ELSE overdraft_limit END,
+        trial_ends_at = CASE WHEN 'trial_end_time' = ANY (p_mask)
+                             THEN p_trial_ends_at ELSE trial_ends_at END,
+        updated_at = clock_timestamp()
+    WHERE account_id = p_account_id
+    RETURNING * INTO a;
+    RETURN tally_remember(p_request_id, 'UpdateAccount', p_fingerprint,
+                          jsonb_build_object('account', to_jsonb(a)));
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_balance(p_account_id text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    v_renews_at timestamptz;
+    r jsonb;
+BEGIN
+    SELECT subscription_renews_at INTO v_renews_at FROM accounts
+    WHERE account_id = p_account_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'account not found' USING ERRCODE = 'TA404',
+            DETAIL = json_build_object('resource', 'account', 'id', p_account_id)::text;
+    END IF;
+    IF v_renews_at <= v_now
+       OR EXISTS (SELECT 1 FROM holds WHERE account_id = p_account_id
+                  AND status = 'pending' AND expires_at <= v_now)
+       OR EXISTS (SELECT 1 FROM grants WHERE account_id = p_account_id
+                  AND remaining > 0 AND NOT expired AND expires_at <= v_now) THEN
+        PERFORM tally_lock_account(p_account_id);
+    END IF;
+    SELECT jsonb_build_object(
+        'account', to_jsonb(a),
+        'subscription_credits', coalesce(sum(g.remaining) FILTER (
+            WHERE g.grant_type = 'subscription'), 0),
+        'purchased_credits', coalesce(sum(g.remaining) FILTER (
+            WHERE g.grant_type <> 'subscription'), 0))
+    INTO r
+    FROM accounts a
+    LEFT JOIN grants g ON g.account_id = a.account_id AND g.remaining > 0
+    WHERE a.account_id = p_account_id
+    GROUP BY a.*;
+    RETURN jsonb_build_object('replayed', false, 'response', r);
+END $$;
