@@ -36,7 +36,14 @@ def async_url(url: str) -> str:
 
 def start_embedded(data_dir: str) -> str:
     """Starts (or joins) an embedded PostgreSQL whose data lives in `data_dir`."""
-    import pgserver
+    try:
+        import pgserver
+    except ImportError:  # an optional dependency since the distributions were split
+        raise SystemExit(
+            "tally: no TALLY_DATABASE_URL (--database-url) is set and the embedded PostgreSQL "
+            "is not installed: set TALLY_DATABASE_URL, or install the 'embedded' extra "
+            "(pip install 'tally-metering-server[embedded]')"
+        ) from None
 
     path = os.path.abspath(os.path.join(data_dir, "pg"))
     os.makedirs(path, exist_ok=True)

@@ -122,7 +122,7 @@ def entry_type_label(value: int) -> str:
 
 def _version() -> str:
     try:
-        return metadata.version("tally")
+        return metadata.version("tally-metering-server")
     except metadata.PackageNotFoundError:
         return "unknown"
 
