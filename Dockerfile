@@ -22,7 +22,7 @@
 ARG BASE_IMAGE=localhost/tally-python:3.11
 
 # ---------------------------------------------------------------------------------------------
-# builder: the dependencies installed in the venv /opt/tally, and the project's wheel.
+# builder: the dependencies installed in the venv /opt/tally, and the project's two wheels.
 # checkov:skip=CKV_DOCKER_7: the base is the build argument BASE_IMAGE, whose default has the fixed tag 3.11
 FROM ${BASE_IMAGE} AS builder
 
@@ -44,31 +44,34 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
 
 WORKDIR /src
 
-# Dependencies first (a layer that only changes with pyproject.toml), with the optional OTLP
-# trace exporter (tracing is off unless OTEL_TRACES_EXPORTER names it). grpcio and protobuf are
-# pinned to the versions of grpcio-tools, so the generated code matches its runtime.
+# Dependencies first (a layer that only changes with the two pyproject.toml files): the
+# server's, less the client distribution (built below), with the optional OTLP trace exporter
+# (tracing is off unless OTEL_TRACES_EXPORTER names it), and the client's. grpcio and protobuf
+# are pinned to the versions of grpcio-tools, so the generated code matches its runtime.
 COPY pyproject.toml ./
+COPY clients/pyproject.toml clients/pyproject.toml
 RUN --mount=type=secret,id=ca-bundle,required=false \
     if [ -f /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
- && /opt/build/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["otlp"]))' > /tmp/requirements.txt \
+ && /opt/build/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; client = tomllib.load(open("clients/pyproject.toml", "rb"))["tool"]["tally-client"]["dependencies"]; print("\n".join([d for d in p["dependencies"] if not d.startswith("tally-metering-client")] + p["optional-dependencies"]["otlp"] + client + ["grpcio", "protobuf"]))' > /tmp/requirements.txt \
  && /opt/build/bin/pip freeze | grep -iE '^(grpcio|protobuf)==' > /tmp/constraints.txt \
  && /opt/build/bin/pip wheel --quiet --wheel-dir /wheels -r /tmp/requirements.txt -c /tmp/constraints.txt \
  && python3 -m venv --without-pip /opt/tally \
  && /opt/build/bin/pip --python /opt/tally/bin/python install --quiet --no-index --find-links /wheels -r /tmp/requirements.txt
 
-# The project's wheel (offline), with the code generated from protos/ (generated code in the
-# build context is never used: .dockerignore leaves it out and gen-protos starts afresh).
+# The project's two wheels (offline): the client (tally-metering-client), whose build
+# generates tally/v1 from protos/ (clients/setup.py; generated code in the build context is
+# never used: .dockerignore leaves it out), and the server (tally-metering-server), without
+# its `embedded` extra: the image always runs against TALLY_DATABASE_URL.
 COPY README.md ./
-COPY scripts/gen-protos scripts/gen-protos
 COPY protos protos
 COPY service service
 COPY clients clients
-RUN PATH=/opt/build/bin:$PATH ./scripts/gen-protos \
- && /opt/build/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /wheels/tally .
+RUN /opt/build/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /wheels/tally \
+      ./clients .
 
 # ---------------------------------------------------------------------------------------------
 # runtime: the interpreter and /opt/tally only; no compilers, no generators, no build context.
-# Two layers: the dependencies (rebuilt only when pyproject.toml changes) and the wheel.
+# Two layers: the dependencies (rebuilt only when a pyproject.toml changes) and the wheels.
 FROM ${BASE_IMAGE} AS runtime
 
 ARG VERSION=0.1.0
@@ -82,16 +85,17 @@ RUN groupadd --system --gid 10001 tally \
       --shell /usr/sbin/nologin tally
 
 # Owned by root and read-only for the service user. The wheel is installed with the
-# builder's pip through bind mounts, so neither pip nor the wheel ends up in a layer.
+# builder's pip through bind mounts, so neither pip nor the wheels end up in a layer.
 # A bind mount's content is not part of the layer cache key: SOURCE_HASH (a digest of the
-# sources, passed by scripts/check-deploy) is, so a changed wheel is installed again.
+# sources, passed by scripts/check-deploy) is, so changed wheels are installed again.
 COPY --from=builder /opt/tally /opt/tally
 ARG SOURCE_HASH=unknown
 RUN --mount=type=bind,from=builder,source=/opt/build,target=/opt/build \
     --mount=type=bind,from=builder,source=/wheels/tally,target=/wheels \
     echo "sources $SOURCE_HASH" \
  && /opt/build/bin/pip --python /opt/tally/bin/python install --quiet --no-index --no-deps \
-      --disable-pip-version-check --root-user-action=ignore /wheels/tally-*.whl \
+      --disable-pip-version-check --root-user-action=ignore \
+      /wheels/tally_metering_client-*.whl /wheels/tally_metering_server-*.whl \
  && /opt/build/bin/pip --python /opt/tally/bin/python check --disable-pip-version-check \
  && /opt/tally/bin/python -c 'import tally_service.server, tally_client, tally.v1.credits_pb2'
 

@@ -202,6 +202,10 @@ def test_set_auto_reload_and_list_reloads(client: TallyClient, funded: str) -> N
     )
     assert intent.account_id == funded and intent.entry_id and intent.charge_id
     assert intent.HasField("finish_time")
+    # funding.proto: the credit's reference is the intent id; the charge id is in its metadata.
+    credit = client.get_entry(intent.entry_id)
+    assert credit.reference == intent.intent_id
+    assert credit.metadata["charge_id"] == intent.charge_id
     assert [r.intent_id for r in client.iter_reloads(funded, page_size=1)] == [intent.intent_id]
 
     balance = client.get_balance(funded)

@@ -2,11 +2,8 @@
 commands of tallyctl, against a real server."""
 
 import asyncio
-import contextlib
 import csv
 import io
-import socket
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -31,7 +28,7 @@ from tally_client import (
 from tally_client import _requests as rq
 from tally_client.cli import main as tallyctl
 from tests.conftest import ServerProcess
-from tests.support import assert_consistent
+from tests.support import FAST_RECONNECT, DroppingProxy, assert_consistent
 
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
@@ -507,55 +504,6 @@ def test_tallyctl_metering_commands(
 # --- retry policy of the streaming calls, against the real server behind a proxy ----
 # The proxy stands for the network (outside the service): it drops the first
 # connections it accepts, so the real server is reached only on a retry.
-
-
-class DroppingProxy:
-    """A loopback TCP proxy to `target` that closes the first `drops` connections."""
-
-    def __init__(self, target: str, drops: int) -> None:
-        host, port = target.rsplit(":", 1)
-        self.upstream = (host, int(port))
-        self.drops = drops
-        self.accepted = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self._closing = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            if self.accepted <= self.drops:
-                conn.close()
-                continue
-            upstream = socket.create_connection(self.upstream)
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closing.set()
-        self.listener.close()
-
-
-# Reconnect quickly, so a retry after a dropped connection is not refused by the
-# channel's own reconnect backoff (1 s by default).
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20)]
 
 
 def test_stream_usage_retries_only_a_sequence(

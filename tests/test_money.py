@@ -36,6 +36,7 @@ def test_parse(text: str, micros: int | None) -> None:
         "1,5",
         "1.0000001",
         "-1",
+        "+1",
         "0",
         "0.000000",
         "NaN",
@@ -55,7 +56,27 @@ def test_parse_rejects(text: str) -> None:
 def test_signed_and_zero() -> None:
     assert parse_amount("amount", "-1.5", signed=True) == -1_500_000
     assert parse_amount("amount", "0", allow_zero=True) == 0
-    assert parse_amount("amount", "+2", signed=True) == 2_000_000
+    assert parse_amount("amount", "2", signed=True) == 2_000_000
+
+
+@pytest.mark.parametrize("text", ["+2", "+0", "-0", "+-1", "-+1", "--1", "+", "-", "\u22121"])
+def test_plus_never_and_minus_only_where_signed(text: str) -> None:
+    """DESIGN.md, Amounts: a leading "-" only where a negative amount is allowed; "+" never."""
+    for signed in (False, True):
+        if signed and text == "-0":
+            continue  # "-0" is zero: refused below as a movement of nothing
+        with pytest.raises(InvalidArgument) as info:
+            parse_amount("amount", text, signed=signed, allow_zero=True)
+        assert info.value.field == "amount"
+    with pytest.raises(InvalidArgument, match="zero"):
+        parse_amount("amount", "-0", signed=True)
+
+
+def test_a_huge_value_is_quoted_briefly() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_amount("amount", "x" * 100_000)
+    assert len(info.value.message) < 200
+    assert "…" in info.value.message
 
 
 @pytest.mark.parametrize(

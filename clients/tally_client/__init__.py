@@ -34,6 +34,7 @@ from ._requests import (
     usage_event,
 )
 from ._retry import RETRYABLE_CODES
+from ._service_config import service_config, service_config_json
 from .amounts import Amount, from_wire, to_wire
 from .client import (
     DEFAULT_MAX_ATTEMPTS,
@@ -132,6 +133,8 @@ __all__ = [
     "error_from_status",
     "from_wire",
     "new_request_id",
+    "service_config",
+    "service_config_json",
     "to_wire",
     "usage_event",
 ]

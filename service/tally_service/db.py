@@ -14,8 +14,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -36,7 +36,14 @@ def async_url(url: str) -> str:
 
 def start_embedded(data_dir: str) -> str:
     """Starts (or joins) an embedded PostgreSQL whose data lives in `data_dir`."""
-    import pgserver
+    try:
+        import pgserver
+    except ImportError:  # an optional dependency since the distributions were split
+        raise SystemExit(
+            "tally: no TALLY_DATABASE_URL (--database-url) is set and the embedded PostgreSQL "
+            "is not installed: set TALLY_DATABASE_URL, or install the 'embedded' extra "
+            "(pip install 'tally-metering-server[embedded]')"
+        ) from None
 
     path = os.path.abspath(os.path.join(data_dir, "pg"))
     os.makedirs(path, exist_ok=True)
@@ -49,7 +56,7 @@ def start_embedded(data_dir: str) -> str:
 
 
 def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 5000) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=0,
@@ -62,6 +69,20 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 50
             }
         },
     )
+    event.listen(engine.sync_engine.pool, "checkout", _discard_closed)
+    return engine
+
+
+def _discard_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Never hands out a pooled connection the server has closed (a restart, a fast
+    shutdown, a terminated backend): the pool replaces it with a new one. No round trip,
+    unlike pre-ping: the driver already knows its socket is gone. Without this, each
+    pooled connection failed one call after the database came back, and one cut in the
+    middle of a statement could fail the next with asyncpg's "another operation is in
+    progress" (INTERNAL)."""
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    if driver is not None and driver.is_closed():
+        raise DisconnectionError("the server closed this pooled connection")
 
 
 def migrate(url: str) -> None:
@@ -173,10 +194,62 @@ def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -
         return _LostRace()
     if sqlstate == "57014":
         return errors.DatabaseUnavailable("the database statement timed out; retry")
-    if sqlstate.startswith("08"):
+    if sqlstate.startswith("53"):
+        return errors.DatabaseUnavailable(
+            "the database is out of resources (disk, memory or connections); retry"
+        )
+    if unavailable_state(sqlstate):
         return errors.DatabaseUnavailable("the database is unavailable; retry")
     log.error("unexpected database error %s", sqlstate, exc_info=exc)
     return errors.Internal("internal error")
+
+
+# SQLSTATE classes and codes that say "not now" rather than "never": the same request can
+# succeed later, so they are UNAVAILABLE (retryable), never INTERNAL.
+#   08     connection exception
+#   53     insufficient resources: 53100 disk_full, 53200 out_of_memory,
+#          53300 too_many_connections, 53400 configuration_limit_exceeded (temp_file_limit)
+#   57     operator intervention: 57014 query_canceled (statement_timeout), 57P01
+#          admin_shutdown and 57P02 crash_shutdown (a connection cut by a stopping server),
+#          57P03 cannot_connect_now (starting up or shutting down), 57P05 idle session
+#   55P03  lock_not_available (lock_timeout)
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+_UNAVAILABLE_STATES = frozenset({"55P03"})
+
+
+def unavailable_state(sqlstate: str) -> bool:
+    """Whether a SQLSTATE means the database cannot serve now (retry later)."""
+    return sqlstate[:2] in _UNAVAILABLE_CLASSES or sqlstate in _UNAVAILABLE_STATES
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether an exception from any database path (driver, pool, SQLAlchemy, or the
+    DatabaseUnavailable it was already mapped to) means the database is unreachable or
+    cannot serve now: an outage to report once, not a bug to log with its traceback."""
+    if isinstance(exc, errors.DatabaseUnavailable | PoolTimeout | OSError):
+        return True  # OSError covers refused connections and connect timeouts
+    if isinstance(exc, asyncpg.InterfaceError):
+        return True  # e.g. ConnectionDoesNotExistError: the connection was lost
+    if isinstance(exc, asyncpg.InternalClientError):
+        # "cannot switch to state ...; another operation is in progress": a pooled
+        # connection still consuming the FATAL error of a session the server terminated
+        # (57P01) refuses the next statement before sending it, so nothing was done.
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return unavailable_state(exc.sqlstate or "")
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        if sqlstate:
+            return unavailable_state(sqlstate)
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an error (its driver cause when SQLAlchemy wraps it)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text_ = " ".join(str(cause).split()) or type(cause).__name__
+    return f"{type(cause).__name__}: {text_}"[:300]
 
 
 @dataclass(frozen=True)
@@ -254,7 +327,13 @@ class Database:
                     self.observe_query(time.perf_counter() - started)
         except asyncpg.PostgresError as exc:
             raise translate_state(exc.sqlstate or "", exc.detail, exc) from None
-        except (PoolTimeout, OSError, asyncpg.InterfaceError, DBAPIError):
+        except (
+            PoolTimeout,
+            OSError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,  # a connection still consuming a cut session
+            DBAPIError,
+        ):
             raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
         return json.loads(raw) if isinstance(raw, str) else raw
 

@@ -13,6 +13,25 @@ from grpc_status import rpc_status
 
 DOMAIN = "tally"
 
+# A quoted value is cut to this many characters (then "…"), and a whole message,
+# field description or metadata value to MAX_TEXT_CHARS, so that no input, however
+# large, makes a large status (the trailers carry it; gRPC limits their size).
+MAX_QUOTED_CHARS = 64
+MAX_TEXT_CHARS = 1024
+
+
+def quote(value: object) -> str:
+    """The value's repr for an error message, bounded to MAX_QUOTED_CHARS characters."""
+    text = repr(value)
+    if len(text) <= MAX_QUOTED_CHARS:
+        return text
+    return text[:MAX_QUOTED_CHARS] + "…"
+
+
+def bounded(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """The text, cut to `limit` characters (then "…")."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
 
 class DomainError(Exception):
     """An error a caller can act on, with a gRPC code and a machine-readable reason."""
@@ -27,10 +46,11 @@ class DomainError(Exception):
         metadata: Mapping[str, str] | None = None,
         field_violations: Sequence[tuple[str, str]] = (),
     ) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
-        self.metadata = dict(metadata or {})
-        self.field_violations = list(field_violations)
+        self.metadata = {bounded(k, 64): bounded(v) for k, v in (metadata or {}).items()}
+        self.field_violations = [(bounded(f, 256), bounded(d)) for f, d in field_violations]
 
     def to_rpc_status(self) -> status_pb2.Status:
         """The error as a google.rpc.Status (also used per item of a batch)."""
@@ -81,7 +101,7 @@ class NotFound(DomainError):
 
     def __init__(self, resource: str, resource_id: str) -> None:
         super().__init__(
-            f"{resource} {resource_id!r} not found",
+            f"{resource} {quote(resource_id)} not found",
             metadata={"resource": resource, "id": resource_id},
         )
         self.reason = f"{resource.upper()}_NOT_FOUND"
@@ -117,6 +137,14 @@ class ReservationNotPending(DomainError):
     reason = "RESERVATION_NOT_PENDING"
 
 
+class ReservationOfUsageEvent(DomainError):
+    """The hold belongs to a long job (StartUsage): only CompleteUsage or FailUsage may
+    finish it, so that the event and its hold finish together."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "RESERVATION_OF_USAGE_EVENT"
+
+
 class BalanceLimit(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "BALANCE_LIMIT"
@@ -125,6 +153,13 @@ class BalanceLimit(DomainError):
 class DatabaseUnavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"
+
+
+class Overloaded(DomainError):
+    """Refused unstarted: the process already runs TALLY_MAX_CONCURRENT_RPCS calls."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
 
 
 class CallTimeout(DomainError):

@@ -18,6 +18,7 @@ from tally_service import errors, metrics
 from tally_service.auth import current_caller
 from tally_service.db import translate
 from tally_service.handlers import rewrap
+from tally_service.outage import outage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def _as_domain_error(exc: BaseException, method: str) -> errors.DomainError:
             return translated
     if isinstance(exc, OSError | TimeoutError):
         return errors.DatabaseUnavailable("a dependency is unavailable; retry")
+    if outage.absorb(exc, method):  # logs an outage once, not each call's traceback
+        return errors.DatabaseUnavailable("the database is unavailable; retry")
     log.error("unhandled error in %s", method, exc_info=exc)
     return errors.Internal("internal error")
 
@@ -183,3 +186,74 @@ def _logged_stream(behavior: Any, method: str) -> Any:
             _log_rpc(method, started, failure, context)
 
     return wrapped
+
+
+# Never shed: a probe refused under load would take the pod out of service or restart it
+# exactly when it is busiest.
+UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """At most `limit` RPCs run at once (TALLY_MAX_CONCURRENT_RPCS); more are refused at
+    once with RESOURCE_EXHAUSTED (reason OVERLOADED) before any work, and reported to
+    `on_shed` (tally_rpcs_shed_total).
+
+    grpc's own ``maximum_concurrent_rpcs`` refuses before any interceptor runs, so its
+    refusals were counted nowhere, and it refused health checks too. Put this inside the
+    metrics interceptor, so a shed call also counts in grpc_server_handled_total. Calls
+    run on one event loop: a plain counter is exact."""
+
+    def __init__(self, limit: int, on_shed: Callable[[str], None] | None = None) -> None:
+        self.limit = limit
+        self.on_shed = on_shed
+        self.in_flight = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(UNLIMITED_PREFIXES):
+            return handler
+        return rewrap(
+            handler,
+            lambda behavior, _: self._wrap_unary(behavior, method),
+            lambda behavior, _: self._wrap_stream(behavior, method),
+        )
+
+    async def _shed(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        if self.on_shed is not None:
+            self.on_shed(method)
+        error = errors.Overloaded(
+            f"the server is running its limit of {self.limit} calls; retry with backoff"
+        )
+        metrics.note_error(error)
+        status = error.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _wrap_unary(self, behavior: Any, method: str) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.in_flight >= self.limit:
+                await self._shed(context, method)
+            self.in_flight += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self.in_flight -= 1
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Any, method: str) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if self.in_flight >= self.limit:
+                await self._shed(context, method)
+            self.in_flight += 1
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                self.in_flight -= 1
+
+        return wrapped

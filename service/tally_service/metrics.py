@@ -122,7 +122,7 @@ def entry_type_label(value: int) -> str:
 
 def _version() -> str:
     try:
-        return metadata.version("tally")
+        return metadata.version("tally-metering-server")
     except metadata.PackageNotFoundError:
         return "unknown"
 
@@ -162,6 +162,14 @@ class Metrics:
             "Time from the start of an RPC to its status, in seconds.",
             rpc,
             buckets=RPC_BUCKETS,
+            registry=registry,
+        )
+        self.rpcs_shed = Counter(
+            "tally_rpcs_shed_total",
+            "RPCs refused unstarted with RESOURCE_EXHAUSTED because the process already ran "
+            "TALLY_MAX_CONCURRENT_RPCS (also in grpc_server_handled_total as "
+            "ResourceExhausted).",
+            ["grpc_service", "grpc_method"],
             registry=registry,
         )
         self.usage_events = Counter(
@@ -250,6 +258,11 @@ class Metrics:
                 self.rpc_started.labels(*labels)
                 self.rpc_handled.labels(*labels, "OK")
                 self.rpc_seconds.labels(*labels)
+                self.rpcs_shed.labels(service.full_name, method.name)
+
+    def shed(self, full_method: str) -> None:
+        """One RPC refused by the concurrency limit (``ConcurrencyLimitInterceptor``)."""
+        self.rpcs_shed.labels(*_split(full_method)).inc()
 
     # -- business events --------------------------------------------------------------
 

@@ -5,14 +5,15 @@ No float is involved anywhere: parsing is a strict pattern match on the string.
 
 import re
 
-from tally_service.errors import InvalidArgument
+from tally_service.errors import InvalidArgument, quote
 
 SCALE_DIGITS = 6
 MICROS_PER_CREDIT: int = 10**SCALE_DIGITS
 # One movement moves at most this much; keeps every sum far from BIGINT overflow.
 MAX_MOVEMENT_MICROS = 1_000_000_000 * MICROS_PER_CREDIT
 
-_AMOUNT = re.compile(r"([+-]?)([0-9]+)(?:\.([0-9]+))?")
+# "+" is never part of an amount; "-" only where a negative amount is allowed (Adjust).
+_AMOUNT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
 
 
 def parse_amount(
@@ -28,8 +29,10 @@ def parse_amount(
     if not text:
         raise InvalidArgument(field, "required")
     if match is None:
-        raise InvalidArgument(field, f'{text!r} is not a decimal number like "2.95"')
+        raise InvalidArgument(field, f'{quote(text)} is not a decimal number like "2.95"')
     sign, whole, fraction = match.groups()
+    if sign and not signed:
+        raise InvalidArgument(field, "must not be negative (no sign is allowed)")
     fraction = fraction or ""
     if len(fraction) > SCALE_DIGITS:
         raise InvalidArgument(

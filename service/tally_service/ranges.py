@@ -34,6 +34,20 @@ def midnight(day: date, zone: ZoneInfo) -> datetime:
     return instant
 
 
+def add_days(instant: datetime, days: int, zone: ZoneInfo) -> datetime:
+    """The same wall-clock time `days` calendar days later (earlier when negative) in
+    the zone: a limit stated in days counts the account's days, 23 or 25 hours long
+    across a DST change. A wall time that does not exist (in a gap) or exists twice
+    (in a fold) maps to the later instant."""
+    wall = instant.astimezone(zone).replace(tzinfo=None) + timedelta(days=days)
+    return max(wall.replace(tzinfo=zone, fold=f).astimezone(UTC) for f in (0, 1))
+
+
+def within_days(r: Range, days: int, zone: ZoneInfo) -> bool:
+    """Whether the range spans at most `days` of the zone's calendar days."""
+    return r.end <= add_days(r.start, days, zone)
+
+
 def first_of_month(day: date) -> date:
     return day.replace(day=1)
 

@@ -24,6 +24,7 @@ from tally_service import metrics
 from tally_service.config import ConfigError, Settings
 from tally_service.db import Database, async_url
 from tally_service.money import format_amount
+from tally_service.outage import outage
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,8 @@ class ReloadWorker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("reload listener: %s; reconnecting", exc)
+                if not outage.absorb(exc, "reload listener"):
+                    log.warning("reload listener: %s; reconnecting", exc)
                 await asyncio.sleep(POLL_SECONDS)
 
     async def run(self) -> None:
@@ -186,8 +188,9 @@ class ReloadWorker:
                         self.meters.reload_worker_last_success.set_to_current_time()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("reload worker failed; will retry")
+                except Exception as exc:
+                    if not outage.absorb(exc, "reload worker"):
+                        log.exception("reload worker failed; will retry")
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)

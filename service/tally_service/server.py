@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy import text
 
 from tally.v1 import (
     accounts_pb2,
@@ -24,8 +25,20 @@ from tally.v1 import (
 )
 from tally_service import auth, metrics, reloads, sweeper
 from tally_service.config import ConfigError, Settings
-from tally_service.db import Database, GroupSettings, make_engine, migrate, start_embedded
-from tally_service.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
+from tally_service.db import (
+    Database,
+    GroupSettings,
+    describe,
+    make_engine,
+    migrate,
+    start_embedded,
+)
+from tally_service.interceptors import (
+    AccessLogInterceptor,
+    ConcurrencyLimitInterceptor,
+    ErrorMappingInterceptor,
+)
+from tally_service.outage import outage
 from tally_service.servicers.accounts import AccountsServicer
 from tally_service.servicers.credits import CreditsServicer
 from tally_service.servicers.ledger import LedgerServicer
@@ -45,7 +58,15 @@ SERVICE_NAMES = [
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name,
 ]
+# Liveness has a health name of its own, SERVING while the process answers at all (the
+# event loop runs the health service): a database outage must not restart the pods. The
+# readiness names ("" and each service) are SERVING only while the database answers.
+LIVENESS = "liveness"
+READINESS_NAMES = ["", *SERVICE_NAMES]
 HEALTH_PROBE_SECONDS = 5.0
+# While the database is down, probe more often, so readiness returns soon after it does.
+HEALTH_PROBE_DOWN_SECONDS = 1.0
+HEALTH_PROBE_TIMEOUT_SECONDS = 3.0
 
 
 def resolve_database_url(settings: Settings) -> str:
@@ -54,22 +75,43 @@ def resolve_database_url(settings: Settings) -> str:
     return start_embedded(settings.data_dir)
 
 
+async def _probe(db: Database) -> BaseException | None:
+    """None if the database answers a query within the probe timeout, else the error."""
+    try:
+        async with asyncio.timeout(HEALTH_PROBE_TIMEOUT_SECONDS):
+            async with db.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure means "not ready"
+        return exc
+    return None
+
+
 async def _watch_database(
     db: Database, health: HealthServicer, meters: metrics.Metrics | None = None
 ) -> None:
-    """SERVING only while the database answers (readiness); also tally_db_up."""
+    """Readiness names SERVING only while the database answers; also tally_db_up. Logs an
+    outage once when it starts and once when it ends (``outage``)."""
     while True:
-        up = await db.ping()
+        error = await _probe(db)
+        if error is None:
+            outage.recovered()
+        elif isinstance(error, TimeoutError):
+            outage.failed(
+                f"health probe: no answer in {HEALTH_PROBE_TIMEOUT_SECONDS} s "
+                "(the database is slow, or every pooled connection is busy)"
+            )
+        else:
+            outage.failed(f"health probe: {describe(error)}")
         if meters is not None:
-            meters.set_db_up(up)
+            meters.set_db_up(error is None)
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if up
+            if error is None
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ["", *SERVICE_NAMES]:
+        for name in READINESS_NAMES:
             await health.set(name, status)
-        await asyncio.sleep(HEALTH_PROBE_SECONDS)
+        await asyncio.sleep(HEALTH_PROBE_DOWN_SECONDS if outage.down else HEALTH_PROBE_SECONDS)
 
 
 class StartupError(Exception):
@@ -188,6 +230,8 @@ async def serve(
         # Metrics first (outermost): it records the status the error mapping produced;
         # authentication inside the mapping, so its refusals are mapped like any error.
         metrics.MetricsInterceptor(meters),
+        # The concurrency limit inside the metrics, so shed calls are counted.
+        ConcurrencyLimitInterceptor(settings.max_concurrent_rpcs, meters.shed),
         ErrorMappingInterceptor(settings.max_call_seconds),
     ]
     if settings.access_log:
@@ -197,18 +241,17 @@ async def serve(
         interceptors.insert(0, tracing.server_interceptor())
     if callers:
         interceptors.append(auth.AuthInterceptor(callers))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=options,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    # No maximum_concurrent_rpcs: grpc's limit refuses before any interceptor, uncounted
+    # (ConcurrencyLimitInterceptor keeps the limit instead).
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     accounts_pb2_grpc.add_AccountsServiceServicer_to_server(AccountsServicer(db), server)
     credits_pb2_grpc.add_CreditsServiceServicer_to_server(CreditsServicer(db), server)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(db), server)
     metering_pb2_grpc.add_MeteringServiceServicer_to_server(MeteringServicer(db, settings), server)
     health = HealthServicer()
-    for name in ["", *SERVICE_NAMES]:
+    for name in READINESS_NAMES:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [

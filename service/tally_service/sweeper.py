@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from tally_service.db import Database
 from tally_service.metrics import Metrics
+from tally_service.outage import outage
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ async def run(db: Database, interval_seconds: float, metrics: Metrics | None = N
                 metrics.sweeper_last_success.set_to_current_time()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("hold sweep failed; will retry")
+        except Exception as exc:
+            if not outage.absorb(exc, "hold sweep"):
+                log.exception("hold sweep failed; will retry")
         await asyncio.sleep(interval_seconds)

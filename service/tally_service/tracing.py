@@ -11,7 +11,7 @@ and ``OTEL_RESOURCE_ATTRIBUTES`` (service.name defaults to ``tally``),
 ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` (default parentbased_always_on: a
 caller's sampled ``traceparent`` is followed), ``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_BSP_*``.
-The OTLP exporter (gRPC) is an optional dependency: ``pip install 'tally[otlp]'``.
+The OTLP exporter (gRPC) is an optional dependency: ``pip install 'tally-metering-server[otlp]'``.
 
 Spans: one SERVER span per RPC (health checks are not traced), and one CLIENT span per
 asyncpg statement (``db.system`` postgresql) under it.
@@ -54,7 +54,7 @@ def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
         raise ConfigError(
             [
                 "OTEL_TRACES_EXPORTER=otlp needs the package opentelemetry-exporter-otlp-proto-grpc"
-                " (pip install 'tally[otlp]')"
+                " (pip install 'tally-metering-server[otlp]')"
             ]
         ) from None
     exporter: SpanExporter = OTLPSpanExporter()

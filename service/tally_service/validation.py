@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from tally_service.errors import InvalidArgument
+from tally_service.errors import InvalidArgument, quote
 
 _ACCOUNT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -80,7 +80,7 @@ def time_zone(value: str) -> str:
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidArgument("time_zone", f"{value!r} is not an IANA time zone") from None
+        raise InvalidArgument("time_zone", f"{quote(value)} is not an IANA time zone") from None
     return value
 
 
@@ -118,14 +118,33 @@ def ttl_seconds(value: int) -> int:
     return value
 
 
-def optional_time(message: Any, field: str, value: timestamp_pb2.Timestamp) -> datetime | None:
-    """The timestamp if the field is set, else None."""
+# Every instant the API accepts lies in [MIN_TIME, MAX_TIME): far enough inside the
+# range of Python's datetime and of PostgreSQL that any later read can serve it (its
+# local date in any time zone, the next day, month or year after it, a file name).
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime(9998, 1, 1, tzinfo=UTC)
+TIME_RANGE = "must lie from 1970-01-01T00:00:00Z up to (not including) 9998-01-01T00:00:00Z"
+
+
+def instant(value: datetime, field: str) -> datetime:
+    """The instant if it lies in the accepted range, else InvalidArgument naming field."""
+    if value.tzinfo is None or not MIN_TIME <= value < MAX_TIME:
+        raise InvalidArgument(field, TIME_RANGE)
+    return value
+
+
+def optional_time(
+    message: Any, field: str, value: timestamp_pb2.Timestamp, *, name: str | None = None
+) -> datetime | None:
+    """The timestamp if the field is set, else None; `name` is the field's path in the
+    request when it is not `field` itself (e.g. "event.start_time")."""
     if not message.HasField(field):
         return None
     try:
-        return value.ToDatetime(tzinfo=UTC)
+        as_datetime = value.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
-        raise InvalidArgument(field, "out of range") from None
+        raise InvalidArgument(name or field, TIME_RANGE) from None
+    return instant(as_datetime, name or field)
 
 
 _EVENT_ID = _REQUEST_ID

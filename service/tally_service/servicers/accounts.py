@@ -17,7 +17,7 @@ from tally_service import (
     validation,
 )
 from tally_service.db import Database
-from tally_service.errors import InvalidArgument
+from tally_service.errors import InvalidArgument, quote
 from tally_service.money import parse_amount
 
 UPDATABLE = {"email", "name", "time_zone", "overdraft_limit", "trial_end_time"}
@@ -46,7 +46,9 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
                 "time_zone": validation.time_zone(a.time_zone),
                 "currency": validation.currency(a.currency),
                 "overdraft_limit": _overdraft(a.overdraft_limit),
-                "trial_ends_at": validation.optional_time(a, "trial_end_time", a.trial_end_time),
+                "trial_ends_at": validation.optional_time(
+                    a, "trial_end_time", a.trial_end_time, name="account.trial_end_time"
+                ),
             },
         )
         row = convert.from_json(models.Account, response["account"])
@@ -68,7 +70,8 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         for path in paths:
             if path not in UPDATABLE:
                 raise InvalidArgument(
-                    "update_mask", f"{path!r} cannot be updated; updatable: {sorted(UPDATABLE)}"
+                    "update_mask",
+                    f"{quote(path)} cannot be updated; updatable: {sorted(UPDATABLE)}",
                 )
         response, _ = await self.db.call(
             "tally_update_account",
@@ -81,7 +84,9 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
                 "name": validation.text(a.name, "account.name", 200),
                 "time_zone": validation.time_zone(a.time_zone),
                 "overdraft_limit": _overdraft(a.overdraft_limit),
-                "trial_ends_at": validation.optional_time(a, "trial_end_time", a.trial_end_time),
+                "trial_ends_at": validation.optional_time(
+                    a, "trial_end_time", a.trial_end_time, name="account.trial_end_time"
+                ),
             },
         )
         row = convert.from_json(models.Account, response["account"])
@@ -91,9 +96,8 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         self, request: accounts_pb2.ListAccountsRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.ListAccountsResponse:
         limit = validation.page_size(request.page_size)
-        after = pagination.decode(request.page_token, "accounts")
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        key = pagination.decode(request.page_token, "accounts", pagination.short_text)
+        after: str | None = key[0] if key else None
         rows = await store.list_accounts(self.db, after, limit + 1)
         next_token = ""
         if len(rows) > limit:
@@ -139,7 +143,9 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             if sub.period not in convert.SUBSCRIPTION_PERIOD_NAMES:
                 raise InvalidArgument("subscription.period", "MONTHLY or YEARLY is required")
             period = convert.SUBSCRIPTION_PERIOD_NAMES[sub.period]
-            given = validation.optional_time(sub, "anchor_time", sub.anchor_time)
+            given = validation.optional_time(
+                sub, "anchor_time", sub.anchor_time, name="subscription.anchor_time"
+            )
             if given is not None:
                 if given > anchor + timedelta(days=366):
                     raise InvalidArgument("subscription.anchor_time", "at most 1 year ahead")

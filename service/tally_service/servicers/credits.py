@@ -1,7 +1,6 @@
 """tally.v1.CreditsService."""
 
 import json
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,11 +59,14 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def Capture(
         self, request: credits_pb2.CaptureRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.CaptureResponse:
+        common = _common("Capture", request)
+        reservation_id = validation.reservation_id(request.reservation_id)
+        await store.refuse_usage_hold(self.db, reservation_id)
         response, _ = await self.db.call(
             "tally_capture",
-            _common("Capture", request)
+            common
             | {
-                "reservation_id": validation.reservation_id(request.reservation_id),
+                "reservation_id": reservation_id,
                 "amount": parse_amount("amount", request.amount) if request.amount else None,
                 "description": validation.text(
                     request.description, "description", validation.MAX_DESCRIPTION_CHARS
@@ -82,10 +84,11 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def Release(
         self, request: credits_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.ReleaseResponse:
+        common = _common("Release", request)
+        reservation_id = validation.reservation_id(request.reservation_id)
+        await store.refuse_usage_hold(self.db, reservation_id)
         response, _ = await self.db.call(
-            "tally_release",
-            _common("Release", request)
-            | {"reservation_id": validation.reservation_id(request.reservation_id)},
+            "tally_release", common | {"reservation_id": reservation_id}
         )
         hold = convert.from_json(models.Hold, response["reservation"])
         return credits_pb2.ReleaseResponse(reservation=convert.reservation(hold))
@@ -213,13 +216,13 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     ) -> credits_pb2.ListReloadsResponse:
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
-        after = pagination.decode(request.page_token, ["reloads", account_id])
-        before = None
-        if after is not None:
-            try:
-                before = (datetime.fromisoformat(after[0]), str(uuid.UUID(after[1])))
-            except (TypeError, ValueError, IndexError):
-                raise InvalidArgument("page_token", "malformed page token") from None
+        key = pagination.decode(
+            request.page_token,
+            ["reloads", account_id],
+            pagination.instant,
+            pagination.uuid_text,
+        )
+        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
         rows = await store.list_reloads(self.db, account_id, before, limit + 1)
         token = ""
         if len(rows) > limit:

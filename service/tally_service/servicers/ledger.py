@@ -26,9 +26,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if start is not None and end is not None and start > end:
             raise InvalidArgument("start_time", "must not be after end_time")
         filters = [account_id, entry_type, start, end]
-        before = pagination.decode(request.page_token, filters)
-        if before is not None and not isinstance(before, int):
-            raise InvalidArgument("page_token", "malformed page token")
+        key = pagination.decode(request.page_token, filters, pagination.integer)
+        before: int | None = key[0] if key else None
         rows = await store.list_entries(
             self.db,
             account_id,

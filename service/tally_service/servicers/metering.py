@@ -95,7 +95,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         quantity = event.quantity if event.HasField("quantity") else 1
         if not 0 <= quantity <= MAX_QUANTITY:
             raise errors.InvalidArgument("event.quantity", f"must be 0 to {MAX_QUANTITY}")
-        started = validation.optional_time(event, "start_time", event.start_time) or now
+        started = (
+            validation.optional_time(event, "start_time", event.start_time, name="event.start_time")
+            or now
+        )
         if started < now - timedelta(days=self.settings.usage_backdate_days):
             raise errors.InvalidArgument(
                 "event.start_time",
@@ -103,7 +106,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             )
         if started > now + FUTURE_SKEW:
             raise errors.InvalidArgument("event.start_time", "in the future")
-        completed = validation.optional_time(event, "complete_time", event.complete_time)
+        completed = validation.optional_time(
+            event, "complete_time", event.complete_time, name="event.complete_time"
+        )
         if not starting and completed is None:
             completed = now
         if completed is not None and completed < started:
@@ -175,10 +180,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self, request: metering_pb2.ListProductsRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.ListProductsResponse:
         limit = validation.page_size(request.page_size)
-        after = pagination.decode(request.page_token, "products")
+        key = pagination.decode(request.page_token, "products", pagination.short_text)
         query = select(models.Product).order_by(models.Product.product_id).limit(limit + 1)
-        if after is not None:
-            query = query.where(models.Product.product_id > str(after))
+        if key is not None:
+            query = query.where(models.Product.product_id > key[0])
         async with self.db.sessions() as session:
             rows = list((await session.scalars(query)).all())
         token = ""
@@ -199,11 +204,29 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         results: list[Any] = []
         for first in range(0, len(items), COMMIT_GROUP):
             group = items[first : first + COMMIT_GROUP]
-            answered, _ = await self.db.call(
-                "tally_record_usage", {"events": json.dumps(group, separators=(",", ":"))}
-            )
+            try:
+                answered, _ = await self.db.call(
+                    "tally_record_usage", {"events": json.dumps(group, separators=(",", ":"))}
+                )
+            except errors.BalanceLimit:
+                # A sum out of range (tally_record_usage refuses an out-of-range charge
+                # itself, as BALANCE_LIMIT for that item) rolled the group back: record
+                # its items one by one, so that only that item is refused and the others
+                # keep their own outcome (DESIGN.md 9).
+                if len(group) == 1:
+                    raise
+                answered = [await self._record_alone(item) for item in group]
             results.extend(answered)
         return results
+
+    async def _record_alone(self, item: dict[str, Any]) -> Any:
+        try:
+            (answered,), _ = await self.db.call(
+                "tally_record_usage", {"events": json.dumps([item])}
+            )
+        except errors.BalanceLimit:
+            return {"index": item["index"], "error": "BALANCE_LIMIT"}
+        return answered
 
     @staticmethod
     def _item_error(result: dict[str, Any], item: dict[str, Any]) -> errors.DomainError:
@@ -212,6 +235,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             return errors.NotFound("account", item["account_id"])
         if reason == "PRODUCT_NOT_FOUND":
             return errors.NotFound("product", item["product_id"])
+        if reason == "BALANCE_LIMIT":
+            return errors.BalanceLimit(
+                "the event's charge would take the balance out of range",
+                metadata={"account_id": item["account_id"], "event_id": item["event_id"]},
+            )
         if reason == "EVENT_ID_REUSED":
             return errors.EventIdReused(
                 f"event_id {item['event_id']!r} was already recorded with another payload",
@@ -546,7 +574,6 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.ListUsageEventsResponse:
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
-        max_range = timedelta(days=self.settings.usage_list_max_days)
         given_end = validation.optional_time(request, "end_time", request.end_time)
         given_start = validation.optional_time(request, "start_time", request.start_time)
         product_id = (
@@ -555,25 +582,36 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         # The token is bound to the filters as given; it carries the range it resolved
         # to, so later pages keep the first page's "now".
         filters = [account_id, str(given_start), str(given_end), product_id]
-        after = pagination.decode(request.page_token, filters)
+        key = pagination.decode(
+            request.page_token,
+            filters,
+            pagination.instant,
+            pagination.short_text,
+            pagination.instant,
+            pagination.instant,
+        )
         cursor: tuple[datetime, str] | None = None
-        if after is not None:
-            try:
-                cursor = (datetime.fromisoformat(after[0]), str(after[1]))
-                start, end = datetime.fromisoformat(after[2]), datetime.fromisoformat(after[3])
-            except (TypeError, ValueError, IndexError):
-                raise errors.InvalidArgument("page_token", "malformed page token") from None
-        else:
+        if key is not None:
+            cursor = (key[0], key[1])
+            start, end = key[2], key[3]
+        account = await store.get_account(self.db, account_id)
+        # Days are the account's calendar days (a range across a DST change may be
+        # 7 x 24 hours plus or minus one).
+        zone = ZoneInfo(account.time_zone)
+        days = self.settings.usage_list_max_days
+        if key is None:
             end = given_end or _now()
-            start = given_start or end - max_range
+            # Not before the earliest instant the API accepts, so the token issued
+            # for the next page carries a range it accepts back.
+            start = given_start or max(ranges.add_days(end, -days, zone), validation.MIN_TIME)
         if start > end:
             raise errors.InvalidArgument("start_time", "must not be after end_time")
-        if end - start > max_range:
+        if not ranges.within_days(ranges.Range(start, end), days, zone):
             raise errors.InvalidArgument(
                 "end_time",
-                f"the range may span at most {self.settings.usage_list_max_days} days",
+                f"the range may span at most {days} days of the account's time zone "
+                f"({account.time_zone})",
             )
-        await store.get_account(self.db, account_id)
         rows = await _events(self.db, account_id, start, end, product_id, cursor, limit + 1)
         token = ""
         if len(rows) > limit:
@@ -593,10 +631,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> AsyncIterator[metering_pb2.ExportUsageReportResponse]:
         account = await store.get_account(self.db, validation.account_id(request.account_id))
         r = self._range(request, account)
-        if r.end - r.start > timedelta(days=self.settings.usage_export_max_days):
+        days = self.settings.usage_export_max_days
+        if not ranges.within_days(r, days, ZoneInfo(account.time_zone)):
             raise errors.InvalidArgument(
                 "end_time",
-                f"the range may span at most {self.settings.usage_export_max_days} days",
+                f"the range may span at most {days} days of the account's time zone "
+                f"({account.time_zone})",
             )
         product_id = (
             validation.product_id(request.product_id, "product_id") if request.product_id else ""

@@ -84,7 +84,8 @@ END $$;
 --
 -- Each item succeeds or fails alone and nothing raises for a refusal; the answer is one
 -- result per item (in any order), keyed by its "index":
---   {"error": "ACCOUNT_NOT_FOUND" | "PRODUCT_NOT_FOUND" | "EVENT_ID_REUSED"}
+--   {"error": "ACCOUNT_NOT_FOUND" | "PRODUCT_NOT_FOUND" | "EVENT_ID_REUSED" |
+--             "BALANCE_LIMIT" (a price beyond BIGINT)}
 --   {"error": "INSUFFICIENT_CREDITS", "available", "requested", "overdraft_limit"}
 --   {"event": row, "entry": row | null, "duplicate": true}: recorded by an earlier call
 --   [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
@@ -134,8 +135,12 @@ BEGIN
     SELECT array_agg(ROW(
                x.pos, x.index, x.account_id, x.event_id, x.product_id, x.endpoint, x.status,
                x.success, x.status_code, x.message, x.quantity,
-               CASE WHEN p.product_id IS NOT NULL
-                    THEN tally_price(p, x.quantity, x.status, x.credits) END,
+               CASE WHEN p.product_id IS NULL THEN NULL
+                    -- a price out of BIGINT's range: -1, refused alone (BALANCE_LIMIT)
+                    WHEN x.credits IS NULL AND (x.status <> 'failed' OR p.charge_failed)
+                         AND p.credits_per_unit::numeric * x.quantity
+                             > 9223372036854775807 THEN -1
+                    ELSE tally_price(p, x.quantity, x.status, x.credits) END,
                x.started_at, x.completed_at, x.processing_time_ms, x.request_metadata,
                x.result_metadata, x.webhook_url, decode(x.fingerprint, 'hex')
            )::tally_usage_item ORDER BY x.pos)
@@ -184,7 +189,8 @@ BEGIN
                CASE WHEN a.account_id IS NULL THEN 'account'
                     WHEN e.fingerprint = i.fingerprint THEN 'stored'
                     WHEN e.fingerprint IS NOT NULL THEN 'reused'
-                    WHEN i.charge IS NULL THEN 'product' END AS refused
+                    WHEN i.charge IS NULL THEN 'product'
+                    WHEN i.charge < 0 THEN 'limit' END AS refused
         FROM unnest(v_items) i
         LEFT JOIN accounts a ON a.account_id = i.account_id AND a.account_id = ANY (v_locked)
         LEFT JOIN usage_events e ON e.account_id = i.account_id AND e.event_id = i.event_id
@@ -400,6 +406,7 @@ BEGIN
                  ELSE jsonb_build_object('index', (u.i).idx, 'error', CASE u.outcome
                      WHEN 'account' THEN 'ACCOUNT_NOT_FOUND'
                      WHEN 'product' THEN 'PRODUCT_NOT_FOUND'
+                     WHEN 'limit' THEN 'BALANCE_LIMIT'
                      ELSE 'EVENT_ID_REUSED' END) END
              FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome,
                           unnest(v_winner) AS winner, unnest(v_available) AS available) u

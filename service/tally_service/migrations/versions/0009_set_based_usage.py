@@ -31,7 +31,7 @@ CREATE TYPE tally_usage_item AS (
     status_code        integer,
     message            text,
     quantity           bigint,
-    charge             bigint,   -- the price; NULL when the product is unknown
+    charge             bigint,   -- the price; NULL: unknown product; -1: beyond BIGINT
     started_at         timestamptz,
     completed_at       timestamptz,
     processing_time_ms bigint,
