@@ -205,9 +205,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         for first in range(0, len(items), COMMIT_GROUP):
             group = items[first : first + COMMIT_GROUP]
             try:
-                answered, _ = await self.db.call(
-                    "tally_record_usage", {"events": json.dumps(group, separators=(",", ":"))}
-                )
+                answered = await self.db.record_usage(group)
             except errors.BalanceLimit:
                 # A sum out of range (tally_record_usage refuses an out-of-range charge
                 # itself, as BALANCE_LIMIT for that item) rolled the group back: record
@@ -221,9 +219,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def _record_alone(self, item: dict[str, Any]) -> Any:
         try:
-            (answered,), _ = await self.db.call(
-                "tally_record_usage", {"events": json.dumps([item])}
-            )
+            (answered,) = await self.db.record_usage([item])
         except errors.BalanceLimit:
             return {"index": item["index"], "error": "BALANCE_LIMIT"}
         return answered
