@@ -453,6 +453,7 @@ def reads(account_id: str) -> list[tuple[str, message.Message]]:
             "ListUsageEvents",
             "ListGrants",
             "ListReloads",
+            "ListReservations",
         )
     ]
     requests.append(

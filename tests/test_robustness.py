@@ -85,6 +85,11 @@ def list_requests(account_id: str) -> list[tuple[str, Any, Any]]:
             ["reloads", account_id],
         ),
         (
+            "ListReservations",
+            credits_pb2.ListReservationsRequest(account_id=account_id),
+            ["reservations", account_id, None],
+        ),
+        (
             "ListUsageEvents",
             metering_pb2.ListUsageEventsRequest(account_id=account_id),
             [account_id, "None", "None", ""],

@@ -45,6 +45,9 @@ GrantTypeArg = int | str | None
 #: A subscription period: a ``SubscriptionPeriod`` value or ``"monthly"`` / ``"yearly"``
 #: (also ``"month"`` / ``"year"``).
 SubscriptionPeriodArg = int | str | None
+#: A reservation status: a ``ReservationStatus`` value or ``"pending"``, ``"captured"``,
+#: ``"released"``, ``"expired"`` (any case); ``None`` means any status.
+ReservationStatusArg = int | str | None
 
 RespT = TypeVar("RespT", bound=Message)
 ResultT = TypeVar("ResultT")
@@ -144,6 +147,15 @@ def usage_status(value: UsageStatusArg) -> metering_pb2.UsageStatus.ValueType:
     """Normalize a :data:`UsageStatusArg` to a ``UsageStatus`` value."""
     return metering_pb2.UsageStatus.ValueType(
         _enum_value(metering_pb2.UsageStatus, "USAGE_STATUS_", "usage status", value)
+    )
+
+
+def reservation_status(value: ReservationStatusArg) -> credits_pb2.ReservationStatus.ValueType:
+    """Normalize a :data:`ReservationStatusArg` to a ``ReservationStatus`` value."""
+    return credits_pb2.ReservationStatus.ValueType(
+        _enum_value(
+            credits_pb2.ReservationStatus, "RESERVATION_STATUS_", "reservation status", value
+        )
     )
 
 
@@ -510,6 +522,32 @@ def list_reloads(
     return Rpc("credits", "ListReloads", req, lambda r: r)
 
 
+def get_grant(grant_id: str) -> Rpc[credits_pb2.GetGrantResponse, credits_pb2.CreditGrant]:
+    req = credits_pb2.GetGrantRequest(grant_id=grant_id)
+    return Rpc("credits", "GetGrant", req, lambda r: r.grant)
+
+
+def get_reload(intent_id: str) -> Rpc[credits_pb2.GetReloadResponse, credits_pb2.ReloadIntent]:
+    req = credits_pb2.GetReloadRequest(intent_id=intent_id)
+    return Rpc("credits", "GetReload", req, lambda r: r.reload)
+
+
+def list_reservations(
+    account_id: str,
+    *,
+    status: ReservationStatusArg = None,
+    page_size: int = 0,
+    page_token: str = "",
+) -> Rpc[credits_pb2.ListReservationsResponse, credits_pb2.ListReservationsResponse]:
+    req = credits_pb2.ListReservationsRequest(
+        account_id=account_id,
+        status=reservation_status(status),
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Rpc("credits", "ListReservations", req, lambda r: r)
+
+
 # --- LedgerService ---------------------------------------------------------
 
 
@@ -573,6 +611,18 @@ def list_products(
 ) -> Rpc[metering_pb2.ListProductsResponse, metering_pb2.ListProductsResponse]:
     req = metering_pb2.ListProductsRequest(page_size=page_size, page_token=page_token)
     return Rpc("metering", "ListProducts", req, lambda r: r)
+
+
+def get_product(product_id: str) -> Rpc[metering_pb2.GetProductResponse, metering_pb2.Product]:
+    req = metering_pb2.GetProductRequest(product_id=product_id)
+    return Rpc("metering", "GetProduct", req, lambda r: r.product)
+
+
+def get_usage_event(
+    account_id: str, event_id: str
+) -> Rpc[metering_pb2.GetUsageEventResponse, metering_pb2.UsageEvent]:
+    req = metering_pb2.GetUsageEventRequest(account_id=account_id, event_id=event_id)
+    return Rpc("metering", "GetUsageEvent", req, lambda r: r.event)
 
 
 def usage_event(

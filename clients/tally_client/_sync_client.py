@@ -478,6 +478,44 @@ class TallyClient:
             if not token:
                 return
 
+    def get_grant(self, grant_id: str) -> credits_pb2.CreditGrant:
+        """One credit grant (:class:`~tally_client.GrantNotFound` if there is none)."""
+        return self._call(rq.get_grant(grant_id))
+
+    def get_reload(self, intent_id: str) -> credits_pb2.ReloadIntent:
+        """One reload intent (:class:`~tally_client.ReloadNotFound` if there is none)."""
+        return self._call(rq.get_reload(intent_id))
+
+    def list_reservations(
+        self,
+        account_id: str,
+        *,
+        status: rq.ReservationStatusArg = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> credits_pb2.ListReservationsResponse:
+        """One page of the account's reservations, newest first (``status``: only those)."""
+        return self._call(
+            rq.list_reservations(
+                account_id, status=status, page_size=page_size, page_token=page_token
+            )
+        )
+
+    def iter_reservations(
+        self, account_id: str, *, status: rq.ReservationStatusArg = None, page_size: int = 0
+    ) -> Iterator[credits_pb2.Reservation]:
+        """All of the account's reservations, newest first, fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_reservations(
+                account_id, status=status, page_size=page_size, page_token=token
+            )
+            for reservation in page.reservations:
+                yield reservation
+            token = page.next_page_token
+            if not token:
+                return
+
     # --- LedgerService ---------------------------------------------------------
 
     def list_entries(
@@ -614,6 +652,14 @@ class TallyClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def get_product(self, product_id: str) -> metering_pb2.Product:
+        """One product of the catalog (:class:`~tally_client.ProductNotFound` if none)."""
+        return self._call(rq.get_product(product_id))
+
+    def get_usage_event(self, account_id: str, event_id: str) -> metering_pb2.UsageEvent:
+        """One usage event (:class:`~tally_client.EventNotFound` if there is none)."""
+        return self._call(rq.get_usage_event(account_id, event_id))
 
     # --- MeteringService: recording --------------------------------------------
 

@@ -266,6 +266,14 @@ class EventNotFound(NotFound):
     grpc_reason = "EVENT_NOT_FOUND"
 
 
+class GrantNotFound(NotFound):
+    grpc_reason = "GRANT_NOT_FOUND"
+
+
+class ReloadNotFound(NotFound):
+    grpc_reason = "RELOAD_NOT_FOUND"
+
+
 _CODE_CLASSES: tuple[type[TallyError], ...] = (
     Cancelled,
     Unknown,
@@ -297,6 +305,8 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     EventNotPending,
     ProductNotFound,
     EventNotFound,
+    GrantNotFound,
+    ReloadNotFound,
 )
 _BY_CODE: dict[Any, type[TallyError]] = {c.grpc_code: c for c in _CODE_CLASSES}
 _BY_REASON: dict[tuple[Any, str], type[TallyError]] = {

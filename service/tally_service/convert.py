@@ -23,6 +23,7 @@ RESERVATION_STATUSES = {
     "released": credits_pb2.RESERVATION_STATUS_RELEASED,
     "expired": credits_pb2.RESERVATION_STATUS_EXPIRED,
 }
+RESERVATION_STATUS_NAMES = {v: k for k, v in RESERVATION_STATUSES.items()}
 
 
 from_json = models.from_json

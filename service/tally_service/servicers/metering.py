@@ -518,6 +518,24 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                     first = False
                 yield message
 
+    # -- single reads ---------------------------------------------------------------
+
+    async def GetProduct(
+        self, request: metering_pb2.GetProductRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetProductResponse:
+        row = await store.get_product(self.db, validation.product_id(request.product_id))
+        return metering_pb2.GetProductResponse(product=convert.product(row))
+
+    async def GetUsageEvent(
+        self, request: metering_pb2.GetUsageEventRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetUsageEventResponse:
+        row, expires_at = await store.get_usage_event(
+            self.db,
+            validation.account_id(request.account_id),
+            validation.event_id(request.event_id, "event_id"),
+        )
+        return metering_pb2.GetUsageEventResponse(event=convert.usage_event(row, expires_at))
+
 
 # How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told
 # how the request was compressed (grpc-encoding and grpc-accept-encoding stay in the
