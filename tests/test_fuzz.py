@@ -120,7 +120,15 @@ AMOUNT_FIELDS = {
     "credits_per_period",
     "max_amount_per_month",
 }
-ACCOUNT_PATHS = ["email", "name", "time_zone", "overdraft_limit", "trial_end_time", "currency"]
+ACCOUNT_PATHS = [
+    "email",
+    "display_name",
+    "name",
+    "time_zone",
+    "overdraft_limit",
+    "trial_end_time",
+    "currency",
+]
 
 
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")

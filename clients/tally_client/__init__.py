@@ -2,7 +2,7 @@
 
 >>> from tally_client import TallyClient, InsufficientCredits
 >>> with TallyClient("127.0.0.1:50051") as tally:  # doctest: +SKIP
-...     tally.create_account("acme", name="Acme")
+...     tally.create_account("acme", display_name="Acme")
 ...     tally.top_up("acme", "10")
 ...     tally.debit("acme", "2.95", reference="order-1")
 ...     tally.get_balance("acme").available

@@ -222,7 +222,7 @@ def create_account(
     account_id: str,
     *,
     email: str = "",
-    name: str = "",
+    display_name: str = "",
     time_zone: str = "",
     currency: str = "",
     overdraft_limit: Amount | None = None,
@@ -232,7 +232,7 @@ def create_account(
     account = account_pb2.Account(
         account_id=account_id,
         email=email,
-        name=name,
+        display_name=display_name,
         time_zone=time_zone,
         currency=currency,
         overdraft_limit="" if overdraft_limit is None else to_wire(overdraft_limit),
@@ -252,7 +252,7 @@ def update_account(
     account_id: str,
     *,
     email: str | None = None,
-    name: str | None = None,
+    display_name: str | None = None,
     time_zone: str | None = None,
     overdraft_limit: Amount | None = None,
     trial_end_time: datetime | None = None,
@@ -272,9 +272,9 @@ def update_account(
     if email is not None:
         account.email = email
         paths.append("email")
-    if name is not None:
-        account.name = name
-        paths.append("name")
+    if display_name is not None:
+        account.display_name = display_name
+        paths.append("display_name")
     if time_zone is not None:
         account.time_zone = time_zone
         paths.append("time_zone")

@@ -48,7 +48,7 @@ def account(row: models.Account) -> account_pb2.Account:
     return account_pb2.Account(
         account_id=row.account_id,
         email=row.email,
-        name=row.name,
+        display_name=row.name,
         time_zone=row.time_zone,
         currency=row.currency,
         overdraft_limit=format_amount(row.overdraft_limit),
