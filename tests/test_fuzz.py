@@ -470,7 +470,7 @@ def reads(account_id: str) -> list[tuple[str, message.Message]]:
             metering_pb2.GetUsageRequest(
                 account_id=account_id,
                 period=metering_pb2.USAGE_PERIOD_DAILY,
-                preset=metering_pb2.RANGE_PRESET_LAST_30_DAYS,
+                time_range=metering_pb2.UsageRange(preset=metering_pb2.RANGE_PRESET_LAST_30_DAYS),
             ),
         )
     )
@@ -480,7 +480,7 @@ def reads(account_id: str) -> list[tuple[str, message.Message]]:
             metering_pb2.ExportUsageReportRequest(
                 account_id=account_id,
                 format=metering_pb2.REPORT_FORMAT_CSV,
-                preset=metering_pb2.RANGE_PRESET_LAST_7_DAYS,
+                time_range=metering_pb2.UsageRange(preset=metering_pb2.RANGE_PRESET_LAST_7_DAYS),
             ),
         )
     )

@@ -917,8 +917,10 @@ class AsyncTallyClient:
         product_id: str = "",
         page_size: int = 0,
         page_token: str = "",
+        preset: rq.RangePresetArg = None,
     ) -> metering_pb2.ListUsageEventsResponse:
-        """One page of an account's usage events, newest first."""
+        """One page of an account's usage events, newest first (``preset`` or
+        ``start_time``/``end_time``)."""
         return await self._call(
             rq.list_usage_events(
                 account_id,
@@ -927,6 +929,7 @@ class AsyncTallyClient:
                 product_id=product_id,
                 page_size=page_size,
                 page_token=page_token,
+                preset=preset,
             )
         )
 
@@ -938,6 +941,7 @@ class AsyncTallyClient:
         end_time: datetime | None = None,
         product_id: str = "",
         page_size: int = 0,
+        preset: rq.RangePresetArg = None,
     ) -> AsyncIterator[metering_pb2.UsageEvent]:
         """All of an account's usage events matching the filters, newest first."""
         token = ""
@@ -949,6 +953,7 @@ class AsyncTallyClient:
                 product_id=product_id,
                 page_size=page_size,
                 page_token=token,
+                preset=preset,
             )
             for event in page.events:
                 yield event

@@ -788,6 +788,21 @@ def fail_usage(
     return Rpc("metering", "FailUsage", req, lambda r: r, mutating=True)
 
 
+def usage_range(
+    preset: RangePresetArg = None,
+    start_time: datetime | None = None,
+    end_time: datetime | None = None,
+) -> metering_pb2.UsageRange:
+    """The ``UsageRange`` of a usage question; ``preset`` and ``start_time``/``end_time``
+    are exclusive (ValueError)."""
+    _check_range(preset, start_time, end_time)
+    return metering_pb2.UsageRange(
+        preset=range_preset(preset),
+        start_time=_optional_timestamp(start_time),
+        end_time=_optional_timestamp(end_time),
+    )
+
+
 def get_usage(
     account_id: str,
     *,
@@ -798,13 +813,10 @@ def get_usage(
     product_id: str = "",
 ) -> Rpc[metering_pb2.GetUsageResponse, metering_pb2.GetUsageResponse]:
     """``preset`` and ``start_time``/``end_time`` are exclusive (ValueError)."""
-    _check_range(preset, start_time, end_time)
     req = metering_pb2.GetUsageRequest(
         account_id=account_id,
         period=usage_period(period),
-        preset=range_preset(preset),
-        start_time=_optional_timestamp(start_time),
-        end_time=_optional_timestamp(end_time),
+        time_range=usage_range(preset, start_time, end_time),
         product_id=product_id,
     )
     return Rpc("metering", "GetUsage", req, lambda r: r)
@@ -825,11 +837,12 @@ def list_usage_events(
     product_id: str = "",
     page_size: int = 0,
     page_token: str = "",
+    preset: RangePresetArg = None,
 ) -> Rpc[metering_pb2.ListUsageEventsResponse, metering_pb2.ListUsageEventsResponse]:
+    """``preset`` and ``start_time``/``end_time`` are exclusive (ValueError)."""
     req = metering_pb2.ListUsageEventsRequest(
         account_id=account_id,
-        start_time=_optional_timestamp(start_time),
-        end_time=_optional_timestamp(end_time),
+        time_range=usage_range(preset, start_time, end_time),
         product_id=product_id,
         page_size=page_size,
         page_token=page_token,
@@ -847,12 +860,9 @@ def export_usage_report(
     product_id: str = "",
 ) -> metering_pb2.ExportUsageReportRequest:
     """The request of the server-streaming ExportUsageReport call."""
-    _check_range(preset, start_time, end_time)
     return metering_pb2.ExportUsageReportRequest(
         account_id=account_id,
         format=report_format(format),
-        preset=range_preset(preset),
-        start_time=_optional_timestamp(start_time),
-        end_time=_optional_timestamp(end_time),
+        time_range=usage_range(preset, start_time, end_time),
         product_id=product_id,
     )

@@ -874,8 +874,10 @@ class TallyClient:
         product_id: str = "",
         page_size: int = 0,
         page_token: str = "",
+        preset: rq.RangePresetArg = None,
     ) -> metering_pb2.ListUsageEventsResponse:
-        """One page of an account's usage events, newest first."""
+        """One page of an account's usage events, newest first (``preset`` or
+        ``start_time``/``end_time``)."""
         return self._call(
             rq.list_usage_events(
                 account_id,
@@ -884,6 +886,7 @@ class TallyClient:
                 product_id=product_id,
                 page_size=page_size,
                 page_token=page_token,
+                preset=preset,
             )
         )
 
@@ -895,6 +898,7 @@ class TallyClient:
         end_time: datetime | None = None,
         product_id: str = "",
         page_size: int = 0,
+        preset: rq.RangePresetArg = None,
     ) -> Iterator[metering_pb2.UsageEvent]:
         """All of an account's usage events matching the filters, newest first."""
         token = ""
@@ -906,6 +910,7 @@ class TallyClient:
                 product_id=product_id,
                 page_size=page_size,
                 page_token=token,
+                preset=preset,
             )
             for event in page.events:
                 yield event

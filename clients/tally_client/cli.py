@@ -661,6 +661,7 @@ def _cmd_usage_events(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int
         end_time=a.end,
         product_id=a.product,
         page_size=min(a.limit, 100) if a.limit else 0,
+        preset=a.preset,
     )
     if a.limit:
         events = islice(events, a.limit)
@@ -1094,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evs = sub.add_parser("usage-events", help="an account's usage events, newest first")
     evs.add_argument("account_id", metavar="ACCOUNT")
-    time_range(evs, preset=False)
+    time_range(evs, preset=True)
     evs.add_argument(
         "--limit", type=_non_negative, default=50, help="at most N, 0 for all (default: 50)"
     )

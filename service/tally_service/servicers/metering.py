@@ -392,13 +392,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     @staticmethod
     def _range(request: Any, account: models.Account) -> ranges.Range:
-        return ranges.resolve(
-            request.preset,
-            validation.optional_time(request, "start_time", request.start_time),
-            validation.optional_time(request, "end_time", request.end_time),
-            ZoneInfo(account.time_zone),
-            _now(),
-        )
+        return ranges.resolve(request.time_range, ZoneInfo(account.time_zone), _now())
 
     async def GetUsageSummary(
         self, request: metering_pb2.GetUsageSummaryRequest, context: grpc.aio.ServicerContext
@@ -430,14 +424,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.ListUsageEventsResponse:
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
-        given_end = validation.optional_time(request, "end_time", request.end_time)
-        given_start = validation.optional_time(request, "start_time", request.start_time)
+        given = ranges.given(request.time_range)
         product_id = (
             validation.product_id(request.product_id, "product_id") if request.product_id else ""
         )
         # The token is bound to the filters as given; it carries the range it resolved
         # to, so later pages keep the first page's "now".
-        filters = [account_id, str(given_start), str(given_end), product_id]
+        filters = [account_id, *given.key(), product_id]
         key = pagination.decode(
             request.page_token,
             filters,
@@ -456,15 +449,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         zone = ZoneInfo(account.time_zone)
         days = self.settings.usage_list_max_days
         if key is None:
-            end = given_end or _now()
             # Not before the earliest instant the API accepts, so the token issued
             # for the next page carries a range it accepts back.
-            start = given_start or max(ranges.add_days(end, -days, zone), validation.MIN_TIME)
+            r = ranges.resolve_given(
+                given,
+                zone,
+                _now(),
+                lambda end: max(ranges.add_days(end, -days, zone), validation.MIN_TIME),
+            )
+            start, end = r.start, r.end
         if start > end:
-            raise errors.InvalidArgument("start_time", "must not be after end_time")
+            raise errors.InvalidArgument("time_range.start_time", "must not be after end_time")
         if not ranges.within_days(ranges.Range(start, end), days, zone):
             raise errors.InvalidArgument(
-                "end_time",
+                "time_range.end_time",
                 f"the range may span at most {days} days of the account's time zone "
                 f"({account.time_zone})",
             )
@@ -490,7 +488,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         days = self.settings.usage_export_max_days
         if not ranges.within_days(r, days, ZoneInfo(account.time_zone)):
             raise errors.InvalidArgument(
-                "end_time",
+                "time_range.end_time",
                 f"the range may span at most {days} days of the account's time zone "
                 f"({account.time_zone})",
             )
