@@ -2,7 +2,7 @@
 
 >>> from tally_client import TallyClient, InsufficientCredits
 >>> with TallyClient("127.0.0.1:50051") as tally:  # doctest: +SKIP
-...     tally.create_account("acme", name="Acme")
+...     tally.create_account("acme", display_name="Acme")
 ...     tally.top_up("acme", "10")
 ...     tally.debit("acme", "2.95", reference="order-1")
 ...     tally.get_balance("acme").available
@@ -27,6 +27,7 @@ from ._requests import (
     GrantTypeArg,
     RangePresetArg,
     ReportFormatArg,
+    ReservationStatusArg,
     SubscriptionPeriodArg,
     UsagePeriodArg,
     UsageStatusArg,
@@ -52,6 +53,7 @@ from .errors import (
     AccountAlreadyExists,
     AccountNotFound,
     AlreadyExists,
+    BalanceLimit,
     Cancelled,
     CaptureExceedsHold,
     DataLoss,
@@ -61,6 +63,7 @@ from .errors import (
     EventNotFound,
     EventNotPending,
     FailedPrecondition,
+    GrantNotFound,
     InsufficientCredits,
     Internal,
     InvalidArgument,
@@ -68,9 +71,11 @@ from .errors import (
     OutOfRange,
     PermissionDenied,
     ProductNotFound,
+    ReloadNotFound,
     RequestIdReused,
     ReservationNotFound,
     ReservationNotPending,
+    ReservationOfUsageEvent,
     ResourceExhausted,
     TallyError,
     Unauthenticated,
@@ -94,6 +99,7 @@ __all__ = [
     "Amount",
     "AsyncStubs",
     "AsyncTallyClient",
+    "BalanceLimit",
     "Cancelled",
     "CaptureExceedsHold",
     "DataLoss",
@@ -104,6 +110,7 @@ __all__ = [
     "EventNotFound",
     "EventNotPending",
     "FailedPrecondition",
+    "GrantNotFound",
     "GrantTypeArg",
     "InsufficientCredits",
     "Internal",
@@ -114,10 +121,13 @@ __all__ = [
     "PermissionDenied",
     "ProductNotFound",
     "RangePresetArg",
+    "ReloadNotFound",
     "ReportFormatArg",
     "RequestIdReused",
     "ReservationNotFound",
     "ReservationNotPending",
+    "ReservationOfUsageEvent",
+    "ReservationStatusArg",
     "ResourceExhausted",
     "Stubs",
     "SubscriptionPeriodArg",
