@@ -335,11 +335,16 @@ class _GroupQueue:
             group = self._take()
             if group:
                 work = asyncio.ensure_future(self.apply(group))
+                cancelled = False
 
                 def abandon(_: object) -> None:
                     # Every caller gave up (deadline, cancellation): stop the statement,
-                    # so a group nobody waits for rolls back, as a lone call would.
-                    if not work.done() and all(p.future.done() for p in group):
+                    # so a group nobody waits for rolls back, as a lone call would. Only
+                    # once: a second cancellation would interrupt the first one's cleanup
+                    # (the driver's cancel request, the connection's return to the pool).
+                    nonlocal cancelled
+                    if not cancelled and not work.done() and all(p.future.done() for p in group):
+                        cancelled = True
                         work.cancel()
 
                 for p in group:
