@@ -128,6 +128,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-events", type=int, default=1000, help="events per StreamUsage call"
     )
+    parser.add_argument(
+        "--stream-per-message",
+        type=int,
+        default=100,
+        help="events per StreamUsage message (1: one message per event, the `event` field)",
+    )
     parser.add_argument("--accounts", type=int, default=1000, help="accounts for throughput")
     parser.add_argument(
         "--events", type=int, default=10_000_000, help="usage events of the large account"
@@ -142,6 +148,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="throughput only: no large account, GetUsage or export",
     )
     parser.add_argument("--skip-throughput", action="store_true", help="no throughput runs")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="throughput scenarios to run, comma-separated keys (unary, batch100, "
+        "batch100-mixed, batch1000, stream, batch1000-cN); each runs with its no-op twin "
+        "(default: all)",
+    )
     parser.add_argument(
         "--database-url",
         default="",
@@ -169,6 +182,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.batch_concurrency,
         args.batch_seconds,
         args.stream_events,
+        args.stream_per_message,
         args.accounts,
         args.events,
         args.usage_calls,
@@ -231,7 +245,15 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             1000,
             1,
         ),
-        ("stream", f"StreamUsage, {n:,} events/call, 1 account/call", "stream", bc, long, n, 1),
+        (
+            "stream",
+            f"StreamUsage, {n:,} events/call ({args.stream_per_message}/message), 1 account/call",
+            "stream",
+            bc,
+            long,
+            n,
+            1,
+        ),
     ]
     if oc:
         recording.append(
@@ -248,7 +270,10 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     out = [
         Scenario("health", "Health/Check (server's no-op ceiling, no database)", "health", c, short)
     ]
+    only = {k.strip() for k in args.only.split(",") if k.strip()}
     for key, label, kind, conc, seconds, size, per_call in recording:
+        if only and key not in only:
+            continue
         twin = f"{key}-noop"
         out.append(Scenario(twin, f"{label} [no-op]", kind, conc, seconds, size, per_call, True))
         out.append(Scenario(key, label, kind, conc, seconds, size, per_call, twin=twin))
@@ -351,6 +376,7 @@ def run_throughput(
             rpc_timeout_seconds=args.rpc_timeout,
             event_id_prefix=f"m{run_id}.{s.key}",
             label=s.label,
+            events_per_message=args.stream_per_message,
         )
         pid = target.process.pid
 

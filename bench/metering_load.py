@@ -66,6 +66,8 @@ class Job:
     rpc_timeout_seconds: float
     event_id_prefix: str
     label: str = ""
+    # StreamUsage: events per message (1: the `event` field, one message per event).
+    events_per_message: int = 1
 
 
 # The outcome of one call: events acknowledged, and per-event failures by code.
@@ -206,9 +208,12 @@ def _operation(job: Job, channel: grpc.aio.Channel, index: int) -> Operation:
 
         async def messages(k: int, n: int) -> AsyncIterator[Any]:
             account_of = _event_accounts(job, index, k, n)
-            for i in range(job.events_per_call):
+            per = job.events_per_message
+            for first in range(0, job.events_per_call, per):
                 message = metering_pb2.StreamUsageRequest()
-                fill(message.event, account_of(i), f"{prefix}.c{k}.{n}.{i}", i)
+                for i in range(first, min(first + per, job.events_per_call)):
+                    event = message.event if per == 1 else message.events.add()
+                    fill(event, account_of(i), f"{prefix}.c{k}.{n}.{i}", i)
                 yield message
 
         async def stream(k: int, n: int) -> Outcome:

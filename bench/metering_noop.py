@@ -60,6 +60,7 @@ class NoopMetering(metering_pb2_grpc.MeteringServiceServicer):
         async for message in request_iterator:
             if message.event.event_id:
                 recorded += 1
+            recorded += sum(1 for event in message.events if event.event_id)
         return metering_pb2.StreamUsageResponse(recorded=recorded)
 
 

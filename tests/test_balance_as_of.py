@@ -79,7 +79,12 @@ def test_balance_at_every_step(client: TallyClient, account_id: str) -> None:
     with pytest.raises(InvalidArgument) as far:
         client.get_balance(account_id, as_of=datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
     assert far.value.field_violations[0][0] == "as_of"
-    assert _at(client, account_id, datetime(1, 1, 1, tzinfo=UTC)) == ("0", "0", "0")
+    # Timestamps in requests lie in [1970, 9998) (docs/design.md, Limits): before the
+    # account existed is zeros; year 1 is refused naming the field.
+    assert _at(client, account_id, datetime(1970, 1, 1, tzinfo=UTC)) == ("0", "0", "0")
+    with pytest.raises(InvalidArgument) as ancient:
+        client.get_balance(account_id, as_of=datetime(1, 1, 1, tzinfo=UTC))
+    assert ancient.value.field_violations[0][0] == "as_of"
     with pytest.raises(NotFound):
         client.get_balance("nobody-here", as_of=t_debit)
 

@@ -13,7 +13,6 @@ _BODY = re.compile(r"^CREATE OR REPLACE FUNCTION (\w+)\(.*?\bAS \$\$(.*?)\$\$;",
 # Trigger functions live beside their triggers in the migrations.
 _TRIGGER_FUNCTIONS = {
     "tally_refuse_change",
-    "tally_event_credit_type",
     "tally_stamp_caller",
     "tally_accounts_thresholds",  # 0010: pass movements to sql/65_thresholds.sql
     "tally_rollups_thresholds",

@@ -99,15 +99,21 @@ class _AsyncStreamEvents:
     async def requests(
         self, events: AsyncIterable[Any] | Iterable[Any]
     ) -> AsyncIterator[metering_pb2.StreamUsageRequest]:
+        batcher = rq.StreamBatcher()  # up to 100 events a message
         try:
             # unasync: async-only
             if not isinstance(events, AsyncIterable):
-                for event in events:
-                    yield rq.stream_usage_request(event)
+                for message in rq.stream_usage_requests(events):
+                    yield message
                 return
             # unasync: end
             async for event in events:
-                yield rq.stream_usage_request(event)
+                packed = batcher.add(event)
+                if packed is not None:
+                    yield packed
+            last = batcher.flush()
+            if last is not None:
+                yield last
         except Exception as e:
             self.error = e
             raise
@@ -721,7 +727,8 @@ class AsyncTallyClient:
         *,
         timeout_seconds: float | None = None,
     ) -> metering_pb2.StreamUsageResponse:
-        """Send events on one client stream; the response counts them.
+        """Send events on one client stream; the response counts them. Events go
+        up to 100 to a message (``StreamUsageRequest.events``).
 
         Retried (replaying every event, which is safe by ``event_id``) only when
         ``events`` is a Sequence; any other iterable is consumed once (the async

@@ -641,18 +641,65 @@ def record_usage_batch(
     return Rpc("metering", "RecordUsageBatch", req, lambda r: r, mutating=True)
 
 
+#: Events per StreamUsage message (the server takes up to 1,000), and the serialised
+#: size after which a message is sent with fewer (well under the 4 MiB message limit).
+STREAM_EVENTS_PER_MESSAGE = 100
+STREAM_MESSAGE_BYTES = 512 * 1024
+
+
 def stream_usage_requests(
     events: Iterable[metering_pb2.UsageEvent],
 ) -> Iterator[metering_pb2.StreamUsageRequest]:
-    """One ``StreamUsageRequest`` per event, lazily."""
+    """``StreamUsageRequest`` messages of up to ``STREAM_EVENTS_PER_MESSAGE`` events
+    each, lazily."""
+    batcher = StreamBatcher()
     for event in events:
-        yield stream_usage_request(event)
+        message = batcher.add(event)
+        if message is not None:
+            yield message
+    last = batcher.flush()
+    if last is not None:
+        yield last
+
+
+class StreamBatcher:
+    """Packs events into ``StreamUsageRequest`` messages (``events``, several per
+    message): ``add`` returns a full message to send, ``flush`` the rest."""
+
+    def __init__(
+        self,
+        per_message: int = STREAM_EVENTS_PER_MESSAGE,
+        max_bytes: int = STREAM_MESSAGE_BYTES,
+    ) -> None:
+        self.per_message = per_message
+        self.max_bytes = max_bytes
+        self._message = metering_pb2.StreamUsageRequest()
+        self._bytes = 0
+
+    def add(self, event: metering_pb2.UsageEvent) -> metering_pb2.StreamUsageRequest | None:
+        _check_event(event)
+        self._message.events.append(event)
+        self._bytes += event.ByteSize()
+        if len(self._message.events) >= self.per_message or self._bytes >= self.max_bytes:
+            return self.flush()
+        return None
+
+    def flush(self) -> metering_pb2.StreamUsageRequest | None:
+        if not self._message.events:
+            return None
+        message, self._message, self._bytes = self._message, metering_pb2.StreamUsageRequest(), 0
+        return message
 
 
 def stream_usage_request(event: metering_pb2.UsageEvent) -> metering_pb2.StreamUsageRequest:
+    """One event as its own message (the original form of the stream)."""
+    _check_event(event)
+    return metering_pb2.StreamUsageRequest(event=event)
+
+
+def _check_event(event: object) -> None:
     if not isinstance(event, metering_pb2.UsageEvent):
         raise TypeError(f"stream_usage takes UsageEvent messages, not {type(event).__name__}")
-    return metering_pb2.StreamUsageRequest(event=event)
 
 
 def start_usage(

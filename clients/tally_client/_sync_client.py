@@ -82,9 +82,15 @@ class _StreamEvents:
     def requests(
         self, events: Iterable[Any] | Iterable[Any]
     ) -> Iterator[metering_pb2.StreamUsageRequest]:
+        batcher = rq.StreamBatcher()  # up to 100 events a message
         try:
             for event in events:
-                yield rq.stream_usage_request(event)
+                packed = batcher.add(event)
+                if packed is not None:
+                    yield packed
+            last = batcher.flush()
+            if last is not None:
+                yield last
         except Exception as e:
             self.error = e
             raise
@@ -678,7 +684,8 @@ class TallyClient:
         *,
         timeout_seconds: float | None = None,
     ) -> metering_pb2.StreamUsageResponse:
-        """Send events on one client stream; the response counts them.
+        """Send events on one client stream; the response counts them. Events go
+        up to 100 to a message (``StreamUsageRequest.events``).
 
         Retried (replaying every event, which is safe by ``event_id``) only when
         ``events`` is a Sequence; any other iterable is consumed once (the async

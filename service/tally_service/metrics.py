@@ -635,6 +635,14 @@ def _observe_record_usage_rows(metrics: Metrics, method: str, rows: Any) -> None
     """Counts the rows ``tally_record_usage`` answered (StreamUsage, group by group)."""
     rejected = 0
     for row in rows:
+        if isinstance(row, list):
+            # An event written by this call: [index, of, duplicate, credits,
+            # credit_type, created_at, entry_id, ..., product_id, status].
+            if not row[2]:
+                metrics.usage_event(str(row[10]), str(row[11]), _micros_value(row[3]))
+                if row[6]:
+                    metrics.ledger_entry("debit")
+            continue
         if "error" in row:
             rejected += row["error"] == INSUFFICIENT_CREDITS
             continue

@@ -1,5 +1,6 @@
 """tally.v1.MeteringService."""
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -10,7 +11,7 @@ from zoneinfo import ZoneInfo
 import grpc
 from sqlalchemy import and_, or_, select
 
-from tally.v1 import metering_pb2, metering_pb2_grpc
+from tally.v1 import ledger_pb2, metering_pb2, metering_pb2_grpc
 from tally_service import (
     convert,
     errors,
@@ -23,14 +24,16 @@ from tally_service import (
     usage,
     validation,
 )
+from tally_service.auth import current_caller
 from tally_service.config import Settings
 from tally_service.db import Database, insufficient_credits
-from tally_service.money import parse_amount
+from tally_service.money import format_amount, parse_amount
 
 MAX_BATCH = 1000
-STREAM_GROUP = 500
-# Events per transaction when recording a batch or a stream group.
-COMMIT_GROUP = 200
+# Events of a stream recorded together (one call of tally_record_usage).
+STREAM_GROUP = 1000
+# Events per transaction when recording a batch or a stream group: a whole batch.
+COMMIT_GROUP = 1000
 MAX_STREAM_FAILURES = 1000
 MAX_QUANTITY = 10**9
 DEFAULT_JOB_TTL_SECONDS = 3600
@@ -41,10 +44,20 @@ STATUS_NAMES = {
     metering_pb2.USAGE_STATUS_COMPLETED: "completed",
     metering_pb2.USAGE_STATUS_FAILED: "failed",
 }
+_EMPTY_METADATA: dict[str, Any] = {}
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class Written:
+    """Positions in a result row of an event `tally_record_usage` wrote (sql/80_usage.sql):
+    [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
+    balance_after, entry_created_at, product_id, status]."""
+
+    INDEX, OF, DUPLICATE, CREDITS, CREDIT_TYPE, CREATED_AT = range(6)
+    ENTRY_ID, SEQUENCE, BALANCE_AFTER, ENTRY_CREATED_AT, PRODUCT_ID, STATUS = range(6, 12)
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -55,10 +68,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     # -- validation ---------------------------------------------------------------
 
     def _event_item(
-        self, event: metering_pb2.UsageEvent, *, index: int, starting: bool
+        self,
+        event: metering_pb2.UsageEvent,
+        *,
+        index: int,
+        starting: bool,
+        now: datetime | None = None,
     ) -> dict[str, Any]:
-        """Checks an event and returns it as the JSON item the SQL functions take."""
-        now = _now()
+        """Checks an event and returns it as the JSON item the SQL functions take
+        (`now`: the instant of the call, read once for a whole batch)."""
+        now = now or _now()
         status = STATUS_NAMES.get(event.status)
         if starting:
             status = status or "pending"
@@ -118,11 +137,15 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             "started_at": started.isoformat(),
             "completed_at": completed.isoformat() if completed else None,
             "processing_time_ms": processing_ms,
-            "request_metadata": json.loads(
-                validation.metadata(event.request_metadata, "event.request_metadata")
+            "request_metadata": (
+                json.loads(validation.metadata(event.request_metadata, "event.request_metadata"))
+                if event.request_metadata.fields
+                else _EMPTY_METADATA
             ),
-            "result_metadata": json.loads(
-                validation.metadata(event.result_metadata, "event.result_metadata")
+            "result_metadata": (
+                json.loads(validation.metadata(event.result_metadata, "event.result_metadata"))
+                if event.result_metadata.fields
+                else _EMPTY_METADATA
             ),
             "webhook_url": validation.text(event.webhook_url, "event.webhook_url", 2048),
             "fingerprint": fingerprint.of("StartUsage" if starting else "RecordUsage", event).hex(),
@@ -173,36 +196,37 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     # -- recording ----------------------------------------------------------------
 
-    async def _record(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Records items in transactions of at most COMMIT_GROUP events: short enough to
-        stay far inside the statement timeout and to hold account locks briefly. A
-        failure between groups is safe: a retry replays the committed events as
-        duplicates. The caller acknowledges only after every group has committed."""
-        results: list[dict[str, Any]] = []
+    async def _record(self, items: list[dict[str, Any]]) -> list[Any]:
+        """Records items in transactions of at most COMMIT_GROUP events (a whole batch:
+        `tally_record_usage` applies them with set operations, well inside the statement
+        timeout). A failure between groups is safe: a retry replays the committed events
+        as duplicates. The caller acknowledges only after every group has committed."""
+        results: list[Any] = []
         for first in range(0, len(items), COMMIT_GROUP):
             group = items[first : first + COMMIT_GROUP]
             try:
                 answered, _ = await self.db.call(
-                    "tally_record_usage", {"events": json.dumps(group)}
+                    "tally_record_usage", {"events": json.dumps(group, separators=(",", ":"))}
                 )
             except errors.BalanceLimit:
-                # One item's charge took a sum out of range and the group's transaction
-                # rolled back: record its items one by one, so that only that item is
-                # refused and the others keep their own outcome (DESIGN.md 9).
+                # A sum out of range (tally_record_usage refuses an out-of-range charge
+                # itself, as BALANCE_LIMIT for that item) rolled the group back: record
+                # its items one by one, so that only that item is refused and the others
+                # keep their own outcome (DESIGN.md 9).
                 if len(group) == 1:
                     raise
                 answered = [await self._record_alone(item) for item in group]
             results.extend(answered)
         return results
 
-    async def _record_alone(self, item: dict[str, Any]) -> dict[str, Any]:
+    async def _record_alone(self, item: dict[str, Any]) -> Any:
         try:
             (answered,), _ = await self.db.call(
                 "tally_record_usage", {"events": json.dumps([item])}
             )
         except errors.BalanceLimit:
             return {"index": item["index"], "error": "BALANCE_LIMIT"}
-        return dict(answered)
+        return answered
 
     @staticmethod
     def _item_error(result: dict[str, Any], item: dict[str, Any]) -> errors.DomainError:
@@ -225,13 +249,69 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     @staticmethod
     def _result_message(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
+        """A response from full rows (an event recorded before, a finished job)."""
         message = metering_pb2.RecordUsageResponse(
             event=convert.usage_event(convert.from_json(models.UsageEvent, result["event"])),
             duplicate=bool(result.get("duplicate")),
         )
         if result.get("entry"):
-            message.entry.CopyFrom(
-                convert.entry(convert.from_json(models.LedgerEntry, result["entry"]))
+            message.entry.CopyFrom(convert.entry_from_row(result["entry"]))
+        return message
+
+    @staticmethod
+    def _written_message(
+        row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any]
+    ) -> metering_pb2.RecordUsageResponse:
+        """The response for an event written by this call, from the event as sent
+        (`event` and its `item`: the one that was written, of which this result may be
+        a duplicate) and what the database decided (`row`, see `Written`): the same
+        message a later replay builds from the stored rows (`_result_message`)."""
+        message = metering_pb2.RecordUsageResponse(duplicate=row[Written.DUPLICATE])
+        out = message.event
+        out.CopyFrom(event)
+        out.DiscardUnknownFields()
+        out.request_metadata.SetInParent()  # present even when empty, as in a replay
+        out.result_metadata.SetInParent()
+        out.status = convert.USAGE_STATUSES[item["status"]]
+        out.success = item["success"]
+        out.quantity = item["quantity"]
+        charge: int = row[Written.CREDITS]
+        out.credits = format_amount(charge)
+        out.credit_type = convert.CREDIT_TYPES[row[Written.CREDIT_TYPE]]
+        convert.set_time(out.start_time, datetime.fromisoformat(item["started_at"]))
+        if item["completed_at"] is None:
+            out.ClearField("complete_time")
+        else:
+            convert.set_time(out.complete_time, datetime.fromisoformat(item["completed_at"]))
+        out.processing_time_ms = item["processing_time_ms"]
+        convert.set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
+        entry_id = row[Written.ENTRY_ID]
+        out.entry_id = entry_id or 0
+        out.reservation_id = ""
+        if entry_id:
+            # The debit tally_record_usage wrote for this charge (same description,
+            # reference and metadata; the caller as the ledger_entries_caller trigger
+            # stamps it).
+            entry = message.entry
+            entry.entry_id = entry_id
+            entry.account_id = item["account_id"]
+            entry.sequence = row[Written.SEQUENCE]
+            entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
+            entry.amount = format_amount(-charge)
+            entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
+            endpoint = item["endpoint"]
+            product = item["product_id"]
+            entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
+            entry.reference = item["event_id"]
+            entry.request_id = item["event_id"]
+            fields = entry.metadata.fields
+            fields["event_id"].string_value = item["event_id"]
+            fields["product_id"].string_value = product
+            caller = current_caller.get()
+            if caller:
+                fields["caller"].string_value = caller
+            convert.set_time(
+                entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT])
             )
         return message
 
@@ -242,24 +322,42 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         (result,) = await self._record([item])
         if "error" in result:
             raise self._item_error(result, item)
+        if isinstance(result, list):
+            return self._written_message(result, request.event, item)
         return self._result_message(result)
+
+    def _items(
+        self, events: list[metering_pb2.UsageEvent], first_index: int
+    ) -> tuple[list[dict[str, Any]], dict[int, metering_pb2.UsageResult]]:
+        """The group's valid events as items, and a failure result for each invalid one."""
+        items = []
+        invalid: dict[int, metering_pb2.UsageResult] = {}
+        now = _now()
+        for offset, event in enumerate(events):
+            index = first_index + offset
+            try:
+                items.append(self._event_item(event, index=index, starting=False, now=now))
+            except errors.DomainError as error:
+                invalid[index] = metering_pb2.UsageResult(
+                    index=index, event_id=event.event_id, status=error.to_rpc_status()
+                )
+        return items, invalid
 
     async def _record_group(
         self, events: list[metering_pb2.UsageEvent], first_index: int
     ) -> list[metering_pb2.UsageResult]:
         """Records a group of events; one result per event, in order."""
-        results: dict[int, metering_pb2.UsageResult] = {}
-        items = []
-        for offset, event in enumerate(events):
-            index = first_index + offset
-            try:
-                items.append(self._event_item(event, index=index, starting=False))
-            except errors.DomainError as error:
-                results[index] = metering_pb2.UsageResult(
-                    index=index, event_id=event.event_id, status=error.to_rpc_status()
-                )
+        items, results = self._items(events, first_index)
         by_index = {item["index"]: item for item in items}
         for result in await self._record(items) if items else []:
+            if isinstance(result, list):
+                index, of = result[Written.INDEX], result[Written.OF]
+                out = metering_pb2.UsageResult(index=index, event_id=by_index[index]["event_id"])
+                out.result.CopyFrom(
+                    self._written_message(result, events[of - first_index], by_index[of])
+                )
+                results[index] = out
+                continue
             index = int(result["index"])
             item = by_index[index]
             out = metering_pb2.UsageResult(index=index, event_id=item["event_id"])
@@ -269,6 +367,31 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 out.result.CopyFrom(self._result_message(result))
             results[index] = out
         return [results[first_index + i] for i in range(len(events))]
+
+    async def _count_group(
+        self, events: list[metering_pb2.UsageEvent], first_index: int
+    ) -> tuple[int, int, list[metering_pb2.UsageResult]]:
+        """Records a group of a stream: (recorded, duplicates, failures in index order).
+        A stream answers only with counts, so no event's response is built."""
+        items, failures = self._items(events, first_index)
+        by_index = {item["index"]: item for item in items}
+        recorded = duplicates = 0
+        for result in await self._record(items) if items else []:
+            if isinstance(result, list):
+                if result[Written.DUPLICATE]:
+                    duplicates += 1
+                else:
+                    recorded += 1
+            elif "error" in result:
+                item = by_index[int(result["index"])]
+                failures[item["index"]] = metering_pb2.UsageResult(
+                    index=item["index"],
+                    event_id=item["event_id"],
+                    status=self._item_error(result, item).to_rpc_status(),
+                )
+            else:
+                duplicates += 1
+        return recorded, duplicates, [failures[i] for i in sorted(failures)]
 
     async def RecordUsageBatch(
         self, request: metering_pb2.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
@@ -285,31 +408,52 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         request_iterator: AsyncIterator[metering_pb2.StreamUsageRequest],
         context: grpc.aio.ServicerContext,
     ) -> metering_pb2.StreamUsageResponse:
+        """Events are recorded in groups of STREAM_GROUP while the stream goes on: the
+        next group is read while the previous one is in the database (one at a time, so
+        groups commit in order and memory stays bounded)."""
         response = metering_pb2.StreamUsageResponse()
         group: list[metering_pb2.UsageEvent] = []
         seen = 0
+        recording: asyncio.Task[tuple[int, int, list[metering_pb2.UsageResult]]] | None = None
+
+        async def settle() -> None:
+            nonlocal recording
+            if recording is None:
+                return
+            task, recording = recording, None
+            recorded, duplicates, failures = await task
+            response.recorded += recorded
+            response.duplicates += duplicates
+            response.failed += len(failures)
+            room = MAX_STREAM_FAILURES - len(response.failures)
+            response.failures.extend(failures[: max(room, 0)])
 
         async def flush() -> None:
-            nonlocal seen
-            for result in await self._record_group(group, seen):
-                if result.HasField("result"):
-                    if result.result.duplicate:
-                        response.duplicates += 1
-                    else:
-                        response.recorded += 1
-                else:
-                    response.failed += 1
-                    if len(response.failures) < MAX_STREAM_FAILURES:
-                        response.failures.append(result)
+            nonlocal seen, group, recording
+            await settle()
+            recording = asyncio.ensure_future(self._count_group(group, seen))
             seen += len(group)
-            group.clear()
+            group = []
 
-        async for message in request_iterator:
-            group.append(message.event)
-            if len(group) >= STREAM_GROUP:
+        try:
+            async for message in request_iterator:
+                if len(message.events) > MAX_BATCH:
+                    raise errors.InvalidArgument(
+                        "events", f"at most {MAX_BATCH} events per message"
+                    )
+                if message.HasField("event") or not message.events:
+                    group.append(message.event)
+                group.extend(message.events)
+                if len(group) >= STREAM_GROUP:
+                    await flush()
+            if group:
                 await flush()
-        if group:
-            await flush()
+            await settle()
+        finally:
+            if recording is not None and not recording.done():
+                recording.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await recording
         return response
 
     # -- long jobs ----------------------------------------------------------------

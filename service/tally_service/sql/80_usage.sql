@@ -19,19 +19,17 @@ BEGIN
     WHERE account_id = e.account_id;
 END $$;
 
--- The charge of an event: the caller's stated credits, else the catalog price.
+-- The charge of an event: the caller's stated credits, else the catalog price. One SQL
+-- expression, so a query that prices many events inlines it.
 CREATE OR REPLACE FUNCTION tally_price(
     p products, p_quantity bigint, p_outcome text, p_stated bigint
-) RETURNS bigint LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    IF p_stated IS NOT NULL THEN
-        RETURN p_stated;
-    END IF;
-    IF p_outcome = 'failed' AND NOT p.charge_failed THEN
-        RETURN 0;
-    END IF;
-    RETURN greatest(p.credits_per_unit * p_quantity, p.minimum_charge);
-END $$;
+) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_stated IS NOT NULL THEN p_stated
+        WHEN p_outcome = 'failed' AND NOT p.charge_failed THEN 0
+        ELSE greatest(p.credits_per_unit * p_quantity, p.minimum_charge)
+    END
+$$;
 
 CREATE OR REPLACE FUNCTION tally_upsert_product(
     p_request_id text, p_fingerprint bytea, p_product_id text, p_display_name text,
@@ -75,99 +73,366 @@ BEGIN
         DETAIL = json_build_object('account_id', p_account_id, 'event_id', p_event_id)::text;
 END $$;
 
--- Records finished events (a batch of one or more) in one transaction. Each item
--- succeeds or fails alone without raising, so no subtransaction is needed; accounts
--- are locked in account_id order, so concurrent batches cannot deadlock.
+-- Records finished events (a batch, a stream's group, or one event) in one transaction,
+-- with set operations: the events are expanded from the JSON once and priced by one join
+-- with the catalog; the accounts are locked once each, in account_id order (so
+-- concurrent groups cannot deadlock); duplicates are found by one join on
+-- (account_id, event_id); and each table is written once: one INSERT of the ledger
+-- entries (one per charged event, numbered and chained per account), one of the events,
+-- one upsert of pre-aggregated rollups, one UPDATE of the accounts; grants are drawn once
+-- per account for its total, and auto-reload is decided once per account.
+--
+-- Each item succeeds or fails alone and nothing raises for a refusal; the answer is one
+-- result per item (in any order), keyed by its "index":
+--   {"error": "ACCOUNT_NOT_FOUND" | "PRODUCT_NOT_FOUND" | "EVENT_ID_REUSED" |
+--             "BALANCE_LIMIT" (a price beyond BIGINT)}
+--   {"error": "INSUFFICIENT_CREDITS", "available", "requested", "overdraft_limit"}
+--   {"event": row, "entry": row | null, "duplicate": true}: recorded by an earlier call
+--   [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
+--    balance_after, entry_created_at, product_id, status]: written by this call, by
+--    the item "of" (whose duplicate this one is when they differ); only what the
+--    database decided (entry_id and what follows it are null for an uncharged event).
+--    The rest is the item "of" as sent, and the entry is the debit of its charge with
+--    the description, reference and metadata tally_record_usage gives it (below); the
+--    server builds the response from both (tally_service.servicers.metering).
+--
+-- The balance rule, per account, in index order: an event is refused when its charge
+-- is positive and does not fit in the available credit left by the events accepted
+-- before it (available - charge < -overdraft_limit); a later, smaller one may still fit.
+-- When the account's whole group fits (the usual case) every event is accepted at once;
+-- otherwise one pass over its events decides them in order. Within a group the first
+-- accepted occurrence of an event id wins: later ones with the same payload are its
+-- duplicates, with another payload EVENT_ID_REUSED; an occurrence refused before it
+-- (unknown product, no credit) does not count, as if the items had come one by one.
 CREATE OR REPLACE FUNCTION tally_record_usage(p_events jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Plans made once per session and kept: the statements are written so that any group
+-- size runs in linear time whatever the planner guesses (no join of two computed
+-- sets), and planning them afresh for every call would cost more than a small group.
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    item jsonb;
-    results jsonb[] := '{}';
+    v_items tally_usage_item[];
+    v_locked text[];
     v_account text;
-    a accounts;
-    v_found boolean := false;
-    ev usage_events;
-    pr products;
-    e ledger_entries;
-    v_charge bigint;
-    v_fingerprint bytea;
+    v_outcome text[];
+    v_winner integer[];
+    v_available bigint[];
+    v_fingerprints bytea[];
+    v_left bigint;
+    v_won integer;
+    v_slow record;
+    v_row accounts;
+    v_results jsonb;
+    v_charged_accounts text[];
+    v_charged bigint[];
+    v_before bigint[];
+    v_new_accounts text[];
+    v_stamp jsonb;
+    v_at timestamptz;
+    v_now timestamptz;
 BEGIN
-    FOR item IN
-        SELECT value FROM jsonb_array_elements(p_events)
-        ORDER BY value ->> 'account_id', (value ->> 'index')::int
+    -- The events, priced, in (account_id, index) order: pos is the array subscript.
+    SELECT array_agg(ROW(
+               x.pos, x.index, x.account_id, x.event_id, x.product_id, x.endpoint, x.status,
+               x.success, x.status_code, x.message, x.quantity,
+               CASE WHEN p.product_id IS NULL THEN NULL
+                    -- a price out of BIGINT's range: -1, refused alone (BALANCE_LIMIT)
+                    WHEN x.credits IS NULL AND (x.status <> 'failed' OR p.charge_failed)
+                         AND p.credits_per_unit::numeric * x.quantity
+                             > 9223372036854775807 THEN -1
+                    ELSE tally_price(p, x.quantity, x.status, x.credits) END,
+               x.started_at, x.completed_at, x.processing_time_ms, x.request_metadata,
+               x.result_metadata, x.webhook_url, decode(x.fingerprint, 'hex')
+           )::tally_usage_item ORDER BY x.pos)
+    INTO v_items
+    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.index) AS pos
+          FROM jsonb_to_recordset(p_events) AS e(
+              index integer, account_id text, event_id text, product_id text, endpoint text,
+              status text, success boolean, status_code integer, message text,
+              quantity bigint, credits bigint, started_at timestamptz,
+              completed_at timestamptz, processing_time_ms bigint, request_metadata jsonb,
+              result_metadata jsonb, webhook_url text, fingerprint text)) x
+    LEFT JOIN products p ON p.product_id = x.product_id;
+    IF v_items IS NULL THEN
+        RETURN jsonb_build_object('replayed', false, 'response', '[]'::jsonb);
+    END IF;
+
+    -- Lock every account of the group once, in account_id order; then catch up (as
+    -- tally_lock_account does) on those with something due: the same test as
+    -- tally_balance (a renewal, a pending hold or a live grant past its instant).
+    SELECT array_agg(l.account_id) INTO v_locked
+    FROM (SELECT account_id FROM accounts
+          WHERE account_id IN (SELECT i.account_id FROM unnest(v_items) i)
+          ORDER BY account_id FOR UPDATE) l;
+    v_now := clock_timestamp();  -- after the lock wait: what fell due while waiting
+    FOR v_account IN
+        SELECT a.account_id FROM accounts a
+        WHERE a.account_id = ANY (v_locked)
+          AND (a.subscription_renews_at <= v_now
+               OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id
+                          AND h.status = 'pending' AND h.expires_at <= v_now)
+               OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id
+                          AND g.remaining > 0 AND NOT g.expired AND g.expires_at <= v_now))
+        ORDER BY a.account_id
     LOOP
-        IF v_account IS DISTINCT FROM item ->> 'account_id' THEN
-            v_account := item ->> 'account_id';
-            PERFORM 1 FROM accounts WHERE account_id = v_account;
-            v_found := FOUND;
-            IF v_found THEN
-                a := tally_lock_account(v_account);
+        PERFORM tally_lock_account(v_account);
+    END LOOP;
+
+    -- Each item's outcome: refused alone (unknown account, recorded before, unknown
+    -- product), or a candidate. The candidates of an account whose group fits are
+    -- accepted: the first occurrence of each event id is new, the later ones are its
+    -- duplicates or reuse it. The others ('slow') are decided in order below. (Window
+    -- functions over one scan, no join of two computed sets: linear in the group.)
+    WITH base AS (
+        SELECT i.pos, i.account_id, i.event_id, i.fingerprint, i.charge,
+               a.balance - a.reserved AS available, a.overdraft_limit,
+               CASE WHEN a.account_id IS NULL THEN 'account'
+                    WHEN e.fingerprint = i.fingerprint THEN 'stored'
+                    WHEN e.fingerprint IS NOT NULL THEN 'reused'
+                    WHEN i.charge IS NULL THEN 'product'
+                    WHEN i.charge < 0 THEN 'limit' END AS refused
+        FROM unnest(v_items) i
+        LEFT JOIN accounts a ON a.account_id = i.account_id AND a.account_id = ANY (v_locked)
+        LEFT JOIN usage_events e ON e.account_id = i.account_id AND e.event_id = i.event_id
+    ), keyed AS (
+        SELECT b.*, first_value(b.pos) OVER k AS first_pos,
+               first_value(b.fingerprint) OVER k AS first_fingerprint
+        FROM base b
+        WINDOW k AS (PARTITION BY b.account_id COLLATE "C", b.event_id COLLATE "C",
+                     b.refused IS NULL ORDER BY b.pos)
+    ), judged AS (
+        SELECT k.*,
+               k.refused IS NULL AND sum(k.charge) FILTER (
+                   WHERE k.refused IS NULL AND k.pos = k.first_pos
+               ) OVER (PARTITION BY k.account_id COLLATE "C") > k.available + k.overdraft_limit
+                   AS slow
+        FROM keyed k
+    )
+    SELECT array_agg(CASE WHEN j.refused IS NOT NULL THEN j.refused
+                          WHEN j.slow THEN 'slow'
+                          WHEN j.pos = j.first_pos THEN 'new'
+                          WHEN j.fingerprint = j.first_fingerprint THEN 'dup'
+                          ELSE 'reused' END ORDER BY j.pos),
+           array_agg(CASE WHEN j.refused IS NULL AND NOT j.slow THEN j.first_pos END
+                     ORDER BY j.pos)
+    INTO v_outcome, v_winner
+    FROM judged j;
+
+    -- The accounts whose group does not fit: one pass each, in order.
+    v_available := array_fill(NULL::bigint, ARRAY[array_length(v_items, 1)]);
+    IF 'slow' = ANY (v_outcome) THEN
+        SELECT array_agg(i.fingerprint ORDER BY i.pos) INTO v_fingerprints FROM unnest(v_items) i;
+        v_account := NULL;
+        FOR v_slow IN
+            SELECT (u.i).pos, (u.i).account_id, (u.i).charge, (u.i).fingerprint,
+                   lag((u.i).pos) OVER (PARTITION BY (u.i).account_id COLLATE "C",
+                                                     (u.i).event_id COLLATE "C"
+                                        ORDER BY (u.i).pos) AS previous,
+                   a.balance - a.reserved AS available, a.overdraft_limit
+            FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u
+            JOIN accounts a ON a.account_id = (u.i).account_id
+            WHERE u.outcome = 'slow'
+            ORDER BY (u.i).pos
+        LOOP
+            IF v_account IS DISTINCT FROM v_slow.account_id THEN
+                v_account := v_slow.account_id;
+                v_left := v_slow.available;
             END IF;
-        END IF;
-        IF NOT v_found THEN
-            results := results || jsonb_build_object(
-                'index', item -> 'index', 'error', 'ACCOUNT_NOT_FOUND');
-            CONTINUE;
-        END IF;
-        v_fingerprint := decode(item ->> 'fingerprint', 'hex');
-        SELECT * INTO ev FROM usage_events
-        WHERE account_id = v_account AND event_id = item ->> 'event_id';
-        IF FOUND THEN
-            IF ev.fingerprint = v_fingerprint THEN
-                results := results || (jsonb_build_object('index', item -> 'index')
-                                       || tally_event_result(ev, true));
+            v_won := CASE WHEN v_slow.previous IS NOT NULL THEN v_winner[v_slow.previous] END;
+            IF v_won IS NOT NULL THEN
+                v_winner[v_slow.pos] := v_won;
+                v_outcome[v_slow.pos] := CASE WHEN v_fingerprints[v_won] = v_slow.fingerprint
+                                              THEN 'dup' ELSE 'reused' END;
+            ELSIF v_slow.charge > 0 AND v_left - v_slow.charge < -v_slow.overdraft_limit THEN
+                v_outcome[v_slow.pos] := 'insufficient';
+                v_available[v_slow.pos] := v_left;
             ELSE
-                results := results || jsonb_build_object(
-                    'index', item -> 'index', 'error', 'EVENT_ID_REUSED');
+                v_outcome[v_slow.pos] := 'new';
+                v_winner[v_slow.pos] := v_slow.pos;
+                v_left := v_left - v_slow.charge;
             END IF;
-            CONTINUE;
-        END IF;
-        SELECT * INTO pr FROM products WHERE product_id = item ->> 'product_id';
-        IF NOT FOUND THEN
-            results := results || jsonb_build_object(
-                'index', item -> 'index', 'error', 'PRODUCT_NOT_FOUND');
-            CONTINUE;
-        END IF;
-        v_charge := tally_price(pr, (item ->> 'quantity')::bigint, item ->> 'status',
-                                (item ->> 'credits')::bigint);
-        IF v_charge > 0 AND a.balance - a.reserved - v_charge < -a.overdraft_limit THEN
-            results := results || jsonb_build_object(
-                'index', item -> 'index', 'error', 'INSUFFICIENT_CREDITS',
-                'available', a.balance - a.reserved, 'requested', v_charge,
-                'overdraft_limit', a.overdraft_limit);
-            CONTINUE;
-        END IF;
-        e := NULL;
-        IF v_charge > 0 THEN
-            e := tally_post(
-                v_account, 'debit', -v_charge, 0,
-                'usage ' || pr.product_id || coalesce(' ' || nullif(item ->> 'endpoint', ''), ''),
-                item ->> 'event_id',
-                jsonb_build_object('event_id', item ->> 'event_id', 'product_id', pr.product_id),
-                item ->> 'event_id', NULL);
-            a.balance := e.balance_after;
-        END IF;
+        END LOOP;
+    END IF;
+
+    SELECT array_agg(DISTINCT (u.i).account_id) INTO v_new_accounts
+    FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u WHERE u.outcome = 'new';
+    -- What the ledger_entries_caller trigger adds to each entry's metadata.
+    v_stamp := CASE WHEN coalesce(current_setting('tally.caller', true), '') <> ''
+                    THEN jsonb_build_object('caller', current_setting('tally.caller', true))
+                    ELSE '{}' END;
+    v_at := clock_timestamp();
+
+    -- The writes, and every item's result, in one statement. The accepted events flow
+    -- through window functions and are written from one materialised set; nothing
+    -- joins two computed sets (their sizes are unknown to the planner).
+    WITH new AS (
+        -- Accepted events, with their account as it was before the group: an entry's
+        -- sequence and balance_after follow from the running count and sum.
+        SELECT u.i AS e, a.balance AS before, a.last_sequence AS sequence,
+               greatest(a.balance_updated_at, v_at) AS at,
+               sum((u.i).charge) OVER w AS spent,
+               count(*) FILTER (WHERE (u.i).charge > 0) OVER w AS k
+        FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u
+        JOIN accounts a ON a.account_id = (u.i).account_id
+        WHERE u.outcome = 'new'
+        WINDOW w AS (PARTITION BY (u.i).account_id COLLATE "C" ORDER BY (u.i).pos)
+    ), stream AS (
+        -- The events, merged with the live grants of their accounts in
+        -- tally_draw_grants' order, each grant at the end of its range of the
+        -- account's drawable credit (max(balance, 0), invariant 5).
+        SELECT n.e, n.before, n.sequence, n.at, n.spent, n.k, (n.e).account_id AS account_id,
+               n.spent - (n.e).charge AS point, 0 AS kind, NULL::text AS grant_type
+        FROM new n
+        UNION ALL
+        SELECT NULL::tally_usage_item, NULL, NULL, NULL, NULL, NULL, g.account_id,
+               sum(g.remaining) OVER (PARTITION BY g.account_id
+                                      ORDER BY g.priority, g.expires_at NULLS LAST,
+                                               g.created_at, g.grant_id),
+               1, g.grant_type
+        FROM grants g
+        WHERE g.account_id = ANY (v_new_accounts) AND g.remaining > 0
+    ), drawn AS (
+        -- An entry's credit type is the type of the first grant it draws from: the
+        -- first grant whose range ends after what the entries before it spent.
+        SELECT s.*, first_value(s.grant_type) OVER (
+                        PARTITION BY s.account_id COLLATE "C", s.grp ORDER BY s.kind DESC)
+                    AS first_grant
+        FROM (SELECT s.*, count(*) FILTER (WHERE s.kind = 1) OVER (
+                            PARTITION BY s.account_id COLLATE "C" ORDER BY s.point DESC, s.kind
+                            ROWS UNBOUNDED PRECEDING) AS grp
+              FROM stream s) s
+    ), written AS MATERIALIZED (
+        SELECT d.e, d.before, d.spent, d.at, d.sequence + d.k AS sequence,
+               CASE WHEN (d.e).charge > 0
+                    THEN nextval('ledger_entries_entry_id_seq'::regclass) END AS entry_id,
+               -- an entry that finds no positive balance draws nothing
+               CASE WHEN (d.e).charge > 0 AND d.before - d.point > 0 THEN d.first_grant END
+                   AS entry_credit_type,
+               clock_timestamp() AS created_at
+        FROM drawn d
+        WHERE d.kind = 0
+        ORDER BY (d.e).pos  -- entry ids in sequence order (nextval runs after the sort)
+    ), entry AS (
+        INSERT INTO ledger_entries (
+            entry_id, account_id, sequence, entry_type, amount, balance_after, description,
+            reference, metadata, request_id, created_at, credit_type)
+        OVERRIDING SYSTEM VALUE
+        SELECT w.entry_id, (w.e).account_id, w.sequence, 'debit', -(w.e).charge,
+               w.before - w.spent,
+               'usage ' || (w.e).product_id || coalesce(' ' || nullif((w.e).endpoint, ''), ''),
+               (w.e).event_id,
+               jsonb_build_object('event_id', (w.e).event_id, 'product_id', (w.e).product_id)
+                   || v_stamp,
+               (w.e).event_id, w.at, w.entry_credit_type
+        FROM written w
+        WHERE w.entry_id IS NOT NULL
+        ORDER BY (w.e).account_id, w.sequence
+    ), event AS (
         INSERT INTO usage_events (
             account_id, event_id, product_id, endpoint, status, success, status_code,
-            message, quantity, credits, started_at, completed_at, processing_time_ms,
-            request_metadata, result_metadata, webhook_url, entry_id, fingerprint,
-            finish_fingerprint
-        ) VALUES (
-            v_account, item ->> 'event_id', pr.product_id, item ->> 'endpoint',
-            item ->> 'status', (item ->> 'success')::boolean,
-            (item ->> 'status_code')::integer, item ->> 'message',
-            (item ->> 'quantity')::bigint, v_charge, (item ->> 'started_at')::timestamptz,
-            (item ->> 'completed_at')::timestamptz, (item ->> 'processing_time_ms')::bigint,
-            item -> 'request_metadata', item -> 'result_metadata', item ->> 'webhook_url',
-            e.entry_id, v_fingerprint, v_fingerprint
-        ) RETURNING * INTO ev;
-        PERFORM tally_roll_up(ev);
-        results := results || jsonb_build_object(
-            'index', item -> 'index', 'event', to_jsonb(ev),
-            'entry', CASE WHEN e.entry_id IS NULL THEN NULL ELSE to_jsonb(e) END,
-            'duplicate', false);
+            message, quantity, credits, credit_type, started_at, completed_at,
+            processing_time_ms, request_metadata, result_metadata, webhook_url, created_at,
+            entry_id, fingerprint, finish_fingerprint)
+        SELECT (w.e).account_id, (w.e).event_id, (w.e).product_id, (w.e).endpoint,
+               (w.e).status, (w.e).success, (w.e).status_code, (w.e).message,
+               (w.e).quantity, (w.e).charge,
+               CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
+                    ELSE 'purchased' END,
+               (w.e).started_at, (w.e).completed_at, (w.e).processing_time_ms,
+               (w.e).request_metadata, (w.e).result_metadata, (w.e).webhook_url,
+               w.created_at, w.entry_id, (w.e).fingerprint, (w.e).fingerprint
+        FROM written w
+        ORDER BY (w.e).account_id, (w.e).pos
+    ), rollup AS (
+        INSERT INTO usage_rollups AS r (account_id, bucket_start, product_id, endpoint,
+                                        requests, successful, failed, credits, quantity)
+        SELECT (w.e).account_id,
+               date_bin('15 minutes', (w.e).started_at, timestamptz '2000-01-01 00:00:00+00'),
+               (w.e).product_id, (w.e).endpoint, count(*), count(*) FILTER (WHERE (w.e).success),
+               count(*) FILTER (WHERE NOT (w.e).success), sum((w.e).charge),
+               sum((w.e).quantity)
+        FROM written w
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (account_id, bucket_start, product_id, endpoint) DO UPDATE
+        SET requests = r.requests + excluded.requests,
+            successful = r.successful + excluded.successful,
+            failed = r.failed + excluded.failed,
+            credits = r.credits + excluded.credits,
+            quantity = r.quantity + excluded.quantity
+    ), account AS (
+        UPDATE accounts a
+        SET balance = a.balance - p.charged,
+            last_sequence = a.last_sequence + p.entries,
+            balance_updated_at = CASE WHEN p.entries > 0 THEN p.at
+                                      ELSE a.balance_updated_at END,
+            usage_requests = a.usage_requests + p.events,
+            last_activity_at = greatest(a.last_activity_at, v_at)
+        FROM (SELECT (w.e).account_id, sum((w.e).charge) AS charged,
+                     count(w.entry_id) AS entries, count(*) AS events, max(w.at) AS at
+              FROM written w GROUP BY (w.e).account_id) p
+        WHERE a.account_id = p.account_id
+        RETURNING a.account_id, a.balance + p.charged AS before, p.charged
+    ), result AS (
+        -- What this call wrote, per event: only what the database decided.
+        SELECT (w.e).pos, (w.e).idx, jsonb_build_array(
+                   (w.e).charge,
+                   CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
+                        ELSE 'purchased' END,
+                   w.created_at, w.entry_id,
+                   CASE WHEN w.entry_id IS NOT NULL THEN w.sequence END,
+                   CASE WHEN w.entry_id IS NOT NULL THEN w.before - w.spent END,
+                   CASE WHEN w.entry_id IS NOT NULL THEN w.at END,
+                   (w.e).product_id, (w.e).status) AS body
+        FROM written w
+    )
+    SELECT
+        (SELECT jsonb_agg(x.body) FROM (
+             SELECT jsonb_build_array(r.idx, r.idx, false) || r.body AS body
+             FROM result r
+             UNION ALL
+             SELECT CASE u.outcome
+                 WHEN 'dup' THEN (SELECT jsonb_build_array((u.i).idx, r.idx, true) || r.body
+                                  FROM result r WHERE r.pos = u.winner)
+                 WHEN 'stored' THEN jsonb_build_object('index', (u.i).idx)
+                     || (SELECT tally_event_result(s, true) FROM usage_events s
+                         WHERE s.account_id = (u.i).account_id
+                           AND s.event_id = (u.i).event_id)
+                 WHEN 'insufficient' THEN jsonb_build_object(
+                     'index', (u.i).idx, 'error', 'INSUFFICIENT_CREDITS',
+                     'available', u.available, 'requested', (u.i).charge,
+                     'overdraft_limit', (SELECT a.overdraft_limit FROM accounts a
+                                         WHERE a.account_id = (u.i).account_id))
+                 ELSE jsonb_build_object('index', (u.i).idx, 'error', CASE u.outcome
+                     WHEN 'account' THEN 'ACCOUNT_NOT_FOUND'
+                     WHEN 'product' THEN 'PRODUCT_NOT_FOUND'
+                     WHEN 'limit' THEN 'BALANCE_LIMIT'
+                     ELSE 'EVENT_ID_REUSED' END) END
+             FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome,
+                          unnest(v_winner) AS winner, unnest(v_available) AS available) u
+             WHERE u.outcome <> 'new') x),
+        (SELECT array_agg(a.account_id ORDER BY a.account_id) FROM account a
+         WHERE a.charged > 0),
+        (SELECT array_agg(a.charged ORDER BY a.account_id) FROM account a WHERE a.charged > 0),
+        (SELECT array_agg(a.before ORDER BY a.account_id) FROM account a WHERE a.charged > 0)
+    INTO v_results, v_charged_accounts, v_charged, v_before;
+
+    -- Grants: each account's draw at once (what its entries drew one by one).
+    FOR n IN 1 .. coalesce(array_length(v_charged_accounts, 1), 0) LOOP
+        IF v_before[n] > 0 THEN
+            PERFORM tally_draw_grants(v_charged_accounts[n], least(v_charged[n], v_before[n]));
+        END IF;
     END LOOP;
-    RETURN jsonb_build_object('replayed', false, 'response', to_jsonb(results));
+    -- Auto-reload once per account, on its available credit before and after the group.
+    FOR v_row IN
+        SELECT * FROM accounts
+        WHERE account_id = ANY (v_charged_accounts) AND auto_reload_enabled
+        ORDER BY account_id
+    LOOP
+        PERFORM tally_maybe_reload(v_row, v_row.balance - v_row.reserved
+            + v_charged[array_position(v_charged_accounts, v_row.account_id)]);
+    END LOOP;
+    RETURN jsonb_build_object('replayed', false, 'response', coalesce(v_results, '[]'::jsonb));
 END $$;
 
 -- Starts a long job: a hold of the estimated charge and a PENDING/PROCESSING event.
@@ -296,6 +561,9 @@ BEGIN
             greatest(0, floor(extract(epoch FROM v_completed_at - ev.started_at) * 1000))::bigint),
         result_metadata = p_item -> 'result_metadata',
         entry_id = e.entry_id,
+        credit_type = CASE WHEN e.entry_id IS NULL THEN credit_type
+                           WHEN e.credit_type = 'subscription' THEN 'subscription'
+                           ELSE 'purchased' END,
         finish_fingerprint = v_fingerprint
     WHERE account_id = ev.account_id AND event_id = ev.event_id
     RETURNING * INTO ev;

@@ -10,13 +10,13 @@ bucket grows (a per-event roll-up or a set-based upsert alike). The trigger func
 only pass the movement on to the rules in sql/65_thresholds.sql.
 
 Revision ID: 0010
-Revises: 0008 (0009 is another branch's; set this to "0009" once it is on main)
+Revises: 0009
 """
 
 from tally_service.migrations.script import run_script
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
