@@ -19,8 +19,8 @@ import pytest
 
 from tally.v1 import credits_pb2 as c
 from tally.v1 import notification_pb2, notification_pb2_grpc
-from tally_client import AsyncTallyClient, TallyClient
-from tests.conftest import start_server
+from tally_client import AsyncTallyClient, TallyClient, usage_event
+from tests.conftest import ServerProcess, start_server
 from tests.support import assert_consistent
 from tests.test_races import run_on_both
 
@@ -311,4 +311,37 @@ def test_create_list_delete_are_idempotent(client: TallyClient, funded: str) -> 
             create_threshold(client, funded, **spec)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in str(bad.value.details()) or field in str(bad.value.trailing_metadata())
+    assert_consistent(client, funded)
+
+
+def test_concurrent_usage_groups_on_two_replicas_cross_once(
+    client: TallyClient, funded: str, server: ServerProcess, second_server: ServerProcess
+) -> None:
+    product_id = f"p-{uuid.uuid4().hex[:8]}"
+    client.upsert_product(product_id, "1")
+    quota = create_threshold(
+        client,
+        funded,
+        metric=c.THRESHOLD_METRIC_USAGE_REQUESTS,
+        value="50",
+        period=c.THRESHOLD_PERIOD_MONTH,
+    )
+    low = create_threshold(client, funded, metric=c.THRESHOLD_METRIC_AVAILABLE_CREDIT, value="60")
+
+    def batch(n: int) -> Callable[[AsyncTallyClient], Any]:
+        events = [
+            usage_event(funded, f"g{n}-{i}", product_id, endpoint=f"/e{i % 2}") for i in range(5)
+        ]
+        return lambda x: x.record_usage_batch(events)
+
+    # Ten groups of five (two rollup rows each) at once on two replicas: 50 requests,
+    # available 100 -> 50; each threshold is crossed by exactly one group.
+    results = run_on_both((server, second_server), [batch(n) for n in range(10)])
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert all(not r.status.code for response in results for r in response.results)
+    assert client.get_balance(funded).available == "50"
+    found = notifications(client, funded)
+    assert sorted(n.threshold_id for n in found) == sorted([quota.threshold_id, low.threshold_id])
+    (usage,) = [n for n in found if n.threshold_id == quota.threshold_id]
+    assert usage.observed == "50"
     assert_consistent(client, funded)
