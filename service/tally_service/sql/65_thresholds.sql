@@ -101,6 +101,16 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Keeps `accounts.available_alerts` (the trigger's gate) equal to "has a live threshold
+-- on available credit"; called under the account's lock.
+CREATE OR REPLACE FUNCTION tally_arm_available_alerts(p_account_id text) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE accounts SET available_alerts = EXISTS (
+        SELECT 1 FROM thresholds
+        WHERE account_id = p_account_id AND metric = 'available_credit' AND deleted_at IS NULL)
+    WHERE account_id = p_account_id
+$$;
+
 CREATE OR REPLACE FUNCTION tally_create_threshold(
     p_request_id text, p_fingerprint bytea, p_account_id text, p_metric text,
     p_value bigint, p_percent integer, p_period text
@@ -124,6 +134,7 @@ BEGIN
                  ELSE ceil(p_value::numeric * p_percent / 100)::bigint END,
             p_period, p_request_id)
     RETURNING * INTO t;
+    PERFORM tally_arm_available_alerts(p_account_id);
     -- Already past it: no crossing will come (in this period), so it fires now.
     IF p_metric = 'available_credit' THEN
         IF a.balance - a.reserved < t.fire_at THEN
@@ -164,6 +175,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN tally_not_found('threshold', p_threshold_id::text);
     END IF;
+    PERFORM tally_arm_available_alerts(p_account_id);
     RETURN tally_remember(p_request_id, 'DeleteThreshold', p_fingerprint,
                           jsonb_build_object('threshold', to_jsonb(t)));
 END $$;

@@ -7,7 +7,8 @@ counts usage reaches them without knowing about alerts: a row trigger on `accoun
 when available credit falls (whatever lowered it: an entry, a hold, an expiry, a
 group of usage charges in one UPDATE), and a row trigger on `usage_rollups` when a
 bucket grows (a per-event roll-up or a set-based upsert alike). The trigger functions
-only pass the movement on to the rules in sql/65_thresholds.sql.
+only pass the movement on to the rules in sql/65_thresholds.sql. The first is queued
+only for accounts with a live threshold on available credit (`available_alerts`).
 
 Revision ID: 0010
 Revises: 0009
@@ -21,6 +22,10 @@ branch_labels = None
 depends_on = None
 
 SCHEMA = r"""
+-- Whether the account has a live threshold on available credit: the trigger's WHEN
+-- reads it, so a movement of any other account queues no trigger at all.
+ALTER TABLE accounts ADD COLUMN available_alerts boolean NOT NULL DEFAULT false;
+
 CREATE TABLE thresholds (
     threshold_id  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     account_id    text NOT NULL REFERENCES accounts (account_id),
@@ -74,7 +79,8 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER accounts_thresholds AFTER UPDATE OF balance, reserved ON accounts
-    FOR EACH ROW WHEN (NEW.balance - NEW.reserved < OLD.balance - OLD.reserved)
+    FOR EACH ROW
+    WHEN (NEW.available_alerts AND NEW.balance - NEW.reserved < OLD.balance - OLD.reserved)
     EXECUTE FUNCTION tally_accounts_thresholds();
 
 CREATE FUNCTION tally_rollups_thresholds() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -103,4 +109,5 @@ def downgrade() -> None:
         "DROP TRIGGER accounts_thresholds ON accounts;"
         "DROP FUNCTION tally_rollups_thresholds(); DROP FUNCTION tally_accounts_thresholds();"
         "DROP TABLE notifications; DROP TABLE thresholds;"
+        "ALTER TABLE accounts DROP COLUMN available_alerts;"
     )
