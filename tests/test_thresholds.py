@@ -11,8 +11,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
@@ -345,3 +347,31 @@ def test_concurrent_usage_groups_on_two_replicas_cross_once(
     (usage,) = [n for n in found if n.threshold_id == quota.threshold_id]
     assert usage.observed == "50"
     assert_consistent(client, funded)
+
+
+def test_usage_periods_are_the_account_s_days(client: TallyClient, account_id: str) -> None:
+    zone = "Pacific/Kiritimati"  # UTC+14: its day is rarely the UTC day
+    client.create_account(account_id, time_zone=zone)
+    client.top_up(account_id, "10")
+    product_id = f"p-{uuid.uuid4().hex[:8]}"
+    client.upsert_product(product_id, "1")
+    create_threshold(
+        client,
+        account_id,
+        metric=c.THRESHOLD_METRIC_USAGE_CREDITS,
+        value="2",
+        period=c.THRESHOLD_PERIOD_DAY,
+    )
+    # An event backdated to yesterday (local) counts nothing towards today.
+    now = datetime.now(ZoneInfo(zone))
+    yesterday = now - timedelta(days=1)
+    client.record_usage(
+        account_id, "old", product_id, start_time=yesterday, complete_time=yesterday
+    )
+    client.record_usage(account_id, "a", product_id)
+    assert notifications(client, account_id) == []
+    client.record_usage(account_id, "b", product_id)
+    (fired,) = notifications(client, account_id)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert fired.period_start.ToDatetime(tzinfo=UTC) == midnight.astimezone(UTC)
+    assert fired.observed == "2"
