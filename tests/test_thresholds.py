@@ -6,6 +6,7 @@ a real gRPC server on loopback; everything else is real (PostgreSQL, server
 processes, two replicas on one database).
 """
 
+import signal
 import threading
 import time
 import uuid
@@ -34,6 +35,9 @@ class Receiver(notification_pb2_grpc.NotificationServiceServicer):
         self.calls: list[notification_pb2.NotifyRequest] = []
         self.failures_left = 0
         self.lock = threading.Lock()
+        self.stall = threading.Event()
+        self.stalled = threading.Event()
+        self.stall.set()
 
     def Notify(
         self, request: notification_pb2.NotifyRequest, context: Any
@@ -43,6 +47,9 @@ class Receiver(notification_pb2_grpc.NotificationServiceServicer):
             if self.failures_left > 0:
                 self.failures_left -= 1
                 context.abort(grpc.StatusCode.UNAVAILABLE, "pager offline")
+        if not self.stall.is_set():
+            self.stalled.set()
+            self.stall.wait(30)
         return notification_pb2.NotifyResponse()
 
     def ids(self) -> list[str]:
@@ -58,6 +65,7 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield backend, f"127.0.0.1:{port}"
+    backend.stall.set()
     server.stop(None)
 
 
@@ -186,6 +194,33 @@ def test_failed_delivery_is_retried_with_the_same_id(
             )
     finally:
         replica.stop()
+
+
+def test_crash_while_delivering_delivers_again_with_the_same_id(
+    own_database_url: str, server_log_dir: Path, receiver: tuple[Receiver, str]
+) -> None:
+    backend, target = receiver
+    backend.stall.clear()  # the first delivery hangs
+    env = notify_env(target)
+    replica = start_server(own_database_url, server_log_dir, env)
+    account_id = f"crash-{uuid.uuid4().hex[:8]}"
+    with TallyClient(replica.target) as client:
+        client.create_account(account_id)
+        client.top_up(account_id, "5")
+        create_threshold(client, account_id, metric=c.THRESHOLD_METRIC_AVAILABLE_CREDIT, value="3")
+        client.debit(account_id, "4")
+    assert backend.stalled.wait(20)
+    replica.stop(signal.SIGKILL)  # dies holding the claim, before recording anything
+    backend.stall.set()
+    restarted = start_server(own_database_url, server_log_dir, env)
+    try:
+        with TallyClient(restarted.target) as client:
+            wait_for(lambda: delivered(client, account_id, 1), seconds=30)
+            (sent,) = notifications(client, account_id)
+            assert sent.attempts >= 2
+            assert set(backend.ids()) == {sent.notification_id} and len(backend.ids()) >= 2
+    finally:
+        restarted.stop()
 
 
 def test_usage_quota_fires_once_per_period(client: TallyClient, funded: str) -> None:
