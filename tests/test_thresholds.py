@@ -226,13 +226,8 @@ def test_crash_while_delivering_delivers_again_with_the_same_id(
 def test_usage_quota_fires_once_per_period(client: TallyClient, funded: str) -> None:
     product_id = f"p-{uuid.uuid4().hex[:8]}"
     client.upsert_product(product_id, "1")
-    requests = create_threshold(
-        client,
-        funded,
-        metric=c.THRESHOLD_METRIC_USAGE_REQUESTS,
-        value="10",
-        percent=80,
-        period=c.THRESHOLD_PERIOD_MONTH,
+    requests = client.create_threshold(
+        funded, metric="usage_requests", value=10, percent=80, period="month"
     )
     assert (requests.fire_at, requests.percent) == ("8", 80)
     spent = create_threshold(
@@ -295,6 +290,9 @@ def test_create_list_delete_are_idempotent(client: TallyClient, funded: str) -> 
     )
     (fired,) = notifications(client, funded)
     assert (fired.threshold_id, fired.observed) == (below.threshold_id, "100")
+    assert [n.notification_id for n in client.list_notifications(funded).notifications] == [
+        fired.notification_id
+    ]
     # Pages of one, newest first.
     page = client.stubs.credits.ListThresholds(
         c.ListThresholdsRequest(account_id=funded, page_size=1), timeout=10
