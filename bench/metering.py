@@ -634,9 +634,10 @@ def measure_usage(target: str, url: str, cases: list[UsageCase], calls: int) -> 
             request = metering_pb2.GetUsageRequest(
                 account_id=BIG_ACCOUNT,
                 period=case.period,  # type: ignore[arg-type]
-                start_time=timestamp(case.start),
-                end_time=timestamp(case.end),
                 product_id=case.product_id,
+                time_range=metering_pb2.UsageRange(
+                    start_time=timestamp(case.start), end_time=timestamp(case.end)
+                ),
             )
             timings = []
             reply: Any = None
@@ -846,8 +847,7 @@ def measure_export(
     request = metering_pb2.ExportUsageReportRequest(
         account_id=BIG_ACCOUNT,
         format=report_format,  # type: ignore[arg-type]
-        start_time=timestamp(start),
-        end_time=timestamp(end),
+        time_range=metering_pb2.UsageRange(start_time=timestamp(start), end_time=timestamp(end)),
     )
     path = workdir / f"export.{name.lower()}"
     size = chunks = 0

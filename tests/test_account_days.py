@@ -38,7 +38,7 @@ def test_list_and_export_limits_are_account_days(client: TallyClient, account_id
         client.list_usage_events(
             account_id, start_time=week_start, end_time=week_end + timedelta(seconds=1)
         )
-    assert refused.value.field_violations[0][0] == "end_time"
+    assert refused.value.field_violations[0][0] == "time_range.end_time"
     # 366 days from 1 November 2025 cross three DST changes: 366 x 24 + 1 hours.
     year_start, year_end = local(2025, 11, 1), local(2026, 11, 2)
     assert year_end - year_start == timedelta(days=366, hours=1)

@@ -16,9 +16,9 @@ from tally_client import (
 def test_create_get_defaults(client: TallyClient, account_id: str) -> None:
     trial = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     created = client.create_account(
-        account_id, email="ops@acme.test", name="Acme", trial_end_time=trial
+        account_id, email="ops@acme.test", display_name="Acme", trial_end_time=trial
     )
-    assert (created.account_id, created.email, created.name) == (
+    assert (created.account_id, created.email, created.display_name) == (
         account_id,
         "ops@acme.test",
         "Acme",
@@ -68,19 +68,45 @@ def test_create_validation(
 
 
 def test_update_with_field_mask(client: TallyClient, account_id: str) -> None:
-    client.create_account(account_id, email="a@b.test", name="Before")
-    updated = client.update_account(account_id, name="After", overdraft_limit="2.5")
-    assert (updated.email, updated.name, updated.overdraft_limit) == ("a@b.test", "After", "2.5")
+    client.create_account(account_id, email="a@b.test", display_name="Before")
+    updated = client.update_account(account_id, display_name="After", overdraft_limit="2.5")
+    assert (updated.email, updated.display_name, updated.overdraft_limit) == (
+        "a@b.test",
+        "After",
+        "2.5",
+    )
     assert updated.update_time.ToDatetime() >= updated.create_time.ToDatetime()
     assert client.get_balance(account_id).overdraft_limit == "2.5"
-    assert client.update_account(account_id, time_zone="America/Los_Angeles").name == "After"
+    assert (
+        client.update_account(account_id, time_zone="America/Los_Angeles").display_name == "After"
+    )
     with pytest.raises(InvalidArgument):
         client.update_account(account_id, time_zone="Nowhere/Else")
     with pytest.raises(InvalidArgument) as empty:
         client.update_account(account_id)
     assert empty.value.field_violations[0][0] == "update_mask"
     with pytest.raises(NotFound):
-        client.update_account("missing-account", name="x")
+        client.update_account("missing-account", display_name="x")
+
+
+def test_update_accepts_the_deprecated_name_path(client: TallyClient, account_id: str) -> None:
+    """Account.name became display_name (same field number); the mask path "name" still
+    updates it."""
+    from google.protobuf import field_mask_pb2
+
+    from tally.v1 import account_pb2, accounts_pb2
+
+    client.create_account(account_id, display_name="Before")
+    request = accounts_pb2.UpdateAccountRequest(
+        request_id=f"u-{account_id}",
+        account=account_pb2.Account(account_id=account_id, display_name="Renamed"),
+        update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+    )
+    response = client.stubs.accounts.UpdateAccount(request, timeout=5)
+    assert response.account.display_name == "Renamed"
+    assert client.get_account(account_id).display_name == "Renamed"
+    # The same field number on the wire: a message of the earlier shape reads the same.
+    assert account_pb2.Account.DESCRIPTOR.fields_by_name["display_name"].number == 3
 
 
 def test_update_rejects_immutable_paths(client: TallyClient, account_id: str) -> None:

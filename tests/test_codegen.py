@@ -30,7 +30,11 @@ def test_descriptor_set() -> None:
     } <= services
     # Self-contained: the imports are in the set too.
     names = {f.name for f in files}
-    assert {"google/rpc/status.proto", "google/protobuf/timestamp.proto"} <= names
+    assert {
+        "google/rpc/status.proto",
+        "google/api/field_behavior.proto",
+        "google/protobuf/timestamp.proto",
+    } <= names
 
 
 def test_typescript_client_calls_the_server(server: ServerProcess) -> None:

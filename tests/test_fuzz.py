@@ -120,7 +120,15 @@ AMOUNT_FIELDS = {
     "credits_per_period",
     "max_amount_per_month",
 }
-ACCOUNT_PATHS = ["email", "name", "time_zone", "overdraft_limit", "trial_end_time", "currency"]
+ACCOUNT_PATHS = [
+    "email",
+    "display_name",
+    "name",
+    "time_zone",
+    "overdraft_limit",
+    "trial_end_time",
+    "currency",
+]
 
 
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -453,6 +461,7 @@ def reads(account_id: str) -> list[tuple[str, message.Message]]:
             "ListUsageEvents",
             "ListGrants",
             "ListReloads",
+            "ListReservations",
         )
     ]
     requests.append(
@@ -461,7 +470,7 @@ def reads(account_id: str) -> list[tuple[str, message.Message]]:
             metering_pb2.GetUsageRequest(
                 account_id=account_id,
                 period=metering_pb2.USAGE_PERIOD_DAILY,
-                preset=metering_pb2.RANGE_PRESET_LAST_30_DAYS,
+                time_range=metering_pb2.UsageRange(preset=metering_pb2.RANGE_PRESET_LAST_30_DAYS),
             ),
         )
     )
@@ -471,7 +480,7 @@ def reads(account_id: str) -> list[tuple[str, message.Message]]:
             metering_pb2.ExportUsageReportRequest(
                 account_id=account_id,
                 format=metering_pb2.REPORT_FORMAT_CSV,
-                preset=metering_pb2.RANGE_PRESET_LAST_7_DAYS,
+                time_range=metering_pb2.UsageRange(preset=metering_pb2.RANGE_PRESET_LAST_7_DAYS),
             ),
         )
     )

@@ -173,3 +173,48 @@ def test_hot_account_under_many_callers_matches_the_ledger(
             assert_consistent(client, "hot2")
     finally:
         replica.stop()
+
+
+def test_unary_usage_calls_share_one_transaction(
+    own_database_url: str, server_log_dir: Path
+) -> None:
+    """Concurrent RecordUsage calls of one event each are recorded by one call of the
+    set-based function; each keeps its own answer (a duplicate event id waits for the
+    next group, an unknown product is refused alone)."""
+    replica = start_server(
+        own_database_url,
+        server_log_dir,
+        {"TALLY_GROUP_MAX_WAIT_MS": "1000", "TALLY_GROUP_CONCURRENCY": "1"},
+    )
+    try:
+        with TallyClient(replica.target) as client:
+            client.create_account("meter")
+            client.top_up("meter", "10")
+            client.upsert_product("ocr", "0.5")
+
+        async def main() -> list[Any]:
+            async with AsyncTallyClient(replica.target, timeout_seconds=10) as c:
+                calls = [c.record_usage("meter", f"e{i}", "ocr", quantity=1) for i in range(6)]
+                calls.append(c.record_usage("meter", "e0", "ocr", quantity=1))  # the same again
+                calls.append(c.record_usage("meter", "e-bad", "no-such-product", quantity=1))
+                return list(await asyncio.gather(*calls, return_exceptions=True))
+
+        results = asyncio.run(main())
+        written, again, bad = results[:6], results[6], results[7]
+        for r in written:
+            assert not isinstance(r, BaseException), r
+        assert not isinstance(again, BaseException), again
+        assert again.event.event_id == "e0"
+        assert [r.duplicate for r in (written[0], again)].count(True) == 1
+        assert isinstance(bad, NotFound)
+        events = [f"e{i}" for i in range(6)]
+        charged = [r.entry.request_id for r in [*written, again] if not r.duplicate]
+        assert len(charged) == 6
+        # Six entries, at most two transactions (the duplicate waits for the next group).
+        assert asyncio.run(_transactions(own_database_url, charged)) <= 2
+        with TallyClient(replica.target) as client:
+            assert client.get_balance("meter").balance == "7"  # 10 - 6 x 0.5
+            assert_consistent(client, "meter")
+        assert sorted(e for e in events) == sorted({r.event.event_id for r in written})
+    finally:
+        replica.stop()

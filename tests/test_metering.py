@@ -398,8 +398,9 @@ def test_get_usage_daily_buckets_in_kolkata(
         m.GetUsageRequest(
             account_id=account_id,
             period=m.USAGE_PERIOD_DAILY,
-            start_time=ts(start),
-            end_time=ts(boundary + timedelta(days=1)),
+            time_range=m.UsageRange(
+                start_time=ts(start), end_time=ts(boundary + timedelta(days=1))
+            ),
         ),
     )
     assert [b.total_requests for b in usage.buckets] == [1, 2]
@@ -413,9 +414,10 @@ def test_get_usage_daily_buckets_in_kolkata(
         m.GetUsageRequest(
             account_id=account_id,
             period=m.USAGE_PERIOD_DAILY,
-            start_time=ts(start),
-            end_time=ts(boundary + timedelta(days=1)),
             product_id=other,
+            time_range=m.UsageRange(
+                start_time=ts(start), end_time=ts(boundary + timedelta(days=1))
+            ),
         ),
     )
     assert only_other.totals.total_requests == 1
@@ -424,8 +426,9 @@ def test_get_usage_daily_buckets_in_kolkata(
         metering.GetUsage,
         m.GetUsageRequest(
             account_id=account_id,
-            start_time=ts(boundary),
-            end_time=ts(boundary + timedelta(minutes=5)),
+            time_range=m.UsageRange(
+                start_time=ts(boundary), end_time=ts(boundary + timedelta(minutes=5))
+            ),
         ),
     )
     assert cut.totals.total_requests == 1
@@ -433,14 +436,18 @@ def test_get_usage_daily_buckets_in_kolkata(
         call(
             metering.GetUsage,
             m.GetUsageRequest(
-                account_id=account_id, preset=m.RANGE_PRESET_TODAY, start_time=ts(start)
+                account_id=account_id,
+                time_range=m.UsageRange(preset=m.RANGE_PRESET_TODAY, start_time=ts(start)),
             ),
         )
-    assert both.value.field_violations[0][0] == "preset"  # type: ignore[attr-defined]
+    assert both.value.field_violations[0][0] == "time_range.preset"  # type: ignore[attr-defined]
     with pytest.raises(InvalidArgument):
         call(
             metering.GetUsage,
-            m.GetUsageRequest(account_id=account_id, start_time=ts(boundary), end_time=ts(start)),
+            m.GetUsageRequest(
+                account_id=account_id,
+                time_range=m.UsageRange(start_time=ts(boundary), end_time=ts(start)),
+            ),
         )
 
 
@@ -534,7 +541,8 @@ def test_list_usage_events_report_rows(
         call(
             metering.ListUsageEvents,
             m.ListUsageEventsRequest(
-                account_id=funded, start_time=ts(now - timedelta(days=8)), end_time=ts(now)
+                account_id=funded,
+                time_range=m.UsageRange(start_time=ts(now - timedelta(days=8)), end_time=ts(now)),
             ),
         )
     assert "7 days" in too_long.value.message  # type: ignore[attr-defined]

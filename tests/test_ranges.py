@@ -61,12 +61,27 @@ def test_los_angeles_fall_back_month_end() -> None:
 
 def test_explicit_and_preset_are_exclusive() -> None:
     now = utc(2026, 5, 15)
+
+    def usage_range(
+        preset: int = 0, start: datetime | None = None, end: datetime | None = None
+    ) -> m.UsageRange:
+        r = m.UsageRange(preset=preset)  # type: ignore[arg-type]
+        if start is not None:
+            r.start_time.FromDatetime(start)
+        if end is not None:
+            r.end_time.FromDatetime(end)
+        return r
+
     with pytest.raises(InvalidArgument) as both:
-        resolve(m.RANGE_PRESET_TODAY, utc(2026, 5, 1), None, KOLKATA, now)
-    assert both.value.field == "preset"
-    with pytest.raises(InvalidArgument):
-        resolve(0, utc(2026, 5, 2), utc(2026, 5, 1), KOLKATA, now)
-    default = resolve(0, None, None, KOLKATA, now)
+        resolve(usage_range(m.RANGE_PRESET_TODAY, utc(2026, 5, 1)), KOLKATA, now)
+    assert both.value.field == "time_range.preset"
+    with pytest.raises(InvalidArgument) as reversed_bounds:
+        resolve(usage_range(0, utc(2026, 5, 2), utc(2026, 5, 1)), KOLKATA, now)
+    assert reversed_bounds.value.field == "time_range.start_time"
+    with pytest.raises(InvalidArgument) as unknown:
+        resolve(usage_range(99), KOLKATA, now)
+    assert unknown.value.field == "time_range.preset"
+    default = resolve(usage_range(), KOLKATA, now)
     assert default == Range(utc(2026, 4, 30, 18, 30), now)
     with pytest.raises(InvalidArgument):
         preset_range(99, KOLKATA, now)

@@ -64,13 +64,17 @@ def test_xlsx_matches_get_usage(client: TallyClient, funded: str, tmp_path: Path
             ),
         )
     start, end = base - timedelta(hours=1), datetime.now(UTC)
-    request = m.ExportUsageReportRequest(account_id=funded, start_time=ts(start), end_time=ts(end))
+    request = m.ExportUsageReportRequest(
+        account_id=funded, time_range=m.UsageRange(start_time=ts(start), end_time=ts(end))
+    )
     name, content_type = export(stub, request, tmp_path / "r.xlsx")
     assert name.startswith(f"usage-{funded}-") and name.endswith(".xlsx")
     assert "spreadsheetml" in content_type
     usage = stub.GetUsage(
         m.GetUsageRequest(
-            account_id=funded, period=m.USAGE_PERIOD_DAILY, start_time=ts(start), end_time=ts(end)
+            account_id=funded,
+            period=m.USAGE_PERIOD_DAILY,
+            time_range=m.UsageRange(start_time=ts(start), end_time=ts(end)),
         )
     )
     book = openpyxl.load_workbook(tmp_path / "r.xlsx", read_only=True)
@@ -91,10 +95,9 @@ def test_xlsx_matches_get_usage(client: TallyClient, funded: str, tmp_path: Path
         stub,
         m.ExportUsageReportRequest(
             account_id=funded,
-            start_time=ts(start),
-            end_time=ts(end),
             format=m.REPORT_FORMAT_CSV,
             product_id=pan,
+            time_range=m.UsageRange(start_time=ts(start), end_time=ts(end)),
         ),
         tmp_path / "r.csv",
     )
@@ -108,7 +111,8 @@ def test_xlsx_matches_get_usage(client: TallyClient, funded: str, tmp_path: Path
         list(
             stub.ExportUsageReport(
                 m.ExportUsageReportRequest(
-                    account_id=funded, preset=m.RANGE_PRESET_TODAY, start_time=ts(start)
+                    account_id=funded,
+                    time_range=m.UsageRange(preset=m.RANGE_PRESET_TODAY, start_time=ts(start)),
                 ),
                 timeout=10,
             )
@@ -159,7 +163,7 @@ def test_100k_row_export_keeps_memory_flat(
             pan = product(stub, "0")
             record(stub, event(account_id, pan))
             request = m.ExportUsageReportRequest(
-                account_id=account_id, preset=m.RANGE_PRESET_LAST_7_DAYS
+                account_id=account_id, time_range=m.UsageRange(preset=m.RANGE_PRESET_LAST_7_DAYS)
             )
             export(stub, request, tmp_path / "warm.xlsx")  # warm up imports and pools
             before = _peak_rss_kib(replica.process.pid)
@@ -170,8 +174,8 @@ def test_100k_row_export_keeps_memory_flat(
                 stub,
                 m.ExportUsageReportRequest(
                     account_id=account_id,
-                    preset=m.RANGE_PRESET_LAST_7_DAYS,
                     format=m.REPORT_FORMAT_CSV,
+                    time_range=m.UsageRange(preset=m.RANGE_PRESET_LAST_7_DAYS),
                 ),
                 tmp_path / "big.csv",
             )
@@ -351,7 +355,9 @@ def test_export_at_the_ends_of_time(client: TallyClient, database_url: str) -> N
         ):
             for fmt in (m.REPORT_FORMAT_CSV, m.REPORT_FORMAT_XLSX):
                 request = m.ExportUsageReportRequest(
-                    account_id=account_id, start_time=ts(start), end_time=ts(end), format=fmt
+                    account_id=account_id,
+                    format=fmt,
+                    time_range=m.UsageRange(start_time=ts(start), end_time=ts(end)),
                 )
                 try:
                     chunks = list(stub.ExportUsageReport(request, timeout=30))
@@ -365,9 +371,10 @@ def test_gzip_caller_gets_the_same_bytes(client: TallyClient, funded: str) -> No
     base = _recorded(client, funded, 30, message="compressible " * 20)
     request = m.ExportUsageReportRequest(
         account_id=funded,
-        start_time=ts(base - timedelta(minutes=1)),
-        end_time=ts(datetime.now(UTC)),
         format=m.REPORT_FORMAT_CSV,
+        time_range=m.UsageRange(
+            start_time=ts(base - timedelta(minutes=1)), end_time=ts(datetime.now(UTC))
+        ),
     )
 
     ask = (("tally-response-compression", "gzip"),)

@@ -85,9 +85,14 @@ def list_requests(account_id: str) -> list[tuple[str, Any, Any]]:
             ["reloads", account_id],
         ),
         (
+            "ListReservations",
+            credits_pb2.ListReservationsRequest(account_id=account_id),
+            ["reservations", account_id, None],
+        ),
+        (
             "ListUsageEvents",
             metering_pb2.ListUsageEventsRequest(account_id=account_id),
-            [account_id, "None", "None", ""],
+            [account_id, "0", "None", "None", ""],
         ),
     ]
 
@@ -160,8 +165,12 @@ def test_extreme_timestamps_are_invalid_argument(
             for field in ("start_time", "end_time"):
                 r = type(request)()
                 r.CopyFrom(request)
-                getattr(r, field).CopyFrom(t)
-                assert_invalid(invoke(channel, method(name), r), field)
+                if name == "ListEntries":
+                    getattr(r, field).CopyFrom(t)
+                    assert_invalid(invoke(channel, method(name), r), field)
+                else:
+                    getattr(r.time_range, field).CopyFrom(t)  # type: ignore[attr-defined]
+                    assert_invalid(invoke(channel, method(name), r), f"time_range.{field}")
         top_up = credits_pb2.TopUpRequest(
             request_id=f"r-{account_id}-{t.seconds}", account_id=account_id, amount="1"
         )
@@ -178,22 +187,22 @@ def test_extreme_timestamps_are_invalid_argument(
     lowest, highest = ts(datetime(1970, 1, 1, tzinfo=UTC)), ts(datetime(9997, 12, 31, tzinfo=UTC))
     for period in (1, 2, 3):
         usage = metering_pb2.GetUsageRequest(account_id=account_id, period=period)  # type: ignore[arg-type]
-        usage.start_time.CopyFrom(lowest)
-        usage.end_time.CopyFrom(ts(datetime(1975, 1, 1, tzinfo=UTC)))
+        usage.time_range.start_time.CopyFrom(lowest)
+        usage.time_range.end_time.CopyFrom(ts(datetime(1975, 1, 1, tzinfo=UTC)))
         assert invoke(channel, method("GetUsage"), usage).ok
     usage = metering_pb2.GetUsageRequest(account_id=account_id, period=3)  # type: ignore[arg-type]
-    usage.start_time.CopyFrom(ts(datetime(9990, 1, 1, tzinfo=UTC)))
-    usage.end_time.CopyFrom(highest)
+    usage.time_range.start_time.CopyFrom(ts(datetime(9990, 1, 1, tzinfo=UTC)))
+    usage.time_range.end_time.CopyFrom(highest)
     assert invoke(channel, method("GetUsage"), usage).ok
     export = metering_pb2.ExportUsageReportRequest(account_id=account_id)
-    export.start_time.CopyFrom(ts(datetime(9997, 6, 1, tzinfo=UTC)))
-    export.end_time.CopyFrom(highest)
+    export.time_range.start_time.CopyFrom(ts(datetime(9997, 6, 1, tzinfo=UTC)))
+    export.time_range.end_time.CopyFrom(highest)
     assert invoke(channel, method("ExportUsageReport"), export).ok
     events = metering_pb2.ListUsageEventsRequest(account_id=account_id)
-    events.end_time.CopyFrom(lowest)
+    events.time_range.end_time.CopyFrom(lowest)
     assert invoke(channel, method("ListUsageEvents"), events).ok
     early = metering_pb2.ListUsageEventsRequest(account_id=account_id)
-    early.end_time.CopyFrom(ts(datetime(1970, 1, 3, tzinfo=UTC)))
+    early.time_range.end_time.CopyFrom(ts(datetime(1970, 1, 3, tzinfo=UTC)))
     assert invoke(channel, method("ListUsageEvents"), early).ok
     update = accounts_pb2.UpdateAccountRequest(
         request_id=f"u-{account_id}-max",

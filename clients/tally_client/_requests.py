@@ -50,6 +50,9 @@ SubscriptionPeriodArg = int | str | None
 ThresholdMetricArg = int | str | None
 #: The period of a usage threshold: a ``ThresholdPeriod`` value or ``"day"`` / ``"month"``.
 ThresholdPeriodArg = int | str | None
+#: A reservation status: a ``ReservationStatus`` value or ``"pending"``, ``"captured"``,
+#: ``"released"``, ``"expired"`` (any case); ``None`` means any status.
+ReservationStatusArg = int | str | None
 
 RespT = TypeVar("RespT", bound=Message)
 ResultT = TypeVar("ResultT")
@@ -152,6 +155,15 @@ def usage_status(value: UsageStatusArg) -> metering_pb2.UsageStatus.ValueType:
     )
 
 
+def reservation_status(value: ReservationStatusArg) -> credits_pb2.ReservationStatus.ValueType:
+    """Normalize a :data:`ReservationStatusArg` to a ``ReservationStatus`` value."""
+    return credits_pb2.ReservationStatus.ValueType(
+        _enum_value(
+            credits_pb2.ReservationStatus, "RESERVATION_STATUS_", "reservation status", value
+        )
+    )
+
+
 def usage_period(value: UsagePeriodArg) -> metering_pb2.UsagePeriod.ValueType:
     """Normalize a :data:`UsagePeriodArg` to a ``UsagePeriod`` value."""
     aliases = {"DAY": "DAILY", "MONTH": "MONTHLY", "YEAR": "YEARLY"}
@@ -229,7 +241,7 @@ def create_account(
     account_id: str,
     *,
     email: str = "",
-    name: str = "",
+    display_name: str = "",
     time_zone: str = "",
     currency: str = "",
     overdraft_limit: Amount | None = None,
@@ -239,7 +251,7 @@ def create_account(
     account = account_pb2.Account(
         account_id=account_id,
         email=email,
-        name=name,
+        display_name=display_name,
         time_zone=time_zone,
         currency=currency,
         overdraft_limit="" if overdraft_limit is None else to_wire(overdraft_limit),
@@ -259,7 +271,7 @@ def update_account(
     account_id: str,
     *,
     email: str | None = None,
-    name: str | None = None,
+    display_name: str | None = None,
     time_zone: str | None = None,
     overdraft_limit: Amount | None = None,
     trial_end_time: datetime | None = None,
@@ -279,9 +291,9 @@ def update_account(
     if email is not None:
         account.email = email
         paths.append("email")
-    if name is not None:
-        account.name = name
-        paths.append("name")
+    if display_name is not None:
+        account.display_name = display_name
+        paths.append("display_name")
     if time_zone is not None:
         account.time_zone = time_zone
         paths.append("time_zone")
@@ -529,6 +541,32 @@ def list_reloads(
     return Rpc("credits", "ListReloads", req, lambda r: r)
 
 
+def get_grant(grant_id: str) -> Rpc[credits_pb2.GetGrantResponse, credits_pb2.CreditGrant]:
+    req = credits_pb2.GetGrantRequest(grant_id=grant_id)
+    return Rpc("credits", "GetGrant", req, lambda r: r.grant)
+
+
+def get_reload(intent_id: str) -> Rpc[credits_pb2.GetReloadResponse, credits_pb2.ReloadIntent]:
+    req = credits_pb2.GetReloadRequest(intent_id=intent_id)
+    return Rpc("credits", "GetReload", req, lambda r: r.reload)
+
+
+def list_reservations(
+    account_id: str,
+    *,
+    status: ReservationStatusArg = None,
+    page_size: int = 0,
+    page_token: str = "",
+) -> Rpc[credits_pb2.ListReservationsResponse, credits_pb2.ListReservationsResponse]:
+    req = credits_pb2.ListReservationsRequest(
+        account_id=account_id,
+        status=reservation_status(status),
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Rpc("credits", "ListReservations", req, lambda r: r)
+
+
 def create_threshold(
     account_id: str,
     *,
@@ -641,6 +679,18 @@ def list_products(
 ) -> Rpc[metering_pb2.ListProductsResponse, metering_pb2.ListProductsResponse]:
     req = metering_pb2.ListProductsRequest(page_size=page_size, page_token=page_token)
     return Rpc("metering", "ListProducts", req, lambda r: r)
+
+
+def get_product(product_id: str) -> Rpc[metering_pb2.GetProductResponse, metering_pb2.Product]:
+    req = metering_pb2.GetProductRequest(product_id=product_id)
+    return Rpc("metering", "GetProduct", req, lambda r: r.product)
+
+
+def get_usage_event(
+    account_id: str, event_id: str
+) -> Rpc[metering_pb2.GetUsageEventResponse, metering_pb2.UsageEvent]:
+    req = metering_pb2.GetUsageEventRequest(account_id=account_id, event_id=event_id)
+    return Rpc("metering", "GetUsageEvent", req, lambda r: r.event)
 
 
 def usage_event(
@@ -853,6 +903,21 @@ def fail_usage(
     return Rpc("metering", "FailUsage", req, lambda r: r, mutating=True)
 
 
+def usage_range(
+    preset: RangePresetArg = None,
+    start_time: datetime | None = None,
+    end_time: datetime | None = None,
+) -> metering_pb2.UsageRange:
+    """The ``UsageRange`` of a usage question; ``preset`` and ``start_time``/``end_time``
+    are exclusive (ValueError)."""
+    _check_range(preset, start_time, end_time)
+    return metering_pb2.UsageRange(
+        preset=range_preset(preset),
+        start_time=_optional_timestamp(start_time),
+        end_time=_optional_timestamp(end_time),
+    )
+
+
 def get_usage(
     account_id: str,
     *,
@@ -863,13 +928,10 @@ def get_usage(
     product_id: str = "",
 ) -> Rpc[metering_pb2.GetUsageResponse, metering_pb2.GetUsageResponse]:
     """``preset`` and ``start_time``/``end_time`` are exclusive (ValueError)."""
-    _check_range(preset, start_time, end_time)
     req = metering_pb2.GetUsageRequest(
         account_id=account_id,
         period=usage_period(period),
-        preset=range_preset(preset),
-        start_time=_optional_timestamp(start_time),
-        end_time=_optional_timestamp(end_time),
+        time_range=usage_range(preset, start_time, end_time),
         product_id=product_id,
     )
     return Rpc("metering", "GetUsage", req, lambda r: r)
@@ -890,11 +952,12 @@ def list_usage_events(
     product_id: str = "",
     page_size: int = 0,
     page_token: str = "",
+    preset: RangePresetArg = None,
 ) -> Rpc[metering_pb2.ListUsageEventsResponse, metering_pb2.ListUsageEventsResponse]:
+    """``preset`` and ``start_time``/``end_time`` are exclusive (ValueError)."""
     req = metering_pb2.ListUsageEventsRequest(
         account_id=account_id,
-        start_time=_optional_timestamp(start_time),
-        end_time=_optional_timestamp(end_time),
+        time_range=usage_range(preset, start_time, end_time),
         product_id=product_id,
         page_size=page_size,
         page_token=page_token,
@@ -912,12 +975,9 @@ def export_usage_report(
     product_id: str = "",
 ) -> metering_pb2.ExportUsageReportRequest:
     """The request of the server-streaming ExportUsageReport call."""
-    _check_range(preset, start_time, end_time)
     return metering_pb2.ExportUsageReportRequest(
         account_id=account_id,
         format=report_format(format),
-        preset=range_preset(preset),
-        start_time=_optional_timestamp(start_time),
-        end_time=_optional_timestamp(end_time),
+        time_range=usage_range(preset, start_time, end_time),
         product_id=product_id,
     )

@@ -233,7 +233,7 @@ class TallyClient:
         account_id: str,
         *,
         email: str = "",
-        name: str = "",
+        display_name: str = "",
         time_zone: str = "",
         currency: str = "",
         overdraft_limit: Amount | None = None,
@@ -245,7 +245,7 @@ class TallyClient:
             rq.create_account(
                 account_id,
                 email=email,
-                name=name,
+                display_name=display_name,
                 time_zone=time_zone,
                 currency=currency,
                 overdraft_limit=overdraft_limit,
@@ -262,7 +262,7 @@ class TallyClient:
         account_id: str,
         *,
         email: str | None = None,
-        name: str | None = None,
+        display_name: str | None = None,
         time_zone: str | None = None,
         overdraft_limit: Amount | None = None,
         trial_end_time: datetime | None = None,
@@ -274,7 +274,7 @@ class TallyClient:
             rq.update_account(
                 account_id,
                 email=email,
-                name=name,
+                display_name=display_name,
                 time_zone=time_zone,
                 overdraft_limit=overdraft_limit,
                 trial_end_time=trial_end_time,
@@ -484,6 +484,44 @@ class TallyClient:
             if not token:
                 return
 
+    def get_grant(self, grant_id: str) -> credits_pb2.CreditGrant:
+        """One credit grant (:class:`~tally_client.GrantNotFound` if there is none)."""
+        return self._call(rq.get_grant(grant_id))
+
+    def get_reload(self, intent_id: str) -> credits_pb2.ReloadIntent:
+        """One reload intent (:class:`~tally_client.ReloadNotFound` if there is none)."""
+        return self._call(rq.get_reload(intent_id))
+
+    def list_reservations(
+        self,
+        account_id: str,
+        *,
+        status: rq.ReservationStatusArg = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> credits_pb2.ListReservationsResponse:
+        """One page of the account's reservations, newest first (``status``: only those)."""
+        return self._call(
+            rq.list_reservations(
+                account_id, status=status, page_size=page_size, page_token=page_token
+            )
+        )
+
+    def iter_reservations(
+        self, account_id: str, *, status: rq.ReservationStatusArg = None, page_size: int = 0
+    ) -> Iterator[credits_pb2.Reservation]:
+        """All of the account's reservations, newest first, fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_reservations(
+                account_id, status=status, page_size=page_size, page_token=token
+            )
+            for reservation in page.reservations:
+                yield reservation
+            token = page.next_page_token
+            if not token:
+                return
+
     def create_threshold(
         self,
         account_id: str,
@@ -669,6 +707,14 @@ class TallyClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def get_product(self, product_id: str) -> metering_pb2.Product:
+        """One product of the catalog (:class:`~tally_client.ProductNotFound` if none)."""
+        return self._call(rq.get_product(product_id))
+
+    def get_usage_event(self, account_id: str, event_id: str) -> metering_pb2.UsageEvent:
+        """One usage event (:class:`~tally_client.EventNotFound` if there is none)."""
+        return self._call(rq.get_usage_event(account_id, event_id))
 
     # --- MeteringService: recording --------------------------------------------
 
@@ -884,8 +930,10 @@ class TallyClient:
         product_id: str = "",
         page_size: int = 0,
         page_token: str = "",
+        preset: rq.RangePresetArg = None,
     ) -> metering_pb2.ListUsageEventsResponse:
-        """One page of an account's usage events, newest first."""
+        """One page of an account's usage events, newest first (``preset`` or
+        ``start_time``/``end_time``)."""
         return self._call(
             rq.list_usage_events(
                 account_id,
@@ -894,6 +942,7 @@ class TallyClient:
                 product_id=product_id,
                 page_size=page_size,
                 page_token=page_token,
+                preset=preset,
             )
         )
 
@@ -905,6 +954,7 @@ class TallyClient:
         end_time: datetime | None = None,
         product_id: str = "",
         page_size: int = 0,
+        preset: rq.RangePresetArg = None,
     ) -> Iterator[metering_pb2.UsageEvent]:
         """All of an account's usage events matching the filters, newest first."""
         token = ""
@@ -916,6 +966,7 @@ class TallyClient:
                 product_id=product_id,
                 page_size=page_size,
                 page_token=token,
+                preset=preset,
             )
             for event in page.events:
                 yield event

@@ -101,7 +101,7 @@ def _type_name(t: ledger_pb2.EntryType.ValueType) -> str:
 def _account_fields(a: account_pb2.Account) -> list[tuple[str, str]]:
     return [
         ("account_id", a.account_id),
-        ("name", a.name),
+        ("display_name", a.display_name),
         ("email", a.email),
         ("currency", a.currency),
         ("time_zone", a.time_zone),
@@ -374,7 +374,7 @@ def _cmd_accounts_create(c: TallyClient, a: argparse.Namespace, out: TextIO) -> 
     account = c.create_account(
         a.account_id,
         email=a.email,
-        name=a.name,
+        display_name=a.display_name,
         time_zone=a.time_zone,
         currency=a.currency,
         overdraft_limit=a.overdraft_limit,
@@ -401,7 +401,7 @@ def _cmd_accounts_list(c: TallyClient, a: argparse.Namespace, out: TextIO) -> in
     rows = [
         [
             x.account_id,
-            x.name,
+            x.display_name,
             x.email,
             x.currency,
             x.overdraft_limit,
@@ -410,7 +410,15 @@ def _cmd_accounts_list(c: TallyClient, a: argparse.Namespace, out: TextIO) -> in
         ]
         for x in listed
     ]
-    headers = ["ACCOUNT_ID", "NAME", "EMAIL", "CURRENCY", "OVERDRAFT", "TIME_ZONE", "CREATED"]
+    headers = [
+        "ACCOUNT_ID",
+        "DISPLAY_NAME",
+        "EMAIL",
+        "CURRENCY",
+        "OVERDRAFT",
+        "TIME_ZONE",
+        "CREATED",
+    ]
     print(format_table(headers, rows, right={4}), file=out)
     return EXIT_OK
 
@@ -653,6 +661,7 @@ def _cmd_usage_events(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int
         end_time=a.end,
         product_id=a.product,
         page_size=min(a.limit, 100) if a.limit else 0,
+        preset=a.preset,
     )
     if a.limit:
         events = islice(events, a.limit)
@@ -746,7 +755,7 @@ def _cmd_summary(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
     month = s.usage_this_month.totals
     fields = [
         ("account_id", s.account.account_id),
-        ("name", s.account.name),
+        ("display_name", s.account.display_name),
         ("email", s.account.email),
         ("time_zone", s.account.time_zone),
         ("account_create_time", iso(s.account_create_time)),
@@ -910,7 +919,13 @@ def build_parser() -> argparse.ArgumentParser:
     create = acc_sub.add_parser("create", help="create an account")
     create.add_argument("account_id", metavar="ID")
     create.add_argument("--email", default="")
-    create.add_argument("--name", default="")
+    create.add_argument(
+        "--display-name",
+        "--name",
+        dest="display_name",
+        default="",
+        help="display name (--name is the earlier spelling)",
+    )
     create.add_argument("--time-zone", default="", help="IANA zone (server default: UTC)")
     create.add_argument("--currency", default="", help="credit unit (server default: CREDIT)")
     create.add_argument("--overdraft-limit", help="credits below zero allowed (default: 0)")
@@ -1080,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evs = sub.add_parser("usage-events", help="an account's usage events, newest first")
     evs.add_argument("account_id", metavar="ACCOUNT")
-    time_range(evs, preset=False)
+    time_range(evs, preset=True)
     evs.add_argument(
         "--limit", type=_non_negative, default=50, help="at most N, 0 for all (default: 50)"
     )

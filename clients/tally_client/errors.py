@@ -12,6 +12,12 @@ into the most specific :class:`TallyError` subclass: first by ErrorInfo reason
 
 :func:`error_from_status` does the same for a bare ``google.rpc.Status``, such as
 the per-event ``UsageResult.status`` of a batch or stream (``None`` when OK).
+
+The reasons are the values of the ``tally.v1.ErrorReason`` enum, each sent as its name
+without ``ERROR_REASON_``: every value has a class here whose ``grpc_reason`` is derived
+from it, or is listed in :data:`GENERIC_REASONS`, raised as the class of its status code
+(a validation failure is :class:`InvalidArgument` with ``field_violations``, an outage
+:class:`Unavailable`, ...).
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tally.v1 import error_reason_pb2
+
 __all__ = [
     "DOMAIN",
+    "GENERIC_REASONS",
     "STATUS_DETAILS_KEY",
     "Aborted",
     "AccountAlreadyExists",
     "AccountNotFound",
     "AlreadyExists",
+    "BalanceLimit",
     "Cancelled",
     "CaptureExceedsHold",
     "DataLoss",
@@ -39,6 +49,7 @@ __all__ = [
     "EventNotFound",
     "EventNotPending",
     "FailedPrecondition",
+    "GrantNotFound",
     "InsufficientCredits",
     "Internal",
     "InvalidArgument",
@@ -46,17 +57,21 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "ProductNotFound",
+    "ReloadNotFound",
     "RequestIdReused",
     "ReservationNotFound",
     "ReservationNotPending",
+    "ReservationOfUsageEvent",
     "ResourceExhausted",
     "TallyError",
+    "ThresholdNotFound",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
     "error_from_rpc",
     "error_from_status",
+    "reason_of",
 ]
 
 #: The ErrorInfo domain of the Tally server.
@@ -64,6 +79,14 @@ DOMAIN = "tally"
 
 #: Trailing-metadata key of the serialized ``google.rpc.Status``.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+_R = error_reason_pb2.ErrorReason
+
+
+def reason_of(value: error_reason_pb2.ErrorReason.ValueType) -> str:
+    """The ``ErrorInfo.reason`` of an ``ErrorReason`` value (its name without
+    ``ERROR_REASON_``)."""
+    return _R.Name(value).removeprefix("ERROR_REASON_")
 
 
 class TallyError(Exception):
@@ -215,55 +238,79 @@ class Unauthenticated(TallyError):
 
 
 class InsufficientCredits(FailedPrecondition):
-    grpc_reason = "INSUFFICIENT_CREDITS"
+    grpc_reason = reason_of(_R.ERROR_REASON_INSUFFICIENT_CREDITS)
 
 
 class ReservationNotPending(FailedPrecondition):
-    grpc_reason = "RESERVATION_NOT_PENDING"
+    grpc_reason = reason_of(_R.ERROR_REASON_RESERVATION_NOT_PENDING)
 
 
 class RequestIdReused(AlreadyExists):
-    grpc_reason = "REQUEST_ID_REUSED"
+    grpc_reason = reason_of(_R.ERROR_REASON_REQUEST_ID_REUSED)
 
 
 class AccountAlreadyExists(AlreadyExists):
-    grpc_reason = "ACCOUNT_ALREADY_EXISTS"
+    grpc_reason = reason_of(_R.ERROR_REASON_ACCOUNT_ALREADY_EXISTS)
 
 
 class AccountNotFound(NotFound):
-    grpc_reason = "ACCOUNT_NOT_FOUND"
+    grpc_reason = reason_of(_R.ERROR_REASON_ACCOUNT_NOT_FOUND)
 
 
 class ReservationNotFound(NotFound):
-    grpc_reason = "RESERVATION_NOT_FOUND"
+    grpc_reason = reason_of(_R.ERROR_REASON_RESERVATION_NOT_FOUND)
 
 
 class EntryNotFound(NotFound):
-    grpc_reason = "ENTRY_NOT_FOUND"
+    grpc_reason = reason_of(_R.ERROR_REASON_ENTRY_NOT_FOUND)
 
 
 class CaptureExceedsHold(InvalidArgument):
-    grpc_reason = "CAPTURE_EXCEEDS_HOLD"
+    grpc_reason = reason_of(_R.ERROR_REASON_CAPTURE_EXCEEDS_HOLD)
 
 
 class EventIdReused(AlreadyExists):
     """A usage ``event_id`` was recorded before with a different payload."""
 
-    grpc_reason = "EVENT_ID_REUSED"
+    grpc_reason = reason_of(_R.ERROR_REASON_EVENT_ID_REUSED)
 
 
 class EventNotPending(FailedPrecondition):
     """The started event was already completed, failed or expired."""
 
-    grpc_reason = "EVENT_NOT_PENDING"
+    grpc_reason = reason_of(_R.ERROR_REASON_EVENT_NOT_PENDING)
 
 
 class ProductNotFound(NotFound):
-    grpc_reason = "PRODUCT_NOT_FOUND"
+    grpc_reason = reason_of(_R.ERROR_REASON_PRODUCT_NOT_FOUND)
 
 
 class EventNotFound(NotFound):
-    grpc_reason = "EVENT_NOT_FOUND"
+    grpc_reason = reason_of(_R.ERROR_REASON_EVENT_NOT_FOUND)
+
+
+class GrantNotFound(NotFound):
+    grpc_reason = reason_of(_R.ERROR_REASON_GRANT_NOT_FOUND)
+
+
+class ReloadNotFound(NotFound):
+    grpc_reason = reason_of(_R.ERROR_REASON_RELOAD_NOT_FOUND)
+
+
+class ThresholdNotFound(NotFound):
+    grpc_reason = reason_of(_R.ERROR_REASON_THRESHOLD_NOT_FOUND)
+
+
+class ReservationOfUsageEvent(FailedPrecondition):
+    """The hold belongs to a long job: finish it with CompleteUsage or FailUsage."""
+
+    grpc_reason = reason_of(_R.ERROR_REASON_RESERVATION_OF_USAGE_EVENT)
+
+
+class BalanceLimit(FailedPrecondition):
+    """The movement would take the balance out of the range Tally stores."""
+
+    grpc_reason = reason_of(_R.ERROR_REASON_BALANCE_LIMIT)
 
 
 _CODE_CLASSES: tuple[type[TallyError], ...] = (
@@ -297,7 +344,22 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     EventNotPending,
     ProductNotFound,
     EventNotFound,
+    GrantNotFound,
+    ReloadNotFound,
+    ThresholdNotFound,
+    ReservationOfUsageEvent,
+    BalanceLimit,
 )
+#: The reasons without a class of their own, raised as the class of their status code.
+GENERIC_REASONS: dict[str, type[TallyError]] = {
+    reason_of(_R.ERROR_REASON_VALIDATION_FAILED): InvalidArgument,
+    reason_of(_R.ERROR_REASON_DATABASE_UNAVAILABLE): Unavailable,
+    reason_of(_R.ERROR_REASON_OVERLOADED): ResourceExhausted,
+    reason_of(_R.ERROR_REASON_CALL_TIMEOUT): DeadlineExceeded,
+    reason_of(_R.ERROR_REASON_INTERNAL): Internal,
+    reason_of(_R.ERROR_REASON_UNAUTHENTICATED): Unauthenticated,
+    reason_of(_R.ERROR_REASON_METHOD_NOT_ALLOWED): PermissionDenied,
+}
 _BY_CODE: dict[Any, type[TallyError]] = {c.grpc_code: c for c in _CODE_CLASSES}
 _BY_REASON: dict[tuple[Any, str], type[TallyError]] = {
     (c.grpc_code, c.grpc_reason): c for c in _REASON_CLASSES if c.grpc_reason is not None

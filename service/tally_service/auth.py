@@ -43,12 +43,12 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
 
 class Unauthenticated(errors.DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
+    reason = errors.reason_of(errors.R.ERROR_REASON_UNAUTHENTICATED)
 
 
 class PermissionDenied(errors.DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "METHOD_NOT_ALLOWED"
+    reason = errors.reason_of(errors.R.ERROR_REASON_METHOD_NOT_ALLOWED)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ RESERVATION_STATUSES = {
     "released": credits_pb2.RESERVATION_STATUS_RELEASED,
     "expired": credits_pb2.RESERVATION_STATUS_EXPIRED,
 }
+RESERVATION_STATUS_NAMES = {v: k for k, v in RESERVATION_STATUSES.items()}
 
 
 from_json = models.from_json
@@ -58,7 +59,7 @@ def account(row: models.Account) -> account_pb2.Account:
     return account_pb2.Account(
         account_id=row.account_id,
         email=row.email,
-        name=row.name,
+        display_name=row.name,
         time_zone=row.time_zone,
         currency=row.currency,
         overdraft_limit=format_amount(row.overdraft_limit),

@@ -273,7 +273,88 @@ class _Pending:
     function: str
     params: Mapping[str, Any]
     caller: str
-    future: asyncio.Future[tuple[Any, bool]]
+    future: asyncio.Future[Any]
+    key: Any = None  # items with equal non-None keys never share a group
+
+
+class _GroupQueue:
+    """A lane of group commit: callers' items queue; whenever one of `concurrency` slots
+    is free, the items queued (up to `max_items`, after an optional wait) become one group
+    that `apply` writes in one transaction and answers item by item."""
+
+    def __init__(
+        self,
+        settings: GroupSettings,
+        apply: Callable[[list[_Pending]], Coroutine[Any, Any, None]],
+        *,
+        one_caller: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.apply = apply
+        self.one_caller = one_caller  # a group holds one caller's items only
+        self.queue: list[_Pending] = []
+        self.running = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, pending: _Pending) -> Any:
+        self.queue.append(pending)
+        self._start()
+        return await pending.future
+
+    def _start(self) -> None:
+        while self.queue and self.running < self.settings.concurrency:
+            self.running += 1
+            task = asyncio.get_running_loop().create_task(self._run())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _take(self) -> list[_Pending]:
+        group: list[_Pending] = []
+        keys: set[Any] = set()
+        rest: list[_Pending] = []
+        for p in self.queue:
+            if p.future.done():
+                continue  # a caller that gave up before its group formed is not applied
+            if (
+                len(group) >= self.settings.max_items
+                or (p.key is not None and p.key in keys)
+                or (self.one_caller and group and p.caller != group[0].caller)
+            ):
+                rest.append(p)
+                continue
+            group.append(p)
+            if p.key is not None:
+                keys.add(p.key)
+        self.queue = rest
+        return group
+
+    async def _run(self) -> None:
+        try:
+            if self.settings.max_wait_seconds > 0 and len(self.queue) < self.settings.max_items:
+                await asyncio.sleep(self.settings.max_wait_seconds)
+            group = self._take()
+            if group:
+                work = asyncio.ensure_future(self.apply(group))
+                cancelled = False
+
+                def abandon(_: object) -> None:
+                    # Every caller gave up (deadline, cancellation): stop the statement,
+                    # so a group nobody waits for rolls back, as a lone call would. Only
+                    # once: a second cancellation would interrupt the first one's cleanup
+                    # (the driver's cancel request, the connection's return to the pool).
+                    nonlocal cancelled
+                    if not cancelled and not work.done() and all(p.future.done() for p in group):
+                        cancelled = True
+                        work.cancel()
+
+                for p in group:
+                    p.future.add_done_callback(abandon)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        finally:
+            self.running -= 1
+            if self.queue:
+                self._start()
 
 
 class Database:
@@ -289,9 +370,8 @@ class Database:
         self.observe_query: Callable[[float], None] | None = None
         self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
         self.group = group or GroupSettings()
-        self._queue: list[_Pending] = []
-        self._groups_running = 0
-        self._group_tasks: set[asyncio.Task[None]] = set()
+        self._movements = _GroupQueue(self.group, self._apply_group)
+        self._usage = _GroupQueue(self.group, self._apply_usage_group, one_caller=True)
 
     def _statement(self, function: str, names: tuple[str, ...]) -> str:
         """`SELECT f(p_a => $1, p_b => $2, …)`: arguments by name, so no dict order can
@@ -345,9 +425,8 @@ class Database:
             _check_names(function, tuple(params))
             loop = asyncio.get_running_loop()
             pending = _Pending(function, params, current_caller.get(), loop.create_future())
-            self._queue.append(pending)
-            self._start_groups()
-            return await pending.future
+            answer: tuple[Any, bool] = await self._movements.submit(pending)
+            return answer
         return await self._call_alone(function, params, current_caller.get())
 
     async def _call_alone(
@@ -366,39 +445,6 @@ class Database:
         raise AssertionError("unreachable")
 
     # -- group commit -------------------------------------------------------------
-
-    def _start_groups(self) -> None:
-        while self._queue and self._groups_running < self.group.concurrency:
-            self._groups_running += 1
-            task = asyncio.get_running_loop().create_task(self._run_group())
-            self._group_tasks.add(task)
-            task.add_done_callback(self._group_tasks.discard)
-
-    async def _run_group(self) -> None:
-        try:
-            if self.group.max_wait_seconds > 0 and len(self._queue) < self.group.max_items:
-                await asyncio.sleep(self.group.max_wait_seconds)
-            taken = self._queue[: self.group.max_items]
-            del self._queue[: self.group.max_items]
-            # A caller that gave up before its group formed is not applied.
-            group = [p for p in taken if not p.future.done()]
-            if group:
-                work = asyncio.ensure_future(self._apply_group(group))
-
-                def abandon(_: object) -> None:
-                    # Every caller gave up (deadline, cancellation): stop the statement,
-                    # so a group nobody waits for rolls back, as a lone call would.
-                    if not work.done() and all(p.future.done() for p in group):
-                        work.cancel()
-
-                for p in group:
-                    p.future.add_done_callback(abandon)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-        finally:
-            self._groups_running -= 1
-            if self._queue:
-                self._start_groups()
 
     async def _apply_group(self, group: list[_Pending]) -> None:
         if len(group) == 1:
@@ -432,6 +478,66 @@ class Database:
                 p.future.set_result(_answer(p.function, result))
             except Exception as exc:
                 p.future.set_exception(exc)
+
+    async def record_usage(self, items: list[dict[str, Any]]) -> list[Any]:
+        """`tally_record_usage` over these items (the events of one call); one result per
+        item. A call of one event (unary RecordUsage) joins the usage lane of group
+        commit: concurrent calls' events are recorded by one call of the set-based
+        function in one transaction, each answered with its own result."""
+        if len(items) != 1 or self.group.max_items <= 1:
+            return await self._record_usage_now(items, current_caller.get())
+        (item,) = items
+        pending = _Pending(
+            "tally_record_usage",
+            item,
+            current_caller.get(),
+            asyncio.get_running_loop().create_future(),
+            key=(item["account_id"], item["event_id"]),
+        )
+        result = await self._usage.submit(pending)
+        return [result]
+
+    async def _record_usage_now(self, items: list[dict[str, Any]], caller: str) -> list[Any]:
+        events = json.dumps(items, separators=(",", ":"))
+        answered, _ = await self._call_alone("tally_record_usage", {"events": events}, caller)
+        results: list[Any] = answered
+        return results
+
+    async def _apply_usage_group(self, group: list[_Pending]) -> None:
+        """One event per caller, distinct (account, event id) within the group: each event
+        is renumbered to its position for the function and its result renumbered back to
+        the caller's index. The lane groups one caller's events only (one transaction
+        carries one `tally.caller` for the audit trail)."""
+        if len(group) == 1:
+            for p in group:
+                await _settle(p, self._first_result(p))
+            return
+        items = [{**p.params, "index": position} for position, p in enumerate(group)]
+        try:
+            results = await self._record_usage_now(items, group[0].caller)
+        except errors.DatabaseUnavailable as exc:
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        except Exception:
+            for p in group:  # one event's overflow or a race: each alone, own answer
+                await _settle(p, self._first_result(p))
+            return
+        for result in results:
+            if isinstance(result, list):
+                p = group[result[0]]
+                own = [p.params["index"], p.params["index"], *result[2:]]
+                answer: Any = own
+            else:
+                p = group[int(result["index"])]
+                answer = {**result, "index": p.params["index"]}
+            if not p.future.done():
+                p.future.set_result(answer)
+
+    async def _first_result(self, p: _Pending) -> Any:
+        (result,) = await self._record_usage_now([dict(p.params)], p.caller)
+        return result
 
     async def ping(self) -> bool:
         try:
@@ -473,7 +579,7 @@ def _json_arguments(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.hex() if isinstance(v, bytes) else v for k, v in params.items()}
 
 
-async def _settle(pending: _Pending, outcome: Coroutine[Any, Any, tuple[Any, bool]]) -> None:
+async def _settle(pending: _Pending, outcome: Coroutine[Any, Any, Any]) -> None:
     try:
         result = await outcome
     except Exception as exc:

@@ -2,6 +2,8 @@
 
 Handlers and the store raise these; ``interceptors.ErrorMappingInterceptor`` turns them
 into a ``google.rpc.Status`` with an ``ErrorInfo`` (and a ``BadRequest`` for validation).
+Every ``ErrorInfo.reason`` is derived from the ``tally.v1.ErrorReason`` enum
+(``protos/tally/v1/error_reason.proto``): the value's name without ``ERROR_REASON_``.
 """
 
 from collections.abc import Mapping, Sequence
@@ -11,7 +13,29 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tally.v1 import error_reason_pb2
+
 DOMAIN = "tally"
+REASON_PREFIX = "ERROR_REASON_"
+R = error_reason_pb2.ErrorReason
+
+
+def reason_of(value: "error_reason_pb2.ErrorReason.ValueType") -> str:
+    """The ErrorInfo.reason of an ErrorReason value: its name without the prefix."""
+    return R.Name(value).removeprefix(REASON_PREFIX)
+
+
+#: The reason of NOT_FOUND for each resource the store and the money functions name.
+NOT_FOUND_REASONS: dict[str, str] = {
+    "account": reason_of(R.ERROR_REASON_ACCOUNT_NOT_FOUND),
+    "reservation": reason_of(R.ERROR_REASON_RESERVATION_NOT_FOUND),
+    "entry": reason_of(R.ERROR_REASON_ENTRY_NOT_FOUND),
+    "product": reason_of(R.ERROR_REASON_PRODUCT_NOT_FOUND),
+    "event": reason_of(R.ERROR_REASON_EVENT_NOT_FOUND),
+    "grant": reason_of(R.ERROR_REASON_GRANT_NOT_FOUND),
+    "reload": reason_of(R.ERROR_REASON_RELOAD_NOT_FOUND),
+    "threshold": reason_of(R.ERROR_REASON_THRESHOLD_NOT_FOUND),
+}
 
 # A quoted value is cut to this many characters (then "…"), and a whole message,
 # field description or metadata value to MAX_TEXT_CHARS, so that no input, however
@@ -37,7 +61,7 @@ class DomainError(Exception):
     """An error a caller can act on, with a gRPC code and a machine-readable reason."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    reason: str = "INTERNAL"
+    reason: str = reason_of(R.ERROR_REASON_INTERNAL)
 
     def __init__(
         self,
@@ -81,7 +105,7 @@ class DomainError(Exception):
 
 class InvalidArgument(DomainError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "VALIDATION_FAILED"
+    reason = reason_of(R.ERROR_REASON_VALIDATION_FAILED)
 
     def __init__(self, field: str, description: str) -> None:
         super().__init__(
@@ -93,7 +117,7 @@ class InvalidArgument(DomainError):
 
 
 class CaptureExceedsHold(InvalidArgument):
-    reason = "CAPTURE_EXCEEDS_HOLD"
+    reason = reason_of(R.ERROR_REASON_CAPTURE_EXCEEDS_HOLD)
 
 
 class NotFound(DomainError):
@@ -104,37 +128,38 @@ class NotFound(DomainError):
             f"{resource} {quote(resource_id)} not found",
             metadata={"resource": resource, "id": resource_id},
         )
-        self.reason = f"{resource.upper()}_NOT_FOUND"
+        # A resource missing from the catalog is a fault of this code (tests check them).
+        self.reason = NOT_FOUND_REASONS[resource]
 
 
 class AccountAlreadyExists(DomainError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "ACCOUNT_ALREADY_EXISTS"
+    reason = reason_of(R.ERROR_REASON_ACCOUNT_ALREADY_EXISTS)
 
 
 class RequestIdReused(DomainError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "REQUEST_ID_REUSED"
+    reason = reason_of(R.ERROR_REASON_REQUEST_ID_REUSED)
 
 
 class InsufficientCredits(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "INSUFFICIENT_CREDITS"
+    reason = reason_of(R.ERROR_REASON_INSUFFICIENT_CREDITS)
 
 
 class EventIdReused(DomainError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "EVENT_ID_REUSED"
+    reason = reason_of(R.ERROR_REASON_EVENT_ID_REUSED)
 
 
 class EventNotPending(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "EVENT_NOT_PENDING"
+    reason = reason_of(R.ERROR_REASON_EVENT_NOT_PENDING)
 
 
 class ReservationNotPending(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "RESERVATION_NOT_PENDING"
+    reason = reason_of(R.ERROR_REASON_RESERVATION_NOT_PENDING)
 
 
 class ReservationOfUsageEvent(DomainError):
@@ -142,31 +167,31 @@ class ReservationOfUsageEvent(DomainError):
     finish it, so that the event and its hold finish together."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "RESERVATION_OF_USAGE_EVENT"
+    reason = reason_of(R.ERROR_REASON_RESERVATION_OF_USAGE_EVENT)
 
 
 class BalanceLimit(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "BALANCE_LIMIT"
+    reason = reason_of(R.ERROR_REASON_BALANCE_LIMIT)
 
 
 class DatabaseUnavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "DATABASE_UNAVAILABLE"
+    reason = reason_of(R.ERROR_REASON_DATABASE_UNAVAILABLE)
 
 
 class Overloaded(DomainError):
     """Refused unstarted: the process already runs TALLY_MAX_CONCURRENT_RPCS calls."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "OVERLOADED"
+    reason = reason_of(R.ERROR_REASON_OVERLOADED)
 
 
 class CallTimeout(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "CALL_TIMEOUT"
+    reason = reason_of(R.ERROR_REASON_CALL_TIMEOUT)
 
 
 class Internal(DomainError):
     code = grpc.StatusCode.INTERNAL
-    reason = "INTERNAL"
+    reason = reason_of(R.ERROR_REASON_INTERNAL)

@@ -1,11 +1,16 @@
 """Time ranges in an account's time zone: presets, defaults and period buckets."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from tally.v1 import metering_pb2
+from tally_service import validation
 from tally_service.errors import InvalidArgument
+
+#: The UsageRange field of GetUsage, ListUsageEvents and ExportUsageReport requests.
+RANGE_FIELD = "time_range"
 
 BUCKET = timedelta(minutes=15)  # the rollup grain; every zone offset is a multiple of it
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -75,25 +80,63 @@ def preset_range(preset: int, zone: ZoneInfo, now: datetime) -> Range:
     raise InvalidArgument("preset", f"unknown preset {preset}")
 
 
-def resolve(
-    preset: int,
-    start: datetime | None,
-    end: datetime | None,
-    zone: ZoneInfo,
-    now: datetime,
-) -> Range:
-    """A preset, or explicit bounds (default: this month so far); never both."""
+@dataclass(frozen=True)
+class Given:
+    """A UsageRange as the caller gave it (checked, not yet resolved)."""
+
+    preset: int
+    start: datetime | None
+    end: datetime | None
+
+    def key(self) -> list[str]:
+        """What a page token is bound to."""
+        return [str(self.preset), str(self.start), str(self.end)]
+
+
+def given(message: metering_pb2.UsageRange, field: str = RANGE_FIELD) -> Given:
+    """The one reader of a UsageRange: its timestamps checked, a preset with bounds
+    refused (errors name `time_range.<field>`)."""
+    start = validation.optional_time(
+        message, "start_time", message.start_time, name=f"{field}.start_time"
+    )
+    end = validation.optional_time(message, "end_time", message.end_time, name=f"{field}.end_time")
+    preset = message.preset
     if preset != metering_pb2.RANGE_PRESET_UNSPECIFIED:
         if start is not None or end is not None:
-            raise InvalidArgument("preset", "give either a preset or start_time/end_time, not both")
-        return preset_range(preset, zone, now)
-    if end is None:
-        end = now
-    if start is None:
+            raise InvalidArgument(
+                f"{field}.preset", "give either a preset or start_time/end_time, not both"
+            )
+        if preset not in metering_pb2.RangePreset.values():
+            raise InvalidArgument(f"{field}.preset", f"unknown preset {preset}")
+    return Given(preset, start, end)
+
+
+def resolve_given(
+    g: Given,
+    zone: ZoneInfo,
+    now: datetime,
+    default_start: Callable[[datetime], datetime] | None = None,
+    field: str = RANGE_FIELD,
+) -> Range:
+    """The range: the preset's, or the bounds with their defaults (end: now; start:
+    `default_start(end)`, else the first of this month)."""
+    if g.preset != metering_pb2.RANGE_PRESET_UNSPECIFIED:
+        return preset_range(g.preset, zone, now)
+    end = now if g.end is None else g.end
+    if g.start is not None:
+        start = g.start
+    elif default_start is not None:
+        start = default_start(end)
+    else:
         start = midnight(first_of_month(now.astimezone(zone).date()), zone)
     if start > end:
-        raise InvalidArgument("start_time", "must not be after end_time")
+        raise InvalidArgument(f"{field}.start_time", "must not be after end_time")
     return Range(start, end)
+
+
+def resolve(message: metering_pb2.UsageRange, zone: ZoneInfo, now: datetime) -> Range:
+    """A UsageRange resolved: a preset, or explicit bounds (default: this month so far)."""
+    return resolve_given(given(message), zone, now)
 
 
 def period_starts(r: Range, unit: str, zone: ZoneInfo) -> list[datetime]:

@@ -173,6 +173,83 @@ async def list_reloads(
         return list((await session.scalars(query)).all())
 
 
+async def get_grant(db: Database, grant_id: str) -> models.Grant:
+    """The grant, after its account is caught up (so an expiry that fell due shows)."""
+    async with db.sessions() as session:
+        row = await session.get(models.Grant, uuid.UUID(grant_id))
+    if row is None:
+        raise errors.NotFound("grant", grant_id)
+    await catch_up(db, row.account_id)
+    async with db.sessions() as session:
+        fresh = await session.get(models.Grant, uuid.UUID(grant_id))
+    return fresh or row
+
+
+async def get_reload(db: Database, intent_id: str) -> models.ReloadIntent:
+    async with db.sessions() as session:
+        row = await session.get(models.ReloadIntent, uuid.UUID(intent_id))
+    if row is None:
+        raise errors.NotFound("reload", intent_id)
+    return row
+
+
+async def list_reservations(
+    db: Database,
+    account_id: str,
+    status: str | None,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> list[models.Hold]:
+    """The account's holds, newest first. Expiries that fell due are written down first,
+    so a status filter sees a pending hold past its expiry as expired."""
+    await catch_up(db, account_id)
+    h = models.Hold
+    query = (
+        select(h)
+        .where(h.account_id == account_id)
+        .order_by(h.created_at.desc(), h.reservation_id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(h.status == status)
+    if before is not None:
+        query = query.where(
+            or_(
+                h.created_at < before[0],
+                and_(h.created_at == before[0], h.reservation_id < uuid.UUID(before[1])),
+            )
+        )
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        return list((await session.scalars(query)).all())
+
+
+async def get_product(db: Database, product_id: str) -> models.Product:
+    async with db.sessions() as session:
+        row = await session.get(models.Product, product_id)
+    if row is None:
+        raise errors.NotFound("product", product_id)
+    return row
+
+
+async def get_usage_event(
+    db: Database, account_id: str, event_id: str
+) -> tuple[models.UsageEvent, datetime | None]:
+    """The event with its hold's expiry (for a started job whose hold expired unswept)."""
+    e = models.UsageEvent
+    query = (
+        select(e, models.Hold.expires_at)
+        .outerjoin(models.Hold, models.Hold.reservation_id == e.reservation_id)
+        .where(e.account_id == account_id, e.event_id == event_id)
+    )
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        row = (await session.execute(query)).one_or_none()
+    if row is None:
+        raise errors.NotFound("event", event_id)
+    return row[0], row[1]
+
+
 async def list_thresholds(
     db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
 ) -> list[models.Threshold]:

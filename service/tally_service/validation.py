@@ -43,11 +43,16 @@ def request_id(value: str) -> str:
     return value
 
 
-def reservation_id(value: str) -> str:
+def reservation_id(value: str, field: str = "reservation_id") -> str:
+    return uuid_id(value, field)
+
+
+def uuid_id(value: str, field: str) -> str:
+    """A server-assigned id (a UUID), lower-cased."""
     if not value:
-        raise InvalidArgument("reservation_id", "required")
+        raise InvalidArgument(field, "required")
     if not _UUID.fullmatch(value):
-        raise InvalidArgument("reservation_id", "must be a UUID")
+        raise InvalidArgument(field, "must be a UUID")
     return value.lower()
 
 

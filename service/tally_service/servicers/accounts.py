@@ -20,7 +20,12 @@ from tally_service.db import Database
 from tally_service.errors import InvalidArgument, quote
 from tally_service.money import parse_amount
 
-UPDATABLE = {"email", "name", "time_zone", "overdraft_limit", "trial_end_time"}
+UPDATABLE = {"email", "display_name", "time_zone", "overdraft_limit", "trial_end_time"}
+# Mask paths of earlier field names, still accepted: Account.name became display_name
+# (same field number).
+DEPRECATED_PATHS = {"name": "display_name"}
+# The column each mask path updates, as the money function names it.
+COLUMNS = {"display_name": "name"}
 
 
 def _overdraft(value: str) -> int:
@@ -42,7 +47,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
                 "fingerprint": fingerprint.of("CreateAccount", request),
                 "account_id": validation.account_id(a.account_id, "account.account_id"),
                 "email": validation.email(a.email),
-                "name": validation.text(a.name, "account.name", 200),
+                "name": validation.text(a.display_name, "account.display_name", 200),
                 "time_zone": validation.time_zone(a.time_zone),
                 "currency": validation.currency(a.currency),
                 "overdraft_limit": _overdraft(a.overdraft_limit),
@@ -68,20 +73,21 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         if not paths:
             raise InvalidArgument("update_mask", "name at least one field to update")
         for path in paths:
-            if path not in UPDATABLE:
+            if DEPRECATED_PATHS.get(path, path) not in UPDATABLE:
                 raise InvalidArgument(
                     "update_mask",
                     f"{quote(path)} cannot be updated; updatable: {sorted(UPDATABLE)}",
                 )
+        columns = [COLUMNS.get(p, p) for p in (DEPRECATED_PATHS.get(p, p) for p in paths)]
         response, _ = await self.db.call(
             "tally_update_account",
             {
                 "request_id": validation.request_id(request.request_id),
                 "fingerprint": fingerprint.of("UpdateAccount", request),
                 "account_id": validation.account_id(a.account_id, "account.account_id"),
-                "mask": paths,
+                "mask": columns,
                 "email": validation.email(a.email),
-                "name": validation.text(a.name, "account.name", 200),
+                "name": validation.text(a.display_name, "account.display_name", 200),
                 "time_zone": validation.time_zone(a.time_zone),
                 "overdraft_limit": _overdraft(a.overdraft_limit),
                 "trial_ends_at": validation.optional_time(

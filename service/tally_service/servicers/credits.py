@@ -236,6 +236,45 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
             reloads=[convert.reload_intent(r) for r in rows], next_page_token=token
         )
 
+    async def GetGrant(
+        self, request: credits_pb2.GetGrantRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.GetGrantResponse:
+        row = await store.get_grant(self.db, validation.uuid_id(request.grant_id, "grant_id"))
+        return credits_pb2.GetGrantResponse(grant=convert.grant(row))
+
+    async def GetReload(
+        self, request: credits_pb2.GetReloadRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.GetReloadResponse:
+        row = await store.get_reload(self.db, validation.uuid_id(request.intent_id, "intent_id"))
+        return credits_pb2.GetReloadResponse(reload=convert.reload_intent(row))
+
+    async def ListReservations(
+        self, request: credits_pb2.ListReservationsRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.ListReservationsResponse:
+        account_id = validation.account_id(request.account_id)
+        status: str | None = None
+        if request.status:
+            if request.status not in convert.RESERVATION_STATUS_NAMES:
+                raise InvalidArgument("status", f"unknown status {request.status}")
+            status = convert.RESERVATION_STATUS_NAMES[request.status]
+        limit = validation.page_size(request.page_size)
+        filters = ["reservations", account_id, status]
+        key = pagination.decode(
+            request.page_token, filters, pagination.instant, pagination.uuid_text
+        )
+        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
+        rows = await store.list_reservations(self.db, account_id, status, before, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            token = pagination.encode(
+                [last.created_at.isoformat(), str(last.reservation_id)], filters
+            )
+        return credits_pb2.ListReservationsResponse(
+            reservations=[convert.reservation(r) for r in rows], next_page_token=token
+        )
+
     async def CreateThreshold(
         self, request: credits_pb2.CreateThresholdRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.CreateThresholdResponse:

@@ -205,9 +205,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         for first in range(0, len(items), COMMIT_GROUP):
             group = items[first : first + COMMIT_GROUP]
             try:
-                answered, _ = await self.db.call(
-                    "tally_record_usage", {"events": json.dumps(group, separators=(",", ":"))}
-                )
+                answered = await self.db.record_usage(group)
             except errors.BalanceLimit:
                 # A sum out of range (tally_record_usage refuses an out-of-range charge
                 # itself, as BALANCE_LIMIT for that item) rolled the group back: record
@@ -221,9 +219,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def _record_alone(self, item: dict[str, Any]) -> Any:
         try:
-            (answered,), _ = await self.db.call(
-                "tally_record_usage", {"events": json.dumps([item])}
-            )
+            (answered,) = await self.db.record_usage([item])
         except errors.BalanceLimit:
             return {"index": item["index"], "error": "BALANCE_LIMIT"}
         return answered
@@ -536,13 +532,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     @staticmethod
     def _range(request: Any, account: models.Account) -> ranges.Range:
-        return ranges.resolve(
-            request.preset,
-            validation.optional_time(request, "start_time", request.start_time),
-            validation.optional_time(request, "end_time", request.end_time),
-            ZoneInfo(account.time_zone),
-            _now(),
-        )
+        return ranges.resolve(request.time_range, ZoneInfo(account.time_zone), _now())
 
     async def GetUsageSummary(
         self, request: metering_pb2.GetUsageSummaryRequest, context: grpc.aio.ServicerContext
@@ -574,14 +564,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.ListUsageEventsResponse:
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
-        given_end = validation.optional_time(request, "end_time", request.end_time)
-        given_start = validation.optional_time(request, "start_time", request.start_time)
+        given = ranges.given(request.time_range)
         product_id = (
             validation.product_id(request.product_id, "product_id") if request.product_id else ""
         )
         # The token is bound to the filters as given; it carries the range it resolved
         # to, so later pages keep the first page's "now".
-        filters = [account_id, str(given_start), str(given_end), product_id]
+        filters = [account_id, *given.key(), product_id]
         key = pagination.decode(
             request.page_token,
             filters,
@@ -600,15 +589,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         zone = ZoneInfo(account.time_zone)
         days = self.settings.usage_list_max_days
         if key is None:
-            end = given_end or _now()
             # Not before the earliest instant the API accepts, so the token issued
             # for the next page carries a range it accepts back.
-            start = given_start or max(ranges.add_days(end, -days, zone), validation.MIN_TIME)
+            r = ranges.resolve_given(
+                given,
+                zone,
+                _now(),
+                lambda end: max(ranges.add_days(end, -days, zone), validation.MIN_TIME),
+            )
+            start, end = r.start, r.end
         if start > end:
-            raise errors.InvalidArgument("start_time", "must not be after end_time")
+            raise errors.InvalidArgument("time_range.start_time", "must not be after end_time")
         if not ranges.within_days(ranges.Range(start, end), days, zone):
             raise errors.InvalidArgument(
-                "end_time",
+                "time_range.end_time",
                 f"the range may span at most {days} days of the account's time zone "
                 f"({account.time_zone})",
             )
@@ -634,7 +628,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         days = self.settings.usage_export_max_days
         if not ranges.within_days(r, days, ZoneInfo(account.time_zone)):
             raise errors.InvalidArgument(
-                "end_time",
+                "time_range.end_time",
                 f"the range may span at most {days} days of the account's time zone "
                 f"({account.time_zone})",
             )
@@ -661,6 +655,24 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                     message.content_type = "text/csv" if as_csv else reports.XLSX_TYPE
                     first = False
                 yield message
+
+    # -- single reads ---------------------------------------------------------------
+
+    async def GetProduct(
+        self, request: metering_pb2.GetProductRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetProductResponse:
+        row = await store.get_product(self.db, validation.product_id(request.product_id))
+        return metering_pb2.GetProductResponse(product=convert.product(row))
+
+    async def GetUsageEvent(
+        self, request: metering_pb2.GetUsageEventRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetUsageEventResponse:
+        row, expires_at = await store.get_usage_event(
+            self.db,
+            validation.account_id(request.account_id),
+            validation.event_id(request.event_id, "event_id"),
+        )
+        return metering_pb2.GetUsageEventResponse(event=convert.usage_event(row, expires_at))
 
 
 # How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told
