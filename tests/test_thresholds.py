@@ -22,7 +22,13 @@ import pytest
 
 from tally.v1 import credits_pb2 as c
 from tally.v1 import notification_pb2, notification_pb2_grpc
-from tally_client import AsyncTallyClient, TallyClient, usage_event
+from tally_client import (
+    AsyncTallyClient,
+    NotificationNotFound,
+    TallyClient,
+    ThresholdNotFound,
+    usage_event,
+)
 from tests.conftest import ServerProcess, start_server
 from tests.support import assert_consistent
 from tests.test_races import run_on_both
@@ -316,6 +322,14 @@ def test_create_list_delete_are_idempotent(client: TallyClient, funded: str) -> 
         delete.request_id = str(uuid.uuid4())
         client.stubs.credits.DeleteThreshold(delete, timeout=10)
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # Get answers live and deleted thresholds, and notifications as listed.
+    assert client.get_threshold(below.threshold_id) == deleted
+    assert client.get_threshold(first.threshold_id.upper()) == first
+    assert client.get_notification(fired.notification_id) == fired
+    with pytest.raises(ThresholdNotFound):
+        client.get_threshold(str(uuid.uuid4()))
+    with pytest.raises(NotificationNotFound):
+        client.get_notification(str(uuid.uuid4()))
     listed = client.stubs.credits.ListThresholds(
         c.ListThresholdsRequest(account_id=funded), timeout=10
     ).thresholds

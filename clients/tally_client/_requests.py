@@ -598,6 +598,20 @@ def list_thresholds(
     return Rpc("credits", "ListThresholds", req, lambda r: r)
 
 
+def get_threshold(
+    threshold_id: str,
+) -> Rpc[credits_pb2.GetThresholdResponse, credits_pb2.Threshold]:
+    req = credits_pb2.GetThresholdRequest(threshold_id=threshold_id)
+    return Rpc("credits", "GetThreshold", req, lambda r: r.threshold)
+
+
+def get_notification(
+    notification_id: str,
+) -> Rpc[credits_pb2.GetNotificationResponse, credits_pb2.Notification]:
+    req = credits_pb2.GetNotificationRequest(notification_id=notification_id)
+    return Rpc("credits", "GetNotification", req, lambda r: r.notification)
+
+
 def delete_threshold(
     account_id: str, threshold_id: str, *, request_id: str | None = None
 ) -> Rpc[credits_pb2.DeleteThresholdResponse, credits_pb2.Threshold]:

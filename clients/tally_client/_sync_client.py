@@ -556,6 +556,16 @@ class TallyClient:
             rq.list_thresholds(account_id, page_size=page_size, page_token=page_token)
         )
 
+    def get_threshold(self, threshold_id: str) -> credits_pb2.Threshold:
+        """One threshold, live or deleted (:class:`~tally_client.ThresholdNotFound`
+        if there is none)."""
+        return self._call(rq.get_threshold(threshold_id))
+
+    def get_notification(self, notification_id: str) -> credits_pb2.Notification:
+        """One notification with its delivery status
+        (:class:`~tally_client.NotificationNotFound` if there is none)."""
+        return self._call(rq.get_notification(notification_id))
+
     def delete_threshold(
         self, account_id: str, threshold_id: str, *, request_id: str | None = None
     ) -> credits_pb2.Threshold:

@@ -54,6 +54,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "NotificationNotFound",
     "OutOfRange",
     "PermissionDenied",
     "ProductNotFound",
@@ -301,6 +302,10 @@ class ThresholdNotFound(NotFound):
     grpc_reason = reason_of(_R.ERROR_REASON_THRESHOLD_NOT_FOUND)
 
 
+class NotificationNotFound(NotFound):
+    grpc_reason = reason_of(_R.ERROR_REASON_NOTIFICATION_NOT_FOUND)
+
+
 class ReservationOfUsageEvent(FailedPrecondition):
     """The hold belongs to a long job: finish it with CompleteUsage or FailUsage."""
 
@@ -347,6 +352,7 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     GrantNotFound,
     ReloadNotFound,
     ThresholdNotFound,
+    NotificationNotFound,
     ReservationOfUsageEvent,
     BalanceLimit,
 )

@@ -35,6 +35,7 @@ NOT_FOUND_REASONS: dict[str, str] = {
     "grant": reason_of(R.ERROR_REASON_GRANT_NOT_FOUND),
     "reload": reason_of(R.ERROR_REASON_RELOAD_NOT_FOUND),
     "threshold": reason_of(R.ERROR_REASON_THRESHOLD_NOT_FOUND),
+    "notification": reason_of(R.ERROR_REASON_NOTIFICATION_NOT_FOUND),
 }
 
 # A quoted value is cut to this many characters (then "…"), and a whole message,

@@ -250,6 +250,22 @@ async def get_usage_event(
     return row[0], row[1]
 
 
+async def get_threshold(db: Database, threshold_id: str) -> models.Threshold:
+    async with db.sessions() as session:
+        row = await session.get(models.Threshold, uuid.UUID(threshold_id))
+    if row is None:
+        raise errors.NotFound("threshold", threshold_id)
+    return row
+
+
+async def get_notification(db: Database, notification_id: str) -> models.Notification:
+    async with db.sessions() as session:
+        row = await session.get(models.Notification, uuid.UUID(notification_id))
+    if row is None:
+        raise errors.NotFound("notification", notification_id)
+    return row
+
+
 async def list_thresholds(
     db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
 ) -> list[models.Threshold]:

@@ -1,7 +1,6 @@
 """tally.v1.CreditsService."""
 
 import json
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -341,13 +340,26 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
             thresholds=[convert.threshold(r) for r in rows], next_page_token=token
         )
 
+    async def GetThreshold(
+        self, request: credits_pb2.GetThresholdRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.GetThresholdResponse:
+        row = await store.get_threshold(
+            self.db, validation.uuid_id(request.threshold_id, "threshold_id")
+        )
+        return credits_pb2.GetThresholdResponse(threshold=convert.threshold(row))
+
+    async def GetNotification(
+        self, request: credits_pb2.GetNotificationRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.GetNotificationResponse:
+        row = await store.get_notification(
+            self.db, validation.uuid_id(request.notification_id, "notification_id")
+        )
+        return credits_pb2.GetNotificationResponse(notification=convert.notification(row))
+
     async def DeleteThreshold(
         self, request: credits_pb2.DeleteThresholdRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.DeleteThresholdResponse:
-        try:
-            threshold_id = str(uuid.UUID(request.threshold_id))
-        except ValueError:
-            raise InvalidArgument("threshold_id", "must be a UUID") from None
+        threshold_id = validation.uuid_id(request.threshold_id, "threshold_id")
         response, _ = await self.db.call(
             "tally_delete_threshold",
             _common("DeleteThreshold", request)
