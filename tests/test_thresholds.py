@@ -9,6 +9,7 @@ processes, two replicas on one database).
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -29,7 +30,7 @@ from tally_client import (
     ThresholdNotFound,
     usage_event,
 )
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, free_port, start_server
 from tests.support import assert_consistent
 from tests.test_races import run_on_both
 
@@ -177,7 +178,9 @@ def test_failed_delivery_is_retried_with_the_same_id(
 ) -> None:
     backend, target = receiver
     backend.failures_left = 2
-    replica = start_server(own_database_url, server_log_dir, notify_env(target))
+    metrics_address = f"127.0.0.1:{free_port()}"
+    env = notify_env(target) | {"TALLY_METRICS_ADDRESS": metrics_address}
+    replica = start_server(own_database_url, server_log_dir, env)
     try:
         with TallyClient(replica.target) as client:
             account_id = f"retry-{uuid.uuid4().hex[:8]}"
@@ -198,6 +201,10 @@ def test_failed_delivery_is_retried_with_the_same_id(
                 c.THRESHOLD_METRIC_AVAILABLE_CREDIT,
                 "10",
             )
+            with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
+                scraped = r.read().decode()
+            assert 'tally_notifications_total{outcome="retry"} 2.0' in scraped
+            assert 'tally_notifications_total{outcome="delivered"} 1.0' in scraped
     finally:
         replica.stop()
 

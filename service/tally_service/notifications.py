@@ -16,7 +16,7 @@ import grpc
 from sqlalchemy import text
 
 from tally.v1 import notification_pb2, notification_pb2_grpc
-from tally_service import convert
+from tally_service import convert, metrics
 from tally_service.config import Settings
 from tally_service.db import Database
 from tally_service.outbox import OutboxWorker, backoff_seconds
@@ -43,9 +43,12 @@ class NotificationWorker(OutboxWorker):
     channel = "tally_notifications"
     name = "notification worker"
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, meters: metrics.Metrics | None = None
+    ) -> None:
         super().__init__(db)
         self.settings = settings
+        self.meters = meters
         self.channel_to_target = grpc.aio.insecure_channel(settings.notify_target)
         self.stub = notification_pb2_grpc.NotificationServiceStub(self.channel_to_target)
 
@@ -92,7 +95,15 @@ class NotificationWorker(OutboxWorker):
                         ),
                     },
                 )
+            if self.meters is not None:
+                self.meters.notifications.labels("retry").inc()
             return True
         async with self.db.engine.begin() as conn:
             await conn.execute(_DELIVERED, {"id": notification_id})
+        if self.meters is not None:
+            self.meters.notifications.labels("delivered").inc()
         return True
+
+    def after_pass(self) -> None:
+        if self.meters is not None:
+            self.meters.notification_worker_last_success.set_to_current_time()

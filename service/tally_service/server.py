@@ -317,7 +317,9 @@ async def serve(
         ),
     ]
     if settings.notify_target:
-        background.append(asyncio.create_task(notifications.NotificationWorker(db, settings).run()))
+        background.append(
+            asyncio.create_task(notifications.NotificationWorker(db, settings, meters).run())
+        )
     await stop.wait()
     log.info("stopping: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds)
     await health.enter_graceful_shutdown()
