@@ -429,3 +429,18 @@ def test_usage_periods_are_the_account_s_days(client: TallyClient, account_id: s
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     assert fired.period_start.ToDatetime(tzinfo=UTC) == midnight.astimezone(UTC)
     assert fired.observed == "2"
+
+
+def test_an_expiry_crosses_too(client: TallyClient, account_id: str) -> None:
+    client.create_account(account_id)
+    client.top_up(account_id, "20")
+    client.top_up(account_id, "30", expire_time=datetime.now(UTC) + timedelta(seconds=2))
+    create_threshold(client, account_id, metric=c.THRESHOLD_METRIC_AVAILABLE_CREDIT, value="25")
+    assert notifications(client, account_id) == []
+    # The grant's write-off (by the sweeper, or the catch-up of a read) takes 50 to 20.
+    wait_for(lambda: len(notifications(client, account_id)) == 1)
+    (expired,) = notifications(client, account_id)
+    assert expired.observed == "20"
+    assert client.get_balance(account_id).available == "20"
+    assert len(notifications(client, account_id)) == 1
+    assert_consistent(client, account_id)
