@@ -28,6 +28,7 @@ from tally_client import (
     NotificationNotFound,
     TallyClient,
     ThresholdNotFound,
+    TooManyThresholds,
     usage_event,
 )
 from tests.conftest import ServerProcess, free_port, start_server
@@ -444,3 +445,15 @@ def test_an_expiry_crosses_too(client: TallyClient, account_id: str) -> None:
     assert client.get_balance(account_id).available == "20"
     assert len(notifications(client, account_id)) == 1
     assert_consistent(client, account_id)
+
+
+def test_live_thresholds_are_bounded(client: TallyClient, account_id: str) -> None:
+    client.create_account(account_id)
+    created = [
+        client.create_threshold(account_id, metric="available_credit", value=-i) for i in range(100)
+    ]
+    with pytest.raises(TooManyThresholds) as info:
+        client.create_threshold(account_id, metric="available_credit", value=-100)
+    assert info.value.metadata == {"account_id": account_id, "limit": "100"}
+    client.delete_threshold(account_id, created[0].threshold_id)
+    client.create_threshold(account_id, metric="available_credit", value=-100)

@@ -66,6 +66,7 @@ __all__ = [
     "ResourceExhausted",
     "TallyError",
     "ThresholdNotFound",
+    "TooManyThresholds",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
@@ -306,6 +307,12 @@ class NotificationNotFound(NotFound):
     grpc_reason = reason_of(_R.ERROR_REASON_NOTIFICATION_NOT_FOUND)
 
 
+class TooManyThresholds(FailedPrecondition):
+    """The account has as many live thresholds as it may: delete one first."""
+
+    grpc_reason = reason_of(_R.ERROR_REASON_TOO_MANY_THRESHOLDS)
+
+
 class ReservationOfUsageEvent(FailedPrecondition):
     """The hold belongs to a long job: finish it with CompleteUsage or FailUsage."""
 
@@ -353,6 +360,7 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     ReloadNotFound,
     ThresholdNotFound,
     NotificationNotFound,
+    TooManyThresholds,
     ReservationOfUsageEvent,
     BalanceLimit,
 )

@@ -176,6 +176,11 @@ class BalanceLimit(DomainError):
     reason = reason_of(R.ERROR_REASON_BALANCE_LIMIT)
 
 
+class TooManyThresholds(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = reason_of(R.ERROR_REASON_TOO_MANY_THRESHOLDS)
+
+
 class DatabaseUnavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = reason_of(R.ERROR_REASON_DATABASE_UNAVAILABLE)

@@ -128,6 +128,12 @@ BEGIN
     IF r IS NOT NULL THEN
         RETURN r;
     END IF;
+    -- The triggers look at every live threshold of the account: bounded.
+    IF (SELECT count(*) FROM thresholds
+        WHERE account_id = p_account_id AND deleted_at IS NULL) >= 100 THEN
+        RETURN tally_refusal('TA429', json_build_object(
+            'account_id', p_account_id, 'limit', 100));
+    END IF;
     INSERT INTO thresholds (account_id, metric, value, percent, fire_at, period, request_id)
     VALUES (p_account_id, p_metric, p_value, p_percent,
             CASE WHEN p_metric = 'available_credit' THEN p_value
