@@ -94,7 +94,15 @@ def test_wheels_hold_what_they_should(wheels: Path) -> None:
     with zipfile.ZipFile(client) as z:
         names = set(z.namelist())
         config = json.loads(z.read("tally/v1/service_config.json"))
-    for module in ("accounts", "credits", "ledger", "metering", "funding", "account"):
+    for module in (
+        "accounts",
+        "credits",
+        "ledger",
+        "metering",
+        "funding",
+        "notification",
+        "account",
+    ):
         assert f"tally/v1/{module}_pb2.py" in names
         assert f"tally/v1/{module}_pb2.pyi" in names
     assert {"tally/__init__.py", "tally/v1/credits_pb2_grpc.py", "tally/v1/py.typed"} <= names

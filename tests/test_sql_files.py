@@ -11,7 +11,12 @@ from tally_service.db import migrate
 
 _BODY = re.compile(r"^CREATE OR REPLACE FUNCTION (\w+)\(.*?\bAS \$\$(.*?)\$\$;", re.M | re.S)
 # Trigger functions live beside their triggers in the migrations.
-_TRIGGER_FUNCTIONS = {"tally_refuse_change", "tally_stamp_caller"}
+_TRIGGER_FUNCTIONS = {
+    "tally_refuse_change",
+    "tally_stamp_caller",
+    "tally_accounts_thresholds",  # 0010: pass movements to sql/65_thresholds.sql
+    "tally_rollups_thresholds",
+}
 
 
 def _file_bodies() -> dict[str, str]:

@@ -565,6 +565,67 @@ class AsyncTallyClient:
             if not token:
                 return
 
+    async def create_threshold(
+        self,
+        account_id: str,
+        *,
+        metric: rq.ThresholdMetricArg,
+        value: Amount,
+        percent: int = 0,
+        period: rq.ThresholdPeriodArg = None,
+        request_id: str | None = None,
+    ) -> credits_pb2.Threshold:
+        """Register a threshold: one notification per crossing (see
+        :meth:`list_notifications`). ``value`` is credits (available credit, usage
+        credits) or a whole number of requests; usage metrics need a ``period``
+        (``"day"``/``"month"`` of the account's time zone) and may fire at ``percent``
+        of ``value``."""
+        return await self._call(
+            rq.create_threshold(
+                account_id,
+                metric=metric,
+                value=value,
+                percent=percent,
+                period=period,
+                request_id=request_id,
+            )
+        )
+
+    async def list_thresholds(
+        self, account_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> credits_pb2.ListThresholdsResponse:
+        """One page of the account's live thresholds, newest first."""
+        return await self._call(
+            rq.list_thresholds(account_id, page_size=page_size, page_token=page_token)
+        )
+
+    async def get_threshold(self, threshold_id: str) -> credits_pb2.Threshold:
+        """One threshold, live or deleted (:class:`~tally_client.ThresholdNotFound`
+        if there is none)."""
+        return await self._call(rq.get_threshold(threshold_id))
+
+    async def get_notification(self, notification_id: str) -> credits_pb2.Notification:
+        """One notification with its delivery status
+        (:class:`~tally_client.NotificationNotFound` if there is none)."""
+        return await self._call(rq.get_notification(notification_id))
+
+    async def delete_threshold(
+        self, account_id: str, threshold_id: str, *, request_id: str | None = None
+    ) -> credits_pb2.Threshold:
+        """Delete a threshold (it fires no more); returns it as deleted."""
+        return await self._call(
+            rq.delete_threshold(account_id, threshold_id, request_id=request_id)
+        )
+
+    async def list_notifications(
+        self, account_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> credits_pb2.ListNotificationsResponse:
+        """One page of the account's threshold notifications, newest first, with
+        their delivery status."""
+        return await self._call(
+            rq.list_notifications(account_id, page_size=page_size, page_token=page_token)
+        )
+
     # --- LedgerService ---------------------------------------------------------
 
     async def list_entries(

@@ -45,6 +45,11 @@ GrantTypeArg = int | str | None
 #: A subscription period: a ``SubscriptionPeriod`` value or ``"monthly"`` / ``"yearly"``
 #: (also ``"month"`` / ``"year"``).
 SubscriptionPeriodArg = int | str | None
+#: What a threshold watches: a ``ThresholdMetric`` value or ``"available_credit"``,
+#: ``"usage_credits"``, ``"usage_requests"`` (any case, ``-`` or ``_``).
+ThresholdMetricArg = int | str | None
+#: The period of a usage threshold: a ``ThresholdPeriod`` value or ``"day"`` / ``"month"``.
+ThresholdPeriodArg = int | str | None
 #: A reservation status: a ``ReservationStatus`` value or ``"pending"``, ``"captured"``,
 #: ``"released"``, ``"expired"`` (any case); ``None`` means any status.
 ReservationStatusArg = int | str | None
@@ -185,6 +190,20 @@ def credit_grant_type(value: GrantTypeArg) -> credits_pb2.CreditGrantType.ValueT
     """Normalize a :data:`GrantTypeArg` to a ``CreditGrantType`` value."""
     return credits_pb2.CreditGrantType.ValueType(
         _enum_value(credits_pb2.CreditGrantType, "CREDIT_GRANT_TYPE_", "grant type", value)
+    )
+
+
+def threshold_metric(value: ThresholdMetricArg) -> credits_pb2.ThresholdMetric.ValueType:
+    """Normalize a :data:`ThresholdMetricArg` to a ``ThresholdMetric`` value."""
+    return credits_pb2.ThresholdMetric.ValueType(
+        _enum_value(credits_pb2.ThresholdMetric, "THRESHOLD_METRIC_", "threshold metric", value)
+    )
+
+
+def threshold_period(value: ThresholdPeriodArg) -> credits_pb2.ThresholdPeriod.ValueType:
+    """Normalize a :data:`ThresholdPeriodArg` to a ``ThresholdPeriod`` value."""
+    return credits_pb2.ThresholdPeriod.ValueType(
+        _enum_value(credits_pb2.ThresholdPeriod, "THRESHOLD_PERIOD_", "threshold period", value)
     )
 
 
@@ -546,6 +565,69 @@ def list_reservations(
         page_token=page_token,
     )
     return Rpc("credits", "ListReservations", req, lambda r: r)
+
+
+def create_threshold(
+    account_id: str,
+    *,
+    metric: ThresholdMetricArg,
+    value: Amount,
+    percent: int = 0,
+    period: ThresholdPeriodArg = None,
+    request_id: str | None = None,
+) -> Rpc[credits_pb2.CreateThresholdResponse, credits_pb2.Threshold]:
+    """``value`` is credits, or a whole number of requests; ``percent`` 0 means 100."""
+    threshold = credits_pb2.Threshold(
+        metric=threshold_metric(metric),
+        value=to_wire(value),
+        percent=percent,
+        period=threshold_period(period),
+    )
+    req = credits_pb2.CreateThresholdRequest(
+        request_id=_request_id(request_id), account_id=account_id, threshold=threshold
+    )
+    return Rpc("credits", "CreateThreshold", req, lambda r: r.threshold, mutating=True)
+
+
+def list_thresholds(
+    account_id: str, *, page_size: int = 0, page_token: str = ""
+) -> Rpc[credits_pb2.ListThresholdsResponse, credits_pb2.ListThresholdsResponse]:
+    req = credits_pb2.ListThresholdsRequest(
+        account_id=account_id, page_size=page_size, page_token=page_token
+    )
+    return Rpc("credits", "ListThresholds", req, lambda r: r)
+
+
+def get_threshold(
+    threshold_id: str,
+) -> Rpc[credits_pb2.GetThresholdResponse, credits_pb2.Threshold]:
+    req = credits_pb2.GetThresholdRequest(threshold_id=threshold_id)
+    return Rpc("credits", "GetThreshold", req, lambda r: r.threshold)
+
+
+def get_notification(
+    notification_id: str,
+) -> Rpc[credits_pb2.GetNotificationResponse, credits_pb2.Notification]:
+    req = credits_pb2.GetNotificationRequest(notification_id=notification_id)
+    return Rpc("credits", "GetNotification", req, lambda r: r.notification)
+
+
+def delete_threshold(
+    account_id: str, threshold_id: str, *, request_id: str | None = None
+) -> Rpc[credits_pb2.DeleteThresholdResponse, credits_pb2.Threshold]:
+    req = credits_pb2.DeleteThresholdRequest(
+        request_id=_request_id(request_id), account_id=account_id, threshold_id=threshold_id
+    )
+    return Rpc("credits", "DeleteThreshold", req, lambda r: r.threshold, mutating=True)
+
+
+def list_notifications(
+    account_id: str, *, page_size: int = 0, page_token: str = ""
+) -> Rpc[credits_pb2.ListNotificationsResponse, credits_pb2.ListNotificationsResponse]:
+    req = credits_pb2.ListNotificationsRequest(
+        account_id=account_id, page_size=page_size, page_token=page_token
+    )
+    return Rpc("credits", "ListNotifications", req, lambda r: r)
 
 
 # --- LedgerService ---------------------------------------------------------

@@ -54,6 +54,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "NotificationNotFound",
     "OutOfRange",
     "PermissionDenied",
     "ProductNotFound",
@@ -64,6 +65,8 @@ __all__ = [
     "ReservationOfUsageEvent",
     "ResourceExhausted",
     "TallyError",
+    "ThresholdNotFound",
+    "TooManyThresholds",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
@@ -296,6 +299,20 @@ class ReloadNotFound(NotFound):
     grpc_reason = reason_of(_R.ERROR_REASON_RELOAD_NOT_FOUND)
 
 
+class ThresholdNotFound(NotFound):
+    grpc_reason = reason_of(_R.ERROR_REASON_THRESHOLD_NOT_FOUND)
+
+
+class NotificationNotFound(NotFound):
+    grpc_reason = reason_of(_R.ERROR_REASON_NOTIFICATION_NOT_FOUND)
+
+
+class TooManyThresholds(FailedPrecondition):
+    """The account has as many live thresholds as it may: delete one first."""
+
+    grpc_reason = reason_of(_R.ERROR_REASON_TOO_MANY_THRESHOLDS)
+
+
 class ReservationOfUsageEvent(FailedPrecondition):
     """The hold belongs to a long job: finish it with CompleteUsage or FailUsage."""
 
@@ -341,6 +358,9 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     EventNotFound,
     GrantNotFound,
     ReloadNotFound,
+    ThresholdNotFound,
+    NotificationNotFound,
+    TooManyThresholds,
     ReservationOfUsageEvent,
     BalanceLimit,
 )

@@ -187,6 +187,14 @@ class Settings:
     reload_backoff_seconds: float = 2.0
     # How long a worker owns a claimed reload before another may take it over.
     reload_lease_seconds: int = 30
+    # Where threshold notifications are delivered (tally.v1.NotificationService,
+    # host:port); empty: recorded and listable, not delivered.
+    notify_target: str = ""
+    notify_timeout_seconds: float = 10.0
+    # First retry delay of a failed delivery; doubles per attempt up to 5 minutes.
+    notify_backoff_seconds: float = 2.0
+    # How long a worker owns a claimed notification before another may take it over.
+    notify_lease_seconds: int = 30
     # Group commit: movements per transaction (1 turns grouping off), how long the first
     # of a group may wait for more (0: a group is what arrived while earlier groups were
     # in the database), and groups in the database at once per process.
@@ -252,6 +260,10 @@ class Settings:
             reload_max_attempts=r.integer("TALLY_RELOAD_MAX_ATTEMPTS", 5, 1),
             reload_backoff_seconds=r.number("TALLY_RELOAD_BACKOFF_SECONDS", 2.0, 0, True),
             reload_lease_seconds=r.integer("TALLY_RELOAD_LEASE_SECONDS", 30, 1),
+            notify_target=r.string("TALLY_NOTIFY_TARGET").strip(),
+            notify_timeout_seconds=r.number("TALLY_NOTIFY_TIMEOUT_SECONDS", 10.0, 0, True),
+            notify_backoff_seconds=r.number("TALLY_NOTIFY_BACKOFF_SECONDS", 2.0, 0, True),
+            notify_lease_seconds=r.integer("TALLY_NOTIFY_LEASE_SECONDS", 30, 1),
             group_max_items=r.integer("TALLY_GROUP_MAX_ITEMS", 64, 1, 1000),
             group_max_wait_ms=r.number("TALLY_GROUP_MAX_WAIT_MS", 0.0, 0),
             group_concurrency=r.integer("TALLY_GROUP_CONCURRENCY", 4, 1, 64),

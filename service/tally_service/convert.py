@@ -227,6 +227,59 @@ def reload_intent(row: models.ReloadIntent) -> credits_pb2.ReloadIntent:
     )
 
 
+THRESHOLD_METRICS = {
+    "available_credit": credits_pb2.THRESHOLD_METRIC_AVAILABLE_CREDIT,
+    "usage_credits": credits_pb2.THRESHOLD_METRIC_USAGE_CREDITS,
+    "usage_requests": credits_pb2.THRESHOLD_METRIC_USAGE_REQUESTS,
+}
+THRESHOLD_METRIC_NAMES = {v: k for k, v in THRESHOLD_METRICS.items()}
+THRESHOLD_PERIODS = {
+    "day": credits_pb2.THRESHOLD_PERIOD_DAY,
+    "month": credits_pb2.THRESHOLD_PERIOD_MONTH,
+}
+THRESHOLD_PERIOD_NAMES = {v: k for k, v in THRESHOLD_PERIODS.items()}
+NOTIFICATION_STATUSES = {
+    "pending": credits_pb2.NOTIFICATION_STATUS_PENDING,
+    "delivered": credits_pb2.NOTIFICATION_STATUS_DELIVERED,
+}
+
+
+def metric_value(metric: str, value: int) -> str:
+    """A threshold's number in its metric's unit: requests whole, credits decimal."""
+    return str(value) if metric == "usage_requests" else format_amount(value)
+
+
+def threshold(row: models.Threshold) -> credits_pb2.Threshold:
+    return credits_pb2.Threshold(
+        threshold_id=str(row.threshold_id),
+        account_id=row.account_id,
+        metric=THRESHOLD_METRICS[row.metric],
+        value=metric_value(row.metric, row.value),
+        percent=row.percent,
+        period=THRESHOLD_PERIODS.get(row.period or "", credits_pb2.THRESHOLD_PERIOD_UNSPECIFIED),
+        fire_at=metric_value(row.metric, row.fire_at),
+        create_time=timestamp(row.created_at),
+        delete_time=timestamp(row.deleted_at),
+    )
+
+
+def notification(row: models.Notification) -> credits_pb2.Notification:
+    return credits_pb2.Notification(
+        notification_id=str(row.notification_id),
+        account_id=row.account_id,
+        threshold_id=str(row.threshold_id),
+        metric=THRESHOLD_METRICS[row.metric],
+        observed=metric_value(row.metric, row.observed),
+        threshold=metric_value(row.metric, row.fire_at),
+        crossed_at=timestamp(row.crossed_at),
+        period_start=timestamp(row.period_start),
+        status=NOTIFICATION_STATUSES[row.status],
+        attempts=row.attempts,
+        error=row.error,
+        deliver_time=timestamp(row.delivered_at),
+    )
+
+
 def subscription(row: models.Subscription | None) -> accounts_pb2.Subscription:
     if row is None:
         return accounts_pb2.Subscription(

@@ -186,6 +186,12 @@ def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -
             f"event {detail['event_id']!r} is already {detail['status']}",
             metadata={k: str(v) for k, v in detail.items()},
         )
+    if sqlstate == "TA429":
+        return errors.TooManyThresholds(
+            f"account {detail['account_id']!r} already has {detail['limit']} thresholds; "
+            "delete one first",
+            metadata={k: str(v) for k, v in detail.items()},
+        )
     if sqlstate == "22003":
         return errors.BalanceLimit("the movement would take the balance out of range")
     if sqlstate == "23505" and "idempotency_keys_pkey" in str(exc):

@@ -34,6 +34,8 @@ NOT_FOUND_REASONS: dict[str, str] = {
     "event": reason_of(R.ERROR_REASON_EVENT_NOT_FOUND),
     "grant": reason_of(R.ERROR_REASON_GRANT_NOT_FOUND),
     "reload": reason_of(R.ERROR_REASON_RELOAD_NOT_FOUND),
+    "threshold": reason_of(R.ERROR_REASON_THRESHOLD_NOT_FOUND),
+    "notification": reason_of(R.ERROR_REASON_NOTIFICATION_NOT_FOUND),
 }
 
 # A quoted value is cut to this many characters (then "…"), and a whole message,
@@ -172,6 +174,11 @@ class ReservationOfUsageEvent(DomainError):
 class BalanceLimit(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = reason_of(R.ERROR_REASON_BALANCE_LIMIT)
+
+
+class TooManyThresholds(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = reason_of(R.ERROR_REASON_TOO_MANY_THRESHOLDS)
 
 
 class DatabaseUnavailable(DomainError):

@@ -78,6 +78,7 @@ ENTRY_TYPES = ("credit", "debit", "adjustment")
 # Outcomes of auto-reload intents; the auto-reload feature may add more. The
 # TallyAutoReloadFailures alert counts outcome="failed".
 AUTO_RELOAD_OUTCOMES = ("succeeded", "failed")
+NOTIFICATION_OUTCOMES = ("delivered", "retry")
 
 INSUFFICIENT_CREDITS = errors.InsufficientCredits.reason
 
@@ -215,6 +216,13 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.notifications = Counter(
+            "tally_notifications_total",
+            "Threshold notification deliveries, by outcome (delivered; retry: the hook "
+            "failed and the delivery is retried later).",
+            ["outcome"],
+            registry=registry,
+        )
         self.db_up = Gauge(
             "tally_db_up",
             "1 while the database answers the health probe, else 0.",
@@ -236,6 +244,11 @@ class Metrics:
             "Unix time of the reload worker's last pass without an error (0: none yet).",
             registry=registry,
         )
+        self.notification_worker_last_success = Gauge(
+            "tally_notification_worker_last_success_timestamp_seconds",
+            "Unix time of the notification worker's last pass without an error (0: none yet).",
+            registry=registry,
+        )
         self.build = Info("tally_build", "The running Tally build.", registry=registry)
         self.build.info({"version": _version(), "python_version": platform.python_version()})
         # The children of the fixed label values, created (at zero) once.
@@ -243,6 +256,8 @@ class Metrics:
         self._entries = {t: self.ledger_entries.labels(t) for t in ENTRY_TYPES}
         for outcome in AUTO_RELOAD_OUTCOMES:
             self.auto_reload_intents.labels(outcome)
+        for outcome in NOTIFICATION_OUTCOMES:
+            self.notifications.labels(outcome)
 
     # -- RPCs -----------------------------------------------------------------------
 

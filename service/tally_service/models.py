@@ -198,6 +198,42 @@ class ReloadIntent(Base):
     charge_id: Mapped[str]
 
 
+class Threshold(Base):
+    __tablename__ = "thresholds"
+
+    threshold_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    account_id: Mapped[str]
+    metric: Mapped[str]
+    value: Mapped[int]
+    percent: Mapped[int] = mapped_column(Integer)
+    fire_at: Mapped[int]
+    period: Mapped[str | None]
+    request_id: Mapped[str]
+    created_at: Mapped[datetime]
+    deleted_at: Mapped[datetime | None]
+    period_start: Mapped[datetime | None]
+    period_value: Mapped[int]
+
+
+class Notification(Base):
+    __tablename__ = "notifications"
+
+    notification_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    account_id: Mapped[str]
+    threshold_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    metric: Mapped[str]
+    observed: Mapped[int]
+    fire_at: Mapped[int]
+    period_start: Mapped[datetime | None]
+    crossed_at: Mapped[datetime]
+    status: Mapped[str]
+    attempts: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str]
+    next_attempt_at: Mapped[datetime]
+    lease_until: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+
+
 M = TypeVar("M", bound=Base)
 
 

@@ -1,16 +1,14 @@
 """Carries out auto-reload intents through a funding hook.
 
 The decision to reload is taken in SQL, in the transaction that lowered available
-credit (see migration 0003); this worker only executes it. It wakes on the
-`tally_reloads` notification sent at that commit (and polls as a fallback), claims an
-intent for a lease, calls the funding hook with the intent id as the idempotency key,
-and records the outcome: a credit on success, a retry with exponential backoff on
-failure, and auto-reload turned off after the last attempt. A crash between claim and
-outcome lets the lease lapse; the intent is then claimed again with the same key.
+credit (see migration 0003); this worker only executes it, in the shape of every
+outbox worker (`outbox.py`: LISTEN `tally_reloads`, claim with a lease, backoff). It
+calls the funding hook with the intent id as the idempotency key and records the
+outcome: a credit on success, a retry with exponential backoff on failure, and
+auto-reload turned off after the last attempt. A crash between claim and outcome lets
+the lease lapse; the intent is then claimed again with the same key.
 """
 
-import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -22,14 +20,11 @@ from sqlalchemy import text
 from tally.v1 import funding_pb2, funding_pb2_grpc
 from tally_service import metrics
 from tally_service.config import ConfigError, Settings
-from tally_service.db import Database, async_url
+from tally_service.db import Database
 from tally_service.money import format_amount
-from tally_service.outage import outage
+from tally_service.outbox import OutboxWorker, backoff_seconds
 
 log = logging.getLogger(__name__)
-
-MAX_BACKOFF_SECONDS = 300.0
-POLL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +89,10 @@ _SUCCEEDED = text("SELECT tally_reload_succeeded(CAST(:intent AS uuid), :charge)
 _FAILED = text("SELECT tally_reload_failed(CAST(:intent AS uuid), :error, :max, :retry)")
 
 
-class ReloadWorker:
+class ReloadWorker(OutboxWorker):
+    channel = "tally_reloads"
+    name = "reload worker"
+
     def __init__(
         self,
         db: Database,
@@ -102,15 +100,13 @@ class ReloadWorker:
         settings: Settings,
         meters: metrics.Metrics | None = None,
     ) -> None:
-        self.db = db
+        super().__init__(db)
         self.hook = hook
         self.settings = settings
         self.meters = meters
-        self._wake = asyncio.Event()
 
     def backoff_seconds(self, attempts: int) -> float:
-        delay: float = self.settings.reload_backoff_seconds * 2 ** max(attempts - 1, 0)
-        return min(delay, MAX_BACKOFF_SECONDS)
+        return backoff_seconds(self.settings.reload_backoff_seconds, attempts)
 
     async def _claim(self) -> Intent | None:
         async with self.db.engine.begin() as conn:
@@ -155,46 +151,6 @@ class ReloadWorker:
             self.meters.ledger_entry("credit")
         return True
 
-    async def _listen(self) -> None:
-        """Wakes the worker on every committed decision (LISTEN tally_reloads)."""
-        import asyncpg
-
-        url = async_url(self.db.engine.url.render_as_string(hide_password=False))
-        while True:
-            try:
-                conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql", 1))
-                try:
-                    closed = asyncio.Event()
-                    conn.add_termination_listener(lambda *_, done=closed: done.set())
-                    await conn.add_listener("tally_reloads", lambda *_: self._wake.set())
-                    await closed.wait()
-                finally:
-                    await conn.close()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not outage.absorb(exc, "reload listener"):
-                    log.warning("reload listener: %s; reconnecting", exc)
-                await asyncio.sleep(POLL_SECONDS)
-
-    async def run(self) -> None:
-        listener = asyncio.create_task(self._listen())
-        try:
-            while True:
-                try:
-                    while await self.run_once():
-                        pass
-                    if self.meters is not None:
-                        self.meters.reload_worker_last_success.set_to_current_time()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    if not outage.absorb(exc, "reload worker"):
-                        log.exception("reload worker failed; will retry")
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+    def after_pass(self) -> None:
+        if self.meters is not None:
+            self.meters.reload_worker_last_success.set_to_current_time()

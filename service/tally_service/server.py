@@ -23,7 +23,7 @@ from tally.v1 import (
     metering_pb2,
     metering_pb2_grpc,
 )
-from tally_service import auth, metrics, reloads, sweeper
+from tally_service import auth, metrics, notifications, reloads, sweeper
 from tally_service.config import ConfigError, Settings
 from tally_service.db import (
     Database,
@@ -316,6 +316,10 @@ async def serve(
             reloads.ReloadWorker(db, reloads.make_hook(settings), settings, meters).run()
         ),
     ]
+    if settings.notify_target:
+        background.append(
+            asyncio.create_task(notifications.NotificationWorker(db, settings, meters).run())
+        )
     await stop.wait()
     log.info("stopping: draining in-flight RPCs for up to %ss", settings.shutdown_grace_seconds)
     await health.enter_graceful_shutdown()

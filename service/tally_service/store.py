@@ -250,6 +250,66 @@ async def get_usage_event(
     return row[0], row[1]
 
 
+async def get_threshold(db: Database, threshold_id: str) -> models.Threshold:
+    async with db.sessions() as session:
+        row = await session.get(models.Threshold, uuid.UUID(threshold_id))
+    if row is None:
+        raise errors.NotFound("threshold", threshold_id)
+    return row
+
+
+async def get_notification(db: Database, notification_id: str) -> models.Notification:
+    async with db.sessions() as session:
+        row = await session.get(models.Notification, uuid.UUID(notification_id))
+    if row is None:
+        raise errors.NotFound("notification", notification_id)
+    return row
+
+
+async def list_thresholds(
+    db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
+) -> list[models.Threshold]:
+    t = models.Threshold
+    query = (
+        select(t)
+        .where(t.account_id == account_id, t.deleted_at.is_(None))
+        .order_by(t.created_at.desc(), t.threshold_id.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(
+            or_(
+                t.created_at < before[0],
+                and_(t.created_at == before[0], t.threshold_id < uuid.UUID(before[1])),
+            )
+        )
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        return list((await session.scalars(query)).all())
+
+
+async def list_notifications(
+    db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
+) -> list[models.Notification]:
+    n = models.Notification
+    query = (
+        select(n)
+        .where(n.account_id == account_id)
+        .order_by(n.crossed_at.desc(), n.notification_id.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(
+            or_(
+                n.crossed_at < before[0],
+                and_(n.crossed_at == before[0], n.notification_id < uuid.UUID(before[1])),
+            )
+        )
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        return list((await session.scalars(query)).all())
+
+
 async def get_subscription(db: Database, account_id: str) -> models.Subscription | None:
     async with db.sessions() as session:
         return await session.get(models.Subscription, account_id)

@@ -273,3 +273,122 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         return credits_pb2.ListReservationsResponse(
             reservations=[convert.reservation(r) for r in rows], next_page_token=token
         )
+
+    async def CreateThreshold(
+        self, request: credits_pb2.CreateThresholdRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.CreateThresholdResponse:
+        spec = request.threshold
+        metric = convert.THRESHOLD_METRIC_NAMES.get(spec.metric)
+        if metric is None:
+            raise InvalidArgument("threshold.metric", "required")
+        percent = spec.percent or 100
+        if not 1 <= percent <= 100:
+            raise InvalidArgument("threshold.percent", "must be from 0 to 100")
+        period = convert.THRESHOLD_PERIOD_NAMES.get(spec.period)
+        if metric == "available_credit":
+            if spec.period:
+                raise InvalidArgument("threshold.period", "must be unset for available credit")
+            if percent != 100:
+                raise InvalidArgument("threshold.percent", "must be 0 or 100 for available credit")
+            value = parse_amount("threshold.value", spec.value, signed=True, allow_zero=True)
+        else:
+            if period is None:
+                raise InvalidArgument("threshold.period", "required for a usage metric")
+            if metric == "usage_requests":
+                if not (spec.value.isascii() and spec.value.isdigit()) or len(spec.value) > 15:
+                    raise InvalidArgument("threshold.value", "must be a whole number of requests")
+                value = int(spec.value)
+                if value <= 0:
+                    raise InvalidArgument("threshold.value", "must be positive")
+            else:
+                value = parse_amount(
+                    "threshold.value", spec.value, limit_micros=MAX_MOVEMENT_MICROS * 1000
+                )
+        response, _ = await self.db.call(
+            "tally_create_threshold",
+            _common("CreateThreshold", request)
+            | {
+                "account_id": validation.account_id(request.account_id),
+                "metric": metric,
+                "value": value,
+                "percent": percent,
+                "period": period,
+            },
+        )
+        row = convert.from_json(models.Threshold, response["threshold"])
+        return credits_pb2.CreateThresholdResponse(threshold=convert.threshold(row))
+
+    async def ListThresholds(
+        self, request: credits_pb2.ListThresholdsRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.ListThresholdsResponse:
+        account_id = validation.account_id(request.account_id)
+        limit = validation.page_size(request.page_size)
+        filters = ["thresholds", account_id]
+        key = pagination.decode(
+            request.page_token, filters, pagination.instant, pagination.uuid_text
+        )
+        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
+        rows = await store.list_thresholds(self.db, account_id, before, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            token = pagination.encode(
+                [last.created_at.isoformat(), str(last.threshold_id)], filters
+            )
+        return credits_pb2.ListThresholdsResponse(
+            thresholds=[convert.threshold(r) for r in rows], next_page_token=token
+        )
+
+    async def GetThreshold(
+        self, request: credits_pb2.GetThresholdRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.GetThresholdResponse:
+        row = await store.get_threshold(
+            self.db, validation.uuid_id(request.threshold_id, "threshold_id")
+        )
+        return credits_pb2.GetThresholdResponse(threshold=convert.threshold(row))
+
+    async def GetNotification(
+        self, request: credits_pb2.GetNotificationRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.GetNotificationResponse:
+        row = await store.get_notification(
+            self.db, validation.uuid_id(request.notification_id, "notification_id")
+        )
+        return credits_pb2.GetNotificationResponse(notification=convert.notification(row))
+
+    async def DeleteThreshold(
+        self, request: credits_pb2.DeleteThresholdRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.DeleteThresholdResponse:
+        threshold_id = validation.uuid_id(request.threshold_id, "threshold_id")
+        response, _ = await self.db.call(
+            "tally_delete_threshold",
+            _common("DeleteThreshold", request)
+            | {
+                "account_id": validation.account_id(request.account_id),
+                "threshold_id": threshold_id,
+            },
+        )
+        row = convert.from_json(models.Threshold, response["threshold"])
+        return credits_pb2.DeleteThresholdResponse(threshold=convert.threshold(row))
+
+    async def ListNotifications(
+        self, request: credits_pb2.ListNotificationsRequest, context: grpc.aio.ServicerContext
+    ) -> credits_pb2.ListNotificationsResponse:
+        account_id = validation.account_id(request.account_id)
+        limit = validation.page_size(request.page_size)
+        filters = ["notifications", account_id]
+        key = pagination.decode(
+            request.page_token, filters, pagination.instant, pagination.uuid_text
+        )
+        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
+        rows = await store.list_notifications(self.db, account_id, before, limit + 1)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            token = pagination.encode(
+                [last.crossed_at.isoformat(), str(last.notification_id)], filters
+            )
+        return credits_pb2.ListNotificationsResponse(
+            notifications=[convert.notification(r) for r in rows], next_page_token=token
+        )
