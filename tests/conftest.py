@@ -4,8 +4,16 @@ PostgreSQL is the embedded pgserver in a temporary directory, or the server name
 TALLY_TEST_DATABASE_URL. Each test session migrates a fresh database of its own.
 """
 
-import asyncio
 import os
+
+# The tests fork (pg_ctl, pgserver, server processes) while gRPC client threads run in this
+# process; gRPC's fork handlers are for a child that keeps using gRPC, which ours never do,
+# and with them on a fork during live calls crashed this process once (a segmentation
+# fault in the PostgreSQL-restart drill). Off before grpc is first imported; the server
+# processes inherit it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import asyncio
 import socket
 import subprocess
 import sys
