@@ -170,6 +170,12 @@ def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -
             f"reservation {detail['reservation_id']} is {detail['status']}, not pending",
             metadata={k: str(v) for k, v in detail.items()},
         )
+    if sqlstate == "TA423":
+        return errors.ReservationOfUsageEvent(
+            f"reservation {detail['reservation_id']} holds credit for usage event "
+            f"{detail['event_id']!r}; finish it with CompleteUsage or FailUsage",
+            metadata={k: str(v) for k, v in detail.items()},
+        )
     if sqlstate == "TA422":
         return errors.CaptureExceedsHold(
             "amount",

@@ -327,25 +327,6 @@ async def get_reservation(db: Database, reservation_id: str) -> models.Hold:
     return hold
 
 
-async def refuse_usage_hold(db: Database, reservation_id: str) -> None:
-    """Raises ReservationOfUsageEvent when the hold is the reservation of a usage event
-    still open (StartUsage). The link is written with the hold and never changes, and an
-    event finishes in the same transaction as its hold, so this read cannot go stale in
-    a way that matters: a hold found here is one Capture/Release must not touch."""
-    query = text(
-        "SELECT event_id FROM usage_events WHERE reservation_id = CAST(:id AS uuid) "
-        "AND status IN ('pending', 'processing') LIMIT 1"
-    )
-    async with db.sessions() as session:
-        event_id = (await session.execute(query, {"id": reservation_id})).scalar_one_or_none()
-    if event_id is not None:
-        raise errors.ReservationOfUsageEvent(
-            f"reservation {reservation_id} holds credit for usage event {event_id!r}; "
-            "finish it with CompleteUsage or FailUsage",
-            metadata={"reservation_id": reservation_id, "event_id": event_id},
-        )
-
-
 async def list_entries(
     db: Database,
     account_id: str,

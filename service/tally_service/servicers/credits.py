@@ -61,7 +61,6 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     ) -> credits_pb2.CaptureResponse:
         common = _common("Capture", request)
         reservation_id = validation.reservation_id(request.reservation_id)
-        await store.refuse_usage_hold(self.db, reservation_id)
         response, _ = await self.db.call(
             "tally_capture",
             common
@@ -86,7 +85,6 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     ) -> credits_pb2.ReleaseResponse:
         common = _common("Release", request)
         reservation_id = validation.reservation_id(request.reservation_id)
-        await store.refuse_usage_hold(self.db, reservation_id)
         response, _ = await self.db.call(
             "tally_release", common | {"reservation_id": reservation_id}
         )

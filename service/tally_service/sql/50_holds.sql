@@ -100,6 +100,18 @@ BEGIN
     RETURN h;
 END $$;
 
+-- NULL unless the hold is the reservation of a usage event still open (StartUsage); then
+-- the refusal: Capture and Release leave such a hold to CompleteUsage / FailUsage. Read
+-- under the account's lock, so the event's state cannot change meanwhile.
+CREATE OR REPLACE FUNCTION tally_refuse_usage_hold(h holds) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT tally_refusal('TA423', json_build_object(
+        'reservation_id', h.reservation_id, 'event_id', e.event_id))
+    FROM usage_events e
+    WHERE e.reservation_id = h.reservation_id AND e.status IN ('pending', 'processing')
+    LIMIT 1
+$$;
+
 -- NULL if the hold is pending, else the refusal to return.
 CREATE OR REPLACE FUNCTION tally_require_pending(h holds) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
@@ -122,7 +134,7 @@ BEGIN
         RETURN tally_not_found('reservation', p_reservation_id::text);
     END IF;
     r := coalesce(tally_replay(p_request_id, 'Capture', p_fingerprint),
-                  tally_require_pending(h));
+                  tally_refuse_usage_hold(h), tally_require_pending(h));
     IF r IS NOT NULL THEN
         RETURN r;
     END IF;
@@ -156,7 +168,7 @@ BEGIN
         RETURN tally_not_found('reservation', p_reservation_id::text);
     END IF;
     r := coalesce(tally_replay(p_request_id, 'Release', p_fingerprint),
-                  tally_require_pending(h));
+                  tally_refuse_usage_hold(h), tally_require_pending(h));
     IF r IS NOT NULL THEN
         RETURN r;
     END IF;
