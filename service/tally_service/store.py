@@ -151,26 +151,37 @@ async def list_grants(db: Database, account_id: str, include_spent: bool) -> lis
         return list((await session.scalars(query)).all())
 
 
+async def _newest_first(
+    db: Database,
+    account_id: str,
+    model: Any,
+    at: Any,
+    key: Any,
+    before: tuple[datetime, str] | None,
+    limit: int,
+    *conditions: Any,
+) -> list[Any]:
+    """One page of an account's rows, newest first (`at`, then `key`, a UUID, descending),
+    after the keyset `before` (AIP-158 tokens decode to it); NOT_FOUND for an unknown
+    account."""
+    query = (
+        select(model)
+        .where(model.account_id == account_id, *conditions)
+        .order_by(at.desc(), key.desc())
+        .limit(limit)
+    )
+    if before is not None:
+        query = query.where(or_(at < before[0], and_(at == before[0], key < uuid.UUID(before[1]))))
+    async with db.sessions() as session:
+        await _account(session, account_id)
+        return list((await session.scalars(query)).all())
+
+
 async def list_reloads(
     db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
 ) -> list[models.ReloadIntent]:
     r = models.ReloadIntent
-    query = (
-        select(r)
-        .where(r.account_id == account_id)
-        .order_by(r.created_at.desc(), r.intent_id.desc())
-        .limit(limit)
-    )
-    if before is not None:
-        query = query.where(
-            or_(
-                r.created_at < before[0],
-                and_(r.created_at == before[0], r.intent_id < uuid.UUID(before[1])),
-            )
-        )
-    async with db.sessions() as session:
-        await _account(session, account_id)
-        return list((await session.scalars(query)).all())
+    return await _newest_first(db, account_id, r, r.created_at, r.intent_id, before, limit)
 
 
 async def get_grant(db: Database, grant_id: str) -> models.Grant:
@@ -204,24 +215,10 @@ async def list_reservations(
     so a status filter sees a pending hold past its expiry as expired."""
     await catch_up(db, account_id)
     h = models.Hold
-    query = (
-        select(h)
-        .where(h.account_id == account_id)
-        .order_by(h.created_at.desc(), h.reservation_id.desc())
-        .limit(limit)
+    conditions = [] if status is None else [h.status == status]
+    return await _newest_first(
+        db, account_id, h, h.created_at, h.reservation_id, before, limit, *conditions
     )
-    if status is not None:
-        query = query.where(h.status == status)
-    if before is not None:
-        query = query.where(
-            or_(
-                h.created_at < before[0],
-                and_(h.created_at == before[0], h.reservation_id < uuid.UUID(before[1])),
-            )
-        )
-    async with db.sessions() as session:
-        await _account(session, account_id)
-        return list((await session.scalars(query)).all())
 
 
 async def get_product(db: Database, product_id: str) -> models.Product:
@@ -269,45 +266,17 @@ async def get_notification(db: Database, notification_id: str) -> models.Notific
 async def list_thresholds(
     db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
 ) -> list[models.Threshold]:
-    t = models.Threshold
-    query = (
-        select(t)
-        .where(t.account_id == account_id, t.deleted_at.is_(None))
-        .order_by(t.created_at.desc(), t.threshold_id.desc())
-        .limit(limit)
+    m = models.Threshold
+    return await _newest_first(
+        db, account_id, m, m.created_at, m.threshold_id, before, limit, m.deleted_at.is_(None)
     )
-    if before is not None:
-        query = query.where(
-            or_(
-                t.created_at < before[0],
-                and_(t.created_at == before[0], t.threshold_id < uuid.UUID(before[1])),
-            )
-        )
-    async with db.sessions() as session:
-        await _account(session, account_id)
-        return list((await session.scalars(query)).all())
 
 
 async def list_notifications(
     db: Database, account_id: str, before: tuple[datetime, str] | None, limit: int
 ) -> list[models.Notification]:
     n = models.Notification
-    query = (
-        select(n)
-        .where(n.account_id == account_id)
-        .order_by(n.crossed_at.desc(), n.notification_id.desc())
-        .limit(limit)
-    )
-    if before is not None:
-        query = query.where(
-            or_(
-                n.crossed_at < before[0],
-                and_(n.crossed_at == before[0], n.notification_id < uuid.UUID(before[1])),
-            )
-        )
-    async with db.sessions() as session:
-        await _account(session, account_id)
-        return list((await session.scalars(query)).all())
+    return await _newest_first(db, account_id, n, n.crossed_at, n.notification_id, before, limit)
 
 
 async def get_subscription(db: Database, account_id: str) -> models.Subscription | None:
