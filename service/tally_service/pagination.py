@@ -16,7 +16,7 @@ import json
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from tally_service import validation
 from tally_service.errors import InvalidArgument
@@ -28,6 +28,7 @@ MAX_TEXT_CHARS = 256
 BIGINT_MAX = 2**63 - 1
 
 Kind = Callable[[Any], Any]
+R = TypeVar("R")
 
 
 def _malformed() -> InvalidArgument:
@@ -106,3 +107,22 @@ def decode(token: str, filters: Any, kind: Kind, *more: Kind) -> tuple[Any, ...]
     if type(values) is not list or len(values) != len(kinds):
         raise _malformed()
     return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
+
+
+def decode_newest_first(token: str, filters: Any) -> tuple[datetime, str] | None:
+    """The keyset of a newest-first page token: (instant, UUID text), or None for the first
+    page."""
+    key = decode(token, filters, instant, uuid_text)
+    return (key[0], key[1]) if key else None
+
+
+def newest_first_page(
+    rows: list[R], limit: int, filters: Any, key_of: Callable[[R], tuple[datetime, Any]]
+) -> tuple[list[R], str]:
+    """The page of `rows` (fetched with `limit + 1`) and the token of the next one (empty
+    when none follows): the last row's (instant, id) bound to the filters."""
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    at, key = key_of(rows[-1])
+    return rows, encode([at.isoformat(), str(key)], filters)

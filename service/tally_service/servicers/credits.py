@@ -214,21 +214,14 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     ) -> credits_pb2.ListReloadsResponse:
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
-        key = pagination.decode(
-            request.page_token,
-            ["reloads", account_id],
-            pagination.instant,
-            pagination.uuid_text,
+        filters = ["reloads", account_id]
+        before = pagination.decode_newest_first(request.page_token, filters)
+        rows, token = pagination.newest_first_page(
+            await store.list_reloads(self.db, account_id, before, limit + 1),
+            limit,
+            filters,
+            lambda r: (r.created_at, r.intent_id),
         )
-        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
-        rows = await store.list_reloads(self.db, account_id, before, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1]
-            token = pagination.encode(
-                [last.created_at.isoformat(), str(last.intent_id)], ["reloads", account_id]
-            )
         return credits_pb2.ListReloadsResponse(
             reloads=[convert.reload_intent(r) for r in rows], next_page_token=token
         )
@@ -256,18 +249,13 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
             status = convert.RESERVATION_STATUS_NAMES[request.status]
         limit = validation.page_size(request.page_size)
         filters = ["reservations", account_id, status]
-        key = pagination.decode(
-            request.page_token, filters, pagination.instant, pagination.uuid_text
+        before = pagination.decode_newest_first(request.page_token, filters)
+        rows, token = pagination.newest_first_page(
+            await store.list_reservations(self.db, account_id, status, before, limit + 1),
+            limit,
+            filters,
+            lambda r: (r.created_at, r.reservation_id),
         )
-        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
-        rows = await store.list_reservations(self.db, account_id, status, before, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1]
-            token = pagination.encode(
-                [last.created_at.isoformat(), str(last.reservation_id)], filters
-            )
         return credits_pb2.ListReservationsResponse(
             reservations=[convert.reservation(r) for r in rows], next_page_token=token
         )
@@ -322,18 +310,13 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
         filters = ["thresholds", account_id]
-        key = pagination.decode(
-            request.page_token, filters, pagination.instant, pagination.uuid_text
+        before = pagination.decode_newest_first(request.page_token, filters)
+        rows, token = pagination.newest_first_page(
+            await store.list_thresholds(self.db, account_id, before, limit + 1),
+            limit,
+            filters,
+            lambda r: (r.created_at, r.threshold_id),
         )
-        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
-        rows = await store.list_thresholds(self.db, account_id, before, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1]
-            token = pagination.encode(
-                [last.created_at.isoformat(), str(last.threshold_id)], filters
-            )
         return credits_pb2.ListThresholdsResponse(
             thresholds=[convert.threshold(r) for r in rows], next_page_token=token
         )
@@ -375,18 +358,13 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         account_id = validation.account_id(request.account_id)
         limit = validation.page_size(request.page_size)
         filters = ["notifications", account_id]
-        key = pagination.decode(
-            request.page_token, filters, pagination.instant, pagination.uuid_text
+        before = pagination.decode_newest_first(request.page_token, filters)
+        rows, token = pagination.newest_first_page(
+            await store.list_notifications(self.db, account_id, before, limit + 1),
+            limit,
+            filters,
+            lambda r: (r.crossed_at, r.notification_id),
         )
-        before: tuple[datetime, str] | None = (key[0], key[1]) if key else None
-        rows = await store.list_notifications(self.db, account_id, before, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1]
-            token = pagination.encode(
-                [last.crossed_at.isoformat(), str(last.notification_id)], filters
-            )
         return credits_pb2.ListNotificationsResponse(
             notifications=[convert.notification(r) for r in rows], next_page_token=token
         )
