@@ -705,26 +705,14 @@ def stats_plan(url: str, case: UsageCase) -> list[str]:
     """EXPLAIN ANALYZE of tally_service.usage's statistics query for ``case``."""
     from tally_service import ranges, usage
 
-    sql = getattr(usage, "_STATS", None)
-    if not isinstance(sql, str):
-        return ["(tally_service.usage has no _STATS query to explain)"]
-    inner_start, inner_end = ranges.ceil_bucket(case.start), ranges.floor_bucket(case.end)
-    if inner_start >= inner_end:
-        inner_start = inner_end = case.end
-    params: dict[str, Any] = {
-        "account_id": BIG_ACCOUNT,
-        "start": case.start,
-        "end": case.end,
-        "inner_start": inner_start,
-        "inner_end": inner_end,
-        "unit": ranges.PERIOD_UNITS[case.period],
-        "zone": BIG_TIME_ZONE,
-    }
-    product_filter = ""
-    if case.product_id:
-        product_filter = "AND product_id = :product_id"
-        params["product_id"] = case.product_id
-    return metering_data.explain(url, sql.format(product_filter=product_filter), params)
+    sql, params = usage.stats_query(
+        BIG_ACCOUNT,
+        ranges.Range(case.start, case.end),
+        ranges.PERIOD_UNITS[case.period],
+        ZoneInfo(BIG_TIME_ZONE),
+        case.product_id,
+    )
+    return metering_data.explain(url, sql, params)
 
 
 # -- export -------------------------------------------------------------------------------

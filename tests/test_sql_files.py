@@ -16,6 +16,8 @@ _TRIGGER_FUNCTIONS = {
     "tally_stamp_caller",
     "tally_accounts_thresholds",  # 0010: pass movements to sql/65_thresholds.sql
     "tally_rollups_thresholds",
+    "tally_rollups_days",  # 0011: usage_days beside usage_rollups
+    "tally_accounts_usage_days",
 }
 
 

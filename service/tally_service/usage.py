@@ -1,13 +1,18 @@
-"""Usage statistics: exact totals over any range, from rollups plus raw edge events.
+"""Usage statistics: exact totals over any range, from whole-day and 15-minute rollups
+plus raw edge events.
 
-Whole 15-minute buckets inside the range come from `usage_rollups`; the partial
-buckets at its edges come from `usage_events` itself, so a range that starts or ends
-at any instant is still exact. Periods are truncated in the account's time zone.
+The whole local days inside the range (in the account's time zone) come from
+`usage_days`; the partial days at its edges from `usage_rollups` (their whole 15-minute
+buckets) and `usage_events` itself (the partial buckets at the very edges), so a range
+that starts or ends at any instant is still exact. A year is then about 365 rows per
+product and endpoint, two days of quarter-hours and a few raw events, whatever the
+number of events. Periods (day, month, year: none shorter than a day) are truncated in
+the account's time zone.
 """
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, cast
 from zoneinfo import ZoneInfo
@@ -20,26 +25,103 @@ from tally_service.db import Database
 from tally_service.money import MICROS_PER_CREDIT, format_amount
 from tally_service.ranges import Range, ceil_bucket, floor_bucket
 
+# Whole days are read from usage_days only from here on: since then every zone's offset
+# is a multiple of 15 minutes, so local days are whole 15-minute buckets (the last
+# exceptions: Africa/Monrovia at -0:44:30 until 1972, Pacific/Kiritimati at -10:40 until
+# October 1979). A range reaching back before it reads its days before it quarter-hour
+# by quarter-hour, as every range did before usage_days.
+DAYS_SINCE = datetime(1980, 1, 1, tzinfo=UTC)
+# The periods made of whole local days (date_trunc units); a shorter one (an hour) would
+# read everything from the 15-minute rollups.
+DAY_UNITS = frozenset({"day", "week", "month", "quarter", "year"})
+
+# The parts of a range, each summed where it is cheapest, all in local time: whole days
+# [first_day, last_day) from usage_days; the edges [start_n, end_n) (n = 1, 2: before
+# and after the whole days) from their whole buckets [inner_start_n, inner_end_n) in
+# usage_rollups and from raw events in the rest. Every condition is one index range.
 _STATS = """
 WITH parts AS (
-    SELECT bucket_start AS t, product_id, endpoint, requests, successful, failed, credits,
+    SELECT day::timestamp AS t, product_id, endpoint, requests, successful, failed, credits,
            quantity
-    FROM usage_rollups
-    WHERE account_id = :account_id AND bucket_start >= :inner_start
-      AND bucket_start < :inner_end {product_filter}
+    FROM usage_days
+    WHERE account_id = :account_id AND day >= :first_day AND day < :last_day
+      {product_filter}
     UNION ALL
-    SELECT started_at, product_id, endpoint, 1, success::int, (NOT success)::int, credits,
-           quantity
+    SELECT bucket_start AT TIME ZONE :zone, product_id, endpoint, requests, successful, failed,
+           credits, quantity
+    FROM usage_rollups
+    WHERE account_id = :account_id AND bucket_start >= :inner_start_1
+      AND bucket_start < :inner_end_1 {product_filter}
+    UNION ALL
+    SELECT bucket_start AT TIME ZONE :zone, product_id, endpoint, requests, successful, failed,
+           credits, quantity
+    FROM usage_rollups
+    WHERE account_id = :account_id AND bucket_start >= :inner_start_2
+      AND bucket_start < :inner_end_2 {product_filter}
+    UNION ALL
+    SELECT started_at AT TIME ZONE :zone, product_id, endpoint, 1, success::int,
+           (NOT success)::int, credits, quantity
     FROM usage_events
     WHERE account_id = :account_id AND status IN ('completed', 'failed')
-      AND ((started_at >= :start AND started_at < :inner_start)
-           OR (started_at >= :inner_end AND started_at < :end)) {product_filter}
+      AND ((started_at >= :start_1 AND started_at < :inner_start_1)
+           OR (started_at >= :inner_end_1 AND started_at < :end_1)
+           OR (started_at >= :start_2 AND started_at < :inner_start_2)
+           OR (started_at >= :inner_end_2 AND started_at < :end_2)) {product_filter}
 )
-SELECT date_trunc(:unit, t AT TIME ZONE :zone) AS period, product_id, endpoint,
+SELECT date_trunc(:unit, t) AS period, product_id, endpoint,
        sum(requests)::bigint, sum(successful)::bigint, sum(failed)::bigint,
        sum(credits)::bigint, sum(quantity)::bigint
 FROM parts GROUP BY 1, 2, 3
 """
+
+
+def whole_days(r: Range, zone: ZoneInfo) -> tuple[date, date] | None:
+    """The local days [first, last) that lie wholly inside r (none before DAYS_SINCE)."""
+    start = max(r.start, DAYS_SINCE)
+    if start >= r.end:
+        return None
+    first = start.astimezone(zone).date()
+    if ranges.midnight(first, zone) < start:
+        first += timedelta(days=1)
+    last = r.end.astimezone(zone).date()  # the day r.end falls in starts at or before it
+    return (first, last) if first < last else None
+
+
+def _edge(n: int, start: datetime, end: datetime) -> dict[str, datetime]:
+    """The parameters of edge n, [start, end): its whole buckets and the rest."""
+    inner_start, inner_end = ceil_bucket(start), floor_bucket(end)
+    if inner_start >= inner_end:
+        inner_start = inner_end = end
+    return {
+        f"start_{n}": start,
+        f"end_{n}": end,
+        f"inner_start_{n}": inner_start,
+        f"inner_end_{n}": inner_end,
+    }
+
+
+def stats_query(
+    account_id: str, r: Range, unit: str, zone: ZoneInfo, product_id: str
+) -> tuple[str, dict[str, Any]]:
+    """The statistics query of a range, and its parameters."""
+    params: dict[str, Any] = {"account_id": account_id, "unit": unit, "zone": zone.key}
+    days = whole_days(r, zone) if unit in DAY_UNITS else None
+    if days is None:
+        # No whole day: one edge, the whole range.
+        params.update(first_day=date(2000, 1, 1), last_day=date(2000, 1, 1))
+        params.update(_edge(1, r.start, r.end) | _edge(2, r.end, r.end))
+    else:
+        first, last = days
+        params.update(first_day=first, last_day=last)
+        params.update(
+            _edge(1, r.start, ranges.midnight(first, zone))
+            | _edge(2, ranges.midnight(last, zone), r.end)
+        )
+    product_filter = ""
+    if product_id:
+        product_filter = "AND product_id = :product_id"
+        params["product_id"] = product_id
+    return _STATS.format(product_filter=product_filter), params
 
 
 _EXPIRE_OVERDUE = text(
@@ -78,29 +160,14 @@ class Stats:
 async def stats(
     db: Database, account_id: str, r: Range, unit: str, zone: ZoneInfo, product_id: str
 ) -> Stats:
-    inner_start, inner_end = ceil_bucket(r.start), floor_bucket(r.end)
-    if inner_start >= inner_end:
-        inner_start = inner_end = r.end
-    params: dict[str, Any] = {
-        "account_id": account_id,
-        "start": r.start,
-        "end": r.end,
-        "inner_start": inner_start,
-        "inner_end": inner_end,
-        "unit": unit,
-        "zone": zone.key,
-    }
-    product_filter = ""
-    if product_id:
-        product_filter = "AND product_id = :product_id"
-        params["product_id"] = product_id
+    sql, params = stats_query(account_id, r, unit, zone, product_id)
     result = Stats()
     async with db.engine.connect() as conn:
         # Write down holds past their expiry first, so their events count as failed now
         # rather than when the sweeper next runs (a no-op without overdue holds).
         await conn.execute(_EXPIRE_OVERDUE, {"account_id": account_id})
         await conn.commit()
-        rows = await conn.execute(text(_STATS.format(product_filter=product_filter)), params)
+        rows = await conn.execute(text(sql), params)
         for period, product, endpoint, *numbers in rows:
             totals = Totals(*numbers)
             result.total.add(totals)
