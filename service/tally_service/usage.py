@@ -39,6 +39,8 @@ DAY_UNITS = frozenset({"day", "week", "month", "quarter", "year"})
 # [first_day, last_day) from usage_days; the edges [start_n, end_n) (n = 1, 2: before
 # and after the whole days) from their whole buckets [inner_start_n, inner_end_n) in
 # usage_rollups and from raw events in the rest. Every condition is one index range.
+# Summed twice: per period, and per product and endpoint (the totals), so that the
+# server adds up a few hundred rows, not one per period, product and endpoint.
 _STATS = """
 WITH parts AS (
     SELECT day::timestamp AS t, product_id, endpoint, requests, successful, failed, credits,
@@ -68,10 +70,11 @@ WITH parts AS (
            OR (started_at >= :start_2 AND started_at < :inner_start_2)
            OR (started_at >= :inner_end_2 AND started_at < :end_2)) {product_filter}
 )
-SELECT date_trunc(:unit, t) AS period, product_id, endpoint,
-       sum(requests)::bigint, sum(successful)::bigint, sum(failed)::bigint,
-       sum(credits)::bigint, sum(quantity)::bigint
-FROM parts GROUP BY 1, 2, 3
+SELECT grouping(period) = 1, period, product_id, endpoint, sum(requests)::bigint,
+       sum(successful)::bigint, sum(failed)::bigint, sum(credits)::bigint,
+       sum(quantity)::bigint
+FROM (SELECT date_trunc(:unit, t) AS period, * FROM parts) p
+GROUP BY GROUPING SETS ((period), (product_id, endpoint))
 """
 
 
@@ -168,13 +171,15 @@ async def stats(
         await conn.execute(_EXPIRE_OVERDUE, {"account_id": account_id})
         await conn.commit()
         rows = await conn.execute(text(sql), params)
-        for period, product, endpoint, *numbers in rows:
+        for per_product, period, product, endpoint, *numbers in rows:
             totals = Totals(*numbers)
+            if not per_product:
+                result.by_period[period] = totals
+                continue
             result.total.add(totals)
-            result.by_period[period].add(totals)
             result.by_endpoint[endpoint].add(totals)
             result.by_product[product].add(totals)
-            result.by_product_endpoint[(product, endpoint)].add(totals)
+            result.by_product_endpoint[(product, endpoint)] = totals
     return result
 
 
@@ -203,15 +208,12 @@ async def usage_response(
         response.requests_by_product[product] = t.requests
         response.credits_by_product[product] = format_amount(t.credits)
     starts = ranges.period_starts(r, unit, zone)
+    # Each period's bounds: its local start's instant (once each), clipped to the range.
+    bounds = [max(r.start, ranges.midnight(local.date(), zone)) for local in starts]
+    bounds.append(r.end)
     for i, local_start in enumerate(starts):
-        begin = max(r.start, ranges.midnight(local_start.date(), zone))
-        end = (
-            min(r.end, ranges.midnight(starts[i + 1].date(), zone))
-            if i + 1 < len(starts)
-            else r.end
-        )
         t = s.by_period.get(local_start, Totals())
-        response.buckets.append(totals_message(t, begin, end))
+        response.buckets.append(totals_message(t, bounds[i], min(r.end, bounds[i + 1])))
     return response
 
 
