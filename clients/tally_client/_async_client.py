@@ -475,8 +475,29 @@ class AsyncTallyClient:
     async def list_grants(
         self, account_id: str, *, include_spent: bool = False
     ) -> list[credits_pb2.CreditGrant]:
-        """The account's grants in draw order; ``include_spent`` adds spent and expired ones."""
-        return await self._call(rq.list_grants(account_id, include_spent=include_spent))
+        """All of the account's grants in draw order (page after page); ``include_spent``
+        adds spent and expired ones."""
+        return [g async for g in self.iter_grants(account_id, include_spent=include_spent)]
+
+    async def iter_grants(
+        self, account_id: str, *, include_spent: bool = False, page_size: int = 0
+    ) -> AsyncIterator[credits_pb2.CreditGrant]:
+        """The account's grants in draw order, fetching page after page."""
+        token = ""
+        while True:
+            page = await self._call(
+                rq.list_grants(
+                    account_id,
+                    include_spent=include_spent,
+                    page_size=page_size,
+                    page_token=token,
+                )
+            )
+            for grant in page.grants:
+                yield grant
+            token = page.next_page_token
+            if not token:
+                return
 
     async def set_auto_reload(
         self,

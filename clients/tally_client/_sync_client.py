@@ -434,8 +434,29 @@ class TallyClient:
     def list_grants(
         self, account_id: str, *, include_spent: bool = False
     ) -> list[credits_pb2.CreditGrant]:
-        """The account's grants in draw order; ``include_spent`` adds spent and expired ones."""
-        return self._call(rq.list_grants(account_id, include_spent=include_spent))
+        """All of the account's grants in draw order (page after page); ``include_spent``
+        adds spent and expired ones."""
+        return [g for g in self.iter_grants(account_id, include_spent=include_spent)]
+
+    def iter_grants(
+        self, account_id: str, *, include_spent: bool = False, page_size: int = 0
+    ) -> Iterator[credits_pb2.CreditGrant]:
+        """The account's grants in draw order, fetching page after page."""
+        token = ""
+        while True:
+            page = self._call(
+                rq.list_grants(
+                    account_id,
+                    include_spent=include_spent,
+                    page_size=page_size,
+                    page_token=token,
+                )
+            )
+            for grant in page.grants:
+                yield grant
+            token = page.next_page_token
+            if not token:
+                return
 
     def set_auto_reload(
         self,

@@ -2,10 +2,10 @@
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, func, literal, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tally_service import errors, models
@@ -135,17 +135,31 @@ async def get_balance_at(
     )
 
 
-async def list_grants(db: Database, account_id: str, include_spent: bool) -> list[models.Grant]:
+# Draw order (sql/40_grants.sql): priority, then the earliest expiry (none last), then
+# the oldest; the grant id breaks ties so that the order, and so a keyset, is total.
+NO_EXPIRY = datetime.max.replace(tzinfo=UTC)
+
+
+async def list_grants(
+    db: Database,
+    account_id: str,
+    include_spent: bool,
+    after: tuple[int, datetime | None, datetime, str] | None,
+    limit: int,
+) -> list[models.Grant]:
+    """One page of the account's grants in draw order, after the keyset `after`
+    (priority, expiry or None, created_at, grant id)."""
     await catch_up(db, account_id)
     g = models.Grant
-    query = (
-        select(g)
-        .where(g.account_id == account_id)
-        .order_by(g.priority, g.expires_at.asc().nulls_last(), g.created_at, g.grant_id)
-        .limit(1000)
-    )
+    expiry = func.coalesce(g.expires_at, literal(NO_EXPIRY))
+    key = tuple_(g.priority, expiry, g.created_at, g.grant_id)
+    query = select(g).where(g.account_id == account_id).order_by(*key.clauses).limit(limit)
     if not include_spent:
         query = query.where(g.remaining > 0)
+    if after is not None:
+        priority, expires_at, created_at, grant_id = after
+        bound = (priority, expires_at or NO_EXPIRY, created_at, uuid.UUID(grant_id))
+        query = query.where(key > tuple_(*bound))
     async with db.sessions() as session:
         await _account(session, account_id)
         return list((await session.scalars(query)).all())

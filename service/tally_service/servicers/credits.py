@@ -173,10 +173,37 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def ListGrants(
         self, request: credits_pb2.ListGrantsRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.ListGrantsResponse:
-        rows = await store.list_grants(
-            self.db, validation.account_id(request.account_id), request.include_spent
+        account_id = validation.account_id(request.account_id)
+        limit = validation.page_size(request.page_size)
+        filters = ["grants", account_id, request.include_spent]
+        after = pagination.decode(
+            request.page_token,
+            filters,
+            pagination.small_integer,
+            pagination.optional_instant,
+            pagination.instant,
+            pagination.uuid_text,
         )
-        return credits_pb2.ListGrantsResponse(grants=[convert.grant(r) for r in rows])
+        rows, token = pagination.page(
+            await store.list_grants(
+                self.db,
+                account_id,
+                request.include_spent,
+                (after[0], after[1], after[2], after[3]) if after else None,
+                limit + 1,
+            ),
+            limit,
+            filters,
+            lambda g: [
+                g.priority,
+                g.expires_at.isoformat() if g.expires_at else None,
+                g.created_at.isoformat(),
+                str(g.grant_id),
+            ],
+        )
+        return credits_pb2.ListGrantsResponse(
+            grants=[convert.grant(r) for r in rows], next_page_token=token
+        )
 
     async def SetAutoReload(
         self, request: credits_pb2.SetAutoReloadRequest, context: grpc.aio.ServicerContext
