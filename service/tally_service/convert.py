@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
-from tally_service import models, store
+from tally_service import models, reads
 from tally_service.money import format_amount
 
 ENTRY_TYPES = {
@@ -146,7 +146,7 @@ def auto_reload(a: models.Account) -> credits_pb2.AutoReloadSettings:
     )
 
 
-def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
+def credit_balance(b: reads.Balance) -> credits_pb2.CreditBalance:
     a = b.account
     return credits_pb2.CreditBalance(
         account_id=a.account_id,
@@ -162,7 +162,7 @@ def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
     )
 
 
-def credit_balance_at(b: store.BalanceAt) -> credits_pb2.CreditBalance:
+def credit_balance_at(b: reads.BalanceAt) -> credits_pb2.CreditBalance:
     """The balance at a past instant: grant totals are not kept per instant, so
     subscription_credits and purchased_credits stay empty."""
     a = b.account

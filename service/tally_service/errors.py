@@ -1,6 +1,6 @@
 """Domain errors, and the one place they become gRPC statuses (AIP-193).
 
-Handlers and the store raise these; ``interceptors.ErrorMappingInterceptor`` turns them
+Handlers and the read queries raise these; ``interceptors.ErrorMappingInterceptor`` turns them
 into a ``google.rpc.Status`` with an ``ErrorInfo`` (and a ``BadRequest`` for validation).
 Every ``ErrorInfo.reason`` is derived from the ``tally.v1.ErrorReason`` enum
 (``protos/tally/v1/error_reason.proto``): the value's name without ``ERROR_REASON_``.
@@ -25,7 +25,7 @@ def reason_of(value: "error_reason_pb2.ErrorReason.ValueType") -> str:
     return R.Name(value).removeprefix(REASON_PREFIX)
 
 
-#: The reason of NOT_FOUND for each resource the store and the money functions name.
+#: The reason of NOT_FOUND for each resource the read queries and the money functions name.
 NOT_FOUND_REASONS: dict[str, str] = {
     "account": reason_of(R.ERROR_REASON_ACCOUNT_NOT_FOUND),
     "reservation": reason_of(R.ERROR_REASON_RESERVATION_NOT_FOUND),

@@ -142,10 +142,11 @@ def newest_first_page(
 
 
 def page(
-    rows: list[R], limit: int, filters: Any, key_of: Callable[[R], list[Any]]
+    rows: list[R], limit: int, filters: Any, key_of: Callable[[R], Any]
 ) -> tuple[list[R], str]:
     """The page of `rows` (fetched with `limit + 1`) and the token of the next one (empty
-    when none follows), carrying the last row's key (JSON values) bound to the filters."""
+    when none follows), carrying the last row's key bound to the filters: one JSON value
+    for a one-kind key, a list of them for a longer one (as `decode` reads it back)."""
     if len(rows) <= limit:
         return rows, ""
     rows = rows[:limit]

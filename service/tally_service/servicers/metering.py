@@ -9,7 +9,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import grpc
-from sqlalchemy import and_, or_, select
 
 from tally.v1 import ledger_pb2, metering_pb2, metering_pb2_grpc
 from tally_service import (
@@ -19,8 +18,8 @@ from tally_service import (
     models,
     pagination,
     ranges,
+    reads,
     reports,
-    store,
     usage,
     validation,
 )
@@ -181,15 +180,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.ListProductsResponse:
         limit = validation.page_size(request.page_size)
         key = pagination.decode(request.page_token, "products", pagination.short_text)
-        query = select(models.Product).order_by(models.Product.product_id).limit(limit + 1)
-        if key is not None:
-            query = query.where(models.Product.product_id > key[0])
-        async with self.db.sessions() as session:
-            rows = list((await session.scalars(query)).all())
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = pagination.encode(rows[-1].product_id, "products")
+        rows, token = pagination.page(
+            await reads.list_products(self.db, key[0] if key else None, limit + 1),
+            limit,
+            "products",
+            lambda p: p.product_id,
+        )
         return metering_pb2.ListProductsResponse(
             products=[convert.product(r) for r in rows], next_page_token=token
         )
@@ -523,7 +519,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def GetUsage(
         self, request: metering_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.GetUsageResponse:
-        account = await store.get_account(self.db, validation.account_id(request.account_id))
+        account = await reads.get_account(self.db, validation.account_id(request.account_id))
         r = self._range(request, account)
         product_id = (
             validation.product_id(request.product_id, "product_id") if request.product_id else ""
@@ -541,7 +537,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if request.recent_events < 0:
             raise errors.InvalidArgument("recent_events", "must not be negative")
         recent = min(request.recent_events or 10, 100)
-        balance = await store.get_balance(self.db, account_id)
+        balance = await reads.get_balance(self.db, account_id)
         account = balance.account
         zone = ZoneInfo(account.time_zone)
         now = _now()
@@ -550,7 +546,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             r = ranges.preset_range(preset, zone, now)
             s = await usage.stats(self.db, account_id, r, "month", zone, "")
             months.append(usage.totals_message(s.total, r.start, r.end))
-        events = await _events(self.db, account_id, None, None, "", None, recent)
+        events = await reads.list_usage_events(self.db, account_id, None, None, "", None, recent)
         return metering_pb2.GetUsageSummaryResponse(
             account=convert.account(account),
             balance=convert.credit_balance(balance),
@@ -583,7 +579,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if key is not None:
             cursor = (key[0], key[1])
             start, end = key[2], key[3]
-        account = await store.get_account(self.db, account_id)
+        account = await reads.get_account(self.db, account_id)
         # Days are the account's calendar days (a range across a DST change may be
         # 7 x 24 hours plus or minus one).
         zone = ZoneInfo(account.time_zone)
@@ -606,15 +602,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 f"the range may span at most {days} days of the account's time zone "
                 f"({account.time_zone})",
             )
-        rows = await _events(self.db, account_id, start, end, product_id, cursor, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1][0]
-            token = pagination.encode(
-                [last.started_at.isoformat(), last.event_id, start.isoformat(), end.isoformat()],
-                filters,
-            )
+        rows = await reads.list_usage_events(
+            self.db, account_id, start, end, product_id, cursor, limit + 1
+        )
+        rows, token = pagination.page(
+            rows,
+            limit,
+            filters,
+            lambda row: [
+                row[0].started_at.isoformat(),
+                row[0].event_id,
+                start.isoformat(),
+                end.isoformat(),
+            ],
+        )
         return metering_pb2.ListUsageEventsResponse(
             events=[convert.usage_event(e, expires_at) for e, expires_at in rows],
             next_page_token=token,
@@ -623,7 +624,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ExportUsageReport(
         self, request: metering_pb2.ExportUsageReportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[metering_pb2.ExportUsageReportResponse]:
-        account = await store.get_account(self.db, validation.account_id(request.account_id))
+        account = await reads.get_account(self.db, validation.account_id(request.account_id))
         r = self._range(request, account)
         days = self.settings.usage_export_max_days
         if not ranges.within_days(r, days, ZoneInfo(account.time_zone)):
@@ -661,13 +662,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def GetProduct(
         self, request: metering_pb2.GetProductRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.GetProductResponse:
-        row = await store.get_product(self.db, validation.product_id(request.product_id))
+        row = await reads.get_product(self.db, validation.product_id(request.product_id))
         return metering_pb2.GetProductResponse(product=convert.product(row))
 
     async def GetUsageEvent(
         self, request: metering_pb2.GetUsageEventRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.GetUsageEventResponse:
-        row, expires_at = await store.get_usage_event(
+        row, expires_at = await reads.get_usage_event(
             self.db,
             validation.account_id(request.account_id),
             validation.event_id(request.event_id, "event_id"),
@@ -688,36 +689,3 @@ def _asks_for_gzip(context: grpc.aio.ServicerContext) -> bool:
         if key == RESPONSE_COMPRESSION_KEY and value == "gzip":
             return True
     return False
-
-
-async def _events(
-    db: Database,
-    account_id: str,
-    start: datetime | None,
-    end: datetime | None,
-    product_id: str,
-    before: tuple[datetime, str] | None,
-    limit: int,
-) -> list[tuple[models.UsageEvent, datetime | None]]:
-    """Events newest first, each with its hold's expiry (for not-yet-swept expiries)."""
-    e = models.UsageEvent
-    conditions: list[Any] = [e.account_id == account_id]
-    if start is not None:
-        conditions.append(e.started_at >= start)
-    if end is not None:
-        conditions.append(e.started_at < end)
-    if product_id:
-        conditions.append(e.product_id == product_id)
-    if before is not None:
-        conditions.append(
-            or_(e.started_at < before[0], and_(e.started_at == before[0], e.event_id < before[1]))
-        )
-    query = (
-        select(e, models.Hold.expires_at)
-        .outerjoin(models.Hold, models.Hold.reservation_id == e.reservation_id)
-        .where(and_(*conditions))
-        .order_by(e.started_at.desc(), e.event_id.desc())
-        .limit(limit)
-    )
-    async with db.sessions() as session:
-        return [(row[0], row[1]) for row in (await session.execute(query)).all()]

@@ -1,4 +1,5 @@
-"""Read queries. Each opens its own session (one per RPC) and answers model objects."""
+"""Every read query of the service (reads.py is their one home): each opens its own
+session or connection (one per RPC) and answers model objects or plain values."""
 
 import uuid
 from dataclasses import dataclass
@@ -472,3 +473,67 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         entry_count=int(ledger.entries),
         violations=violations,
     )
+
+
+async def list_products(db: Database, after: str | None, limit: int) -> list[models.Product]:
+    """Products by id, after the id `after`."""
+    query = select(models.Product).order_by(models.Product.product_id).limit(limit)
+    if after is not None:
+        query = query.where(models.Product.product_id > after)
+    async with db.sessions() as session:
+        return list((await session.scalars(query)).all())
+
+
+async def list_usage_events(
+    db: Database,
+    account_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    product_id: str,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> list[tuple[models.UsageEvent, datetime | None]]:
+    """Events newest first, each with its hold's expiry (for not-yet-swept expiries)."""
+    e = models.UsageEvent
+    conditions: list[Any] = [e.account_id == account_id]
+    if start is not None:
+        conditions.append(e.started_at >= start)
+    if end is not None:
+        conditions.append(e.started_at < end)
+    if product_id:
+        conditions.append(e.product_id == product_id)
+    if before is not None:
+        conditions.append(
+            or_(e.started_at < before[0], and_(e.started_at == before[0], e.event_id < before[1]))
+        )
+    query = (
+        select(e, models.Hold.expires_at)
+        .outerjoin(models.Hold, models.Hold.reservation_id == e.reservation_id)
+        .where(and_(*conditions))
+        .order_by(e.started_at.desc(), e.event_id.desc())
+        .limit(limit)
+    )
+    async with db.sessions() as session:
+        return [(row[0], row[1]) for row in (await session.execute(query)).all()]
+
+
+_DUE_ACCOUNTS = text(
+    "SELECT DISTINCT account_id FROM ("
+    "  (SELECT account_id FROM holds"
+    "   WHERE status = 'pending' AND expires_at <= clock_timestamp()"
+    "   ORDER BY expires_at LIMIT :limit)"
+    "  UNION ALL"
+    "  (SELECT account_id FROM grants"
+    "   WHERE remaining > 0 AND NOT expired AND expires_at <= clock_timestamp()"
+    "   ORDER BY expires_at LIMIT :limit)"
+    "  UNION ALL"
+    "  (SELECT account_id FROM accounts WHERE subscription_renews_at <= clock_timestamp()"
+    "   LIMIT :limit)) due"
+)
+
+
+async def due_accounts(db: Database, limit: int) -> list[str]:
+    """Accounts with a hold or grant past its expiry or a subscription period to renew
+    (up to `limit` of each kind), for the sweeper."""
+    async with db.engine.connect() as conn:
+        return list((await conn.execute(_DUE_ACCOUNTS, {"limit": limit})).scalars())
