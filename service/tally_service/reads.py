@@ -1,16 +1,21 @@
 """Every read query of the service (reads.py is their one home): each opens its own
 session or connection (one per RPC) and answers model objects or plain values."""
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import and_, func, literal, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tally_service import errors, models
-from tally_service.db import Database
+from tally_service.db import Database, translate_state
+from tally_service.ranges import Range
 
 
 async def _account(session: AsyncSession, account_id: str) -> models.Account:
@@ -537,3 +542,69 @@ async def due_accounts(db: Database, limit: int) -> list[str]:
     (up to `limit` of each kind), for the sweeper."""
     async with db.engine.connect() as conn:
         return list((await conn.execute(_DUE_ACCOUNTS, {"limit": limit})).scalars())
+
+
+FETCH_ROWS = 2000
+# started_at comes as the text Python's datetime.isoformat() gives for a UTC instant
+# ("2026-11-30T09:15:02.123456+00:00", without the fraction when it is zero), formatted
+# by PostgreSQL: the server process's one core is the limit, and this is its largest
+# per-row cost otherwise.
+_EXPORT_ROWS = """
+SELECT event_id,
+       to_char(started_at AT TIME ZONE 'UTC',
+               CASE WHEN date_trunc('second', started_at) = started_at
+                    THEN 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'
+                    ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"' END),
+       product_id, endpoint, status, status_code, message, quantity, credits,
+       processing_time_ms
+FROM usage_events
+WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
+  AND status IN ('completed', 'failed'){product}
+ORDER BY started_at, event_id
+"""
+
+
+async def usage_event_rows(
+    db: Database, account_id: str, r: Range, product_id: str
+) -> AsyncIterator[list[Any]]:
+    """The completed and failed events of the range, oldest first, as export rows, in
+    batches of FETCH_ROWS from a server-side cursor (reports.py formats them)."""
+    args: list[Any] = [account_id, r.start, r.end]
+    product = ""
+    if product_id:
+        args.append(product_id)
+        product = " AND product_id = $4"
+    query = _EXPORT_ROWS.format(product=product)
+    try:
+        async with db.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            async with driver.transaction(isolation="repeatable_read", readonly=True):
+                # The rows in the index's order, never a sort of the whole range
+                # before the first row (whose FETCH the statement timeout bounds).
+                await driver.execute("SET LOCAL enable_sort = off")
+                cursor = await driver.cursor(query, *args)
+                rows = await cursor.fetch(FETCH_ROWS)
+                while rows:
+                    # The next FETCH is sent before this batch is formatted, so
+                    # PostgreSQL produces it while this process formats.
+                    following = asyncio.ensure_future(cursor.fetch(FETCH_ROWS))
+                    await asyncio.sleep(0)
+                    try:
+                        yield rows
+                    finally:
+                        if not following.done():
+                            with contextlib.suppress(Exception):
+                                await asyncio.shield(following)
+                    rows = following.result()
+    except asyncpg.PostgresError as exc:
+        raise _export_error(exc) from None
+    except (OSError, asyncpg.InterfaceError):
+        raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
+
+
+def _export_error(exc: asyncpg.PostgresError) -> Exception:
+    error = translate_state(exc.sqlstate or "", getattr(exc, "detail", None), exc)
+    if isinstance(error, errors.DomainError):
+        return error
+    return errors.DatabaseUnavailable("contention; retry")
