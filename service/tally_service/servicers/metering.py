@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import grpc
 
-from tally.v1 import ledger_pb2, metering_pb2, metering_pb2_grpc
+from tally.v1 import metering_pb2, metering_pb2_grpc
 from tally_service import (
     convert,
     errors,
@@ -26,7 +26,7 @@ from tally_service import (
 from tally_service.auth import current_caller
 from tally_service.config import Settings
 from tally_service.db import Database, insufficient_credits
-from tally_service.money import format_amount, parse_amount
+from tally_service.money import parse_amount
 
 MAX_BATCH = 1000
 # Events of a stream recorded together (one call of tally_record_usage).
@@ -48,15 +48,6 @@ _EMPTY_METADATA: dict[str, Any] = {}
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class Written:
-    """Positions in a result row of an event `tally_record_usage` wrote (sql/80_usage.sql):
-    [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
-    balance_after, entry_created_at, product_id, status]."""
-
-    INDEX, OF, DUPLICATE, CREDITS, CREDIT_TYPE, CREATED_AT = range(6)
-    ENTRY_ID, SEQUENCE, BALANCE_AFTER, ENTRY_CREATED_AT, PRODUCT_ID, STATUS = range(6, 12)
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -239,74 +230,6 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             )
         return insufficient_credits({**result, "account_id": item["account_id"]})
 
-    @staticmethod
-    def _result_message(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
-        """A response from full rows (an event recorded before, a finished job)."""
-        message = metering_pb2.RecordUsageResponse(
-            event=convert.usage_event(convert.from_json(models.UsageEvent, result["event"])),
-            duplicate=bool(result.get("duplicate")),
-        )
-        if result.get("entry"):
-            message.entry.CopyFrom(convert.entry_from_row(result["entry"]))
-        return message
-
-    @staticmethod
-    def _written_message(
-        row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any]
-    ) -> metering_pb2.RecordUsageResponse:
-        """The response for an event written by this call, from the event as sent
-        (`event` and its `item`: the one that was written, of which this result may be
-        a duplicate) and what the database decided (`row`, see `Written`): the same
-        message a later replay builds from the stored rows (`_result_message`)."""
-        message = metering_pb2.RecordUsageResponse(duplicate=row[Written.DUPLICATE])
-        out = message.event
-        out.CopyFrom(event)
-        out.DiscardUnknownFields()
-        out.request_metadata.SetInParent()  # present even when empty, as in a replay
-        out.result_metadata.SetInParent()
-        out.status = convert.USAGE_STATUSES[item["status"]]
-        out.success = item["success"]
-        out.quantity = item["quantity"]
-        charge: int = row[Written.CREDITS]
-        out.credits = format_amount(charge)
-        out.credit_type = convert.CREDIT_TYPES[row[Written.CREDIT_TYPE]]
-        convert.set_time(out.start_time, datetime.fromisoformat(item["started_at"]))
-        if item["completed_at"] is None:
-            out.ClearField("complete_time")
-        else:
-            convert.set_time(out.complete_time, datetime.fromisoformat(item["completed_at"]))
-        out.processing_time_ms = item["processing_time_ms"]
-        convert.set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
-        entry_id = row[Written.ENTRY_ID]
-        out.entry_id = entry_id or 0
-        out.reservation_id = ""
-        if entry_id:
-            # The debit tally_record_usage wrote for this charge (same description,
-            # reference and metadata; the caller as the ledger_entries_caller trigger
-            # stamps it).
-            entry = message.entry
-            entry.entry_id = entry_id
-            entry.account_id = item["account_id"]
-            entry.sequence = row[Written.SEQUENCE]
-            entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
-            entry.amount = format_amount(-charge)
-            entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
-            endpoint = item["endpoint"]
-            product = item["product_id"]
-            entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
-            entry.reference = item["event_id"]
-            entry.request_id = item["event_id"]
-            fields = entry.metadata.fields
-            fields["event_id"].string_value = item["event_id"]
-            fields["product_id"].string_value = product
-            caller = current_caller.get()
-            if caller:
-                fields["caller"].string_value = caller
-            convert.set_time(
-                entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT])
-            )
-        return message
-
     async def RecordUsage(
         self, request: metering_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.RecordUsageResponse:
@@ -315,8 +238,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if "error" in result:
             raise self._item_error(result, item)
         if isinstance(result, list):
-            return self._written_message(result, request.event, item)
-        return self._result_message(result)
+            return convert.usage_written(result, request.event, item, current_caller.get())
+        return convert.usage_replayed(result)
 
     def _items(
         self, events: list[metering_pb2.UsageEvent], first_index: int
@@ -343,10 +266,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         by_index = {item["index"]: item for item in items}
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
-                index, of = result[Written.INDEX], result[Written.OF]
+                index, of = result[convert.Written.INDEX], result[convert.Written.OF]
                 out = metering_pb2.UsageResult(index=index, event_id=by_index[index]["event_id"])
                 out.result.CopyFrom(
-                    self._written_message(result, events[of - first_index], by_index[of])
+                    convert.usage_written(
+                        result, events[of - first_index], by_index[of], current_caller.get()
+                    )
                 )
                 results[index] = out
                 continue
@@ -356,7 +281,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             if "error" in result:
                 out.status.CopyFrom(self._item_error(result, item).to_rpc_status())
             else:
-                out.result.CopyFrom(self._result_message(result))
+                out.result.CopyFrom(convert.usage_replayed(result))
             results[index] = out
         return [results[first_index + i] for i in range(len(events))]
 
@@ -370,7 +295,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         recorded = duplicates = 0
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
-                if result[Written.DUPLICATE]:
+                if result[convert.Written.DUPLICATE]:
                     duplicates += 1
                 else:
                     recorded += 1
@@ -501,7 +426,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def CompleteUsage(
         self, request: metering_pb2.CompleteUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.CompleteUsageResponse:
-        result = self._result_message(await self._finish(request, "CompleteUsage", "completed"))
+        result = convert.usage_replayed(await self._finish(request, "CompleteUsage", "completed"))
         return metering_pb2.CompleteUsageResponse(
             event=result.event, entry=result.entry if result.HasField("entry") else None
         )
@@ -509,7 +434,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def FailUsage(
         self, request: metering_pb2.FailUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.FailUsageResponse:
-        result = self._result_message(await self._finish(request, "FailUsage", "failed"))
+        result = convert.usage_replayed(await self._finish(request, "FailUsage", "failed"))
         return metering_pb2.FailUsageResponse(
             event=result.event, entry=result.entry if result.HasField("entry") else None
         )
