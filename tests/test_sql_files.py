@@ -16,6 +16,8 @@ _TRIGGER_FUNCTIONS = {
     "tally_stamp_caller",
     "tally_accounts_thresholds",  # 0010: pass movements to sql/65_thresholds.sql
     "tally_rollups_thresholds",
+    "tally_rollups_inserted_reports",  # 0012: pass changes to sql/85_reports.sql
+    "tally_rollups_updated_reports",
 }
 
 

@@ -1050,6 +1050,26 @@ class AsyncTallyClient:
             if not token:
                 return
 
+    async def get_period_report(
+        self,
+        account_id: str,
+        year: int,
+        month: int,
+        day: int = 0,
+        *,
+        period: rq.UsagePeriodArg = None,
+        version: int = 0,
+    ) -> metering_pb2.PeriodReport:
+        """The usage report of a closed day or month of the account's time zone (the
+        one holding the local date ``year``-``month``-``day``; ``day`` may be 0 for a
+        month), at ``version`` (0: the latest). The first call freezes version 1; later
+        writes into the period make new versions, each with its ``changes``.
+        :class:`~tally_client.PeriodNotClosed` for a period that has not ended,
+        :class:`~tally_client.ReportVersionNotFound` for a version past the latest."""
+        return await self._call(
+            rq.get_period_report(account_id, year, month, day, period=period, version=version)
+        )
+
     def export_usage_report(
         self,
         account_id: str,

@@ -984,6 +984,26 @@ def list_usage_events(
     return Rpc("metering", "ListUsageEvents", req, lambda r: r)
 
 
+def get_period_report(
+    account_id: str,
+    year: int,
+    month: int,
+    day: int = 0,
+    *,
+    period: UsagePeriodArg = None,
+    version: int = 0,
+) -> Rpc[metering_pb2.GetPeriodReportResponse, metering_pb2.PeriodReport]:
+    req = metering_pb2.GetPeriodReportRequest(
+        account_id=account_id,
+        period=usage_period(period),
+        year=year,
+        month=month,
+        day=day,
+        version=version,
+    )
+    return Rpc("metering", "GetPeriodReport", req, lambda r: r.report)
+
+
 def export_usage_report(
     account_id: str,
     *,

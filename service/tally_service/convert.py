@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
-from tally_service import models, reads
+from tally_service import models, period_reports, reads
 from tally_service.money import format_amount
 
 ENTRY_TYPES = {
@@ -417,3 +417,32 @@ def usage_written(
             fields["caller"].string_value = caller
         set_time(entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT]))
     return message
+
+
+def period_report_line(line: period_reports.Line) -> metering_pb2.PeriodReportLine:
+    return metering_pb2.PeriodReportLine(
+        product_id=line.product_id,
+        endpoint=line.endpoint,
+        total_requests=line.requests,
+        successful_requests=line.successful,
+        failed_requests=line.failed,
+        credits_consumed=format_amount(line.credits),
+        quantity=line.quantity,
+    )
+
+
+def period_report(
+    report: period_reports.Report, totals: metering_pb2.UsageTotals
+) -> metering_pb2.PeriodReport:
+    """One version of a period report (`totals`: the totals of its lines)."""
+    return metering_pb2.PeriodReport(
+        account_id=report.account_id,
+        period=report.period,  # type: ignore[arg-type]
+        time_zone=report.time_zone,
+        version=report.version,
+        latest_version=report.latest_version,
+        create_time=timestamp(report.created_at),
+        totals=totals,
+        lines=[period_report_line(line) for line in report.lines],
+        changes=[period_report_line(line) for line in report.changes],
+    )

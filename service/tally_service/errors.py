@@ -36,6 +36,7 @@ NOT_FOUND_REASONS: dict[str, str] = {
     "reload": reason_of(R.ERROR_REASON_RELOAD_NOT_FOUND),
     "threshold": reason_of(R.ERROR_REASON_THRESHOLD_NOT_FOUND),
     "notification": reason_of(R.ERROR_REASON_NOTIFICATION_NOT_FOUND),
+    "report_version": reason_of(R.ERROR_REASON_REPORT_VERSION_NOT_FOUND),
 }
 
 # A quoted value is cut to this many characters (then "…"), and a whole message,
@@ -179,6 +180,13 @@ class BalanceLimit(DomainError):
 class TooManyThresholds(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = reason_of(R.ERROR_REASON_TOO_MANY_THRESHOLDS)
+
+
+class PeriodNotClosed(DomainError):
+    """A period report was asked for before the period ended."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = reason_of(R.ERROR_REASON_PERIOD_NOT_CLOSED)
 
 
 class DatabaseUnavailable(DomainError):

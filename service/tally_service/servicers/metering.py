@@ -17,6 +17,7 @@ from tally_service import (
     fingerprint,
     models,
     pagination,
+    period_reports,
     ranges,
     reads,
     reports,
@@ -599,6 +600,25 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             validation.event_id(request.event_id, "event_id"),
         )
         return metering_pb2.GetUsageEventResponse(event=convert.usage_event(row, expires_at))
+
+    async def GetPeriodReport(
+        self, request: metering_pb2.GetPeriodReportRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetPeriodReportResponse:
+        account_id = validation.account_id(request.account_id)
+        if request.version < 0:
+            raise errors.InvalidArgument("version", "must not be negative")
+        account = await reads.get_account(self.db, account_id)
+        p = period_reports.period_of(
+            request.period, request.year, request.month, request.day, ZoneInfo(account.time_zone)
+        )
+        report = await period_reports.get(self.db, account, p, request.version, _now())
+        t = report.total()
+        totals = usage.totals_message(
+            usage.Totals(t.requests, t.successful, t.failed, t.credits, t.quantity),
+            report.start,
+            report.end,
+        )
+        return metering_pb2.GetPeriodReportResponse(report=convert.period_report(report, totals))
 
 
 # How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told
