@@ -20,6 +20,7 @@ from tally_client import (
     ReportVersionNotFound,
     TallyClient,
 )
+from tally_client.cli import main as tallyctl
 from tests.conftest import ServerProcess
 from tests.test_metering import call, event, product, record, ts
 from tests.test_metering_races import fire
@@ -284,6 +285,36 @@ def test_an_expired_hold_makes_a_version(client: TallyClient, metering: Stub) ->
     if not v1.lines:
         assert latest.version == 2 and changes(latest) == lines(latest)
     assert same_totals(latest.totals, live_totals(metering, latest))
+
+
+def test_tallyctl_period_report(
+    server: ServerProcess,
+    client: TallyClient,
+    metering: Stub,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    acct = account(client)
+    pan = product(metering, "1.5")
+    day = local_day(2)
+    record(metering, event(acct, pan, endpoint="/face", start_time=ts(at(day, 6))))
+    target = ["--target", server.target]
+    assert tallyctl([*target, "period-report", acct, day.isoformat()]) == 0
+    out = capsys.readouterr().out
+    assert "version:" in out and "1 of 1" in out and "/face" in out and "1.5" in out
+    record(metering, event(acct, pan, start_time=ts(at(day, 7))))
+    assert tallyctl([*target, "period-report", acct, day.isoformat()]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2" in out and "Changes from version 1:" in out
+    assert (
+        tallyctl([*target, "-o", "json", "period-report", acct, day.isoformat(), "--version", "1"])
+        == 0
+    )
+    assert '"latestVersion": 2' in capsys.readouterr().out
+    today = local_day(0)
+    assert tallyctl([*target, "period-report", acct, today.strftime("%Y-%m")]) == 1
+    assert "PERIOD_NOT_CLOSED" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tallyctl([*target, "period-report", acct, "last-month"])
 
 
 def test_open_periods_are_refused(client: TallyClient, metering: Stub) -> None:
