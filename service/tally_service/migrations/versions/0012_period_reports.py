@@ -9,9 +9,10 @@ Version 1's changes are the whole period as it stood when it was frozen.
 
 Every usage write passes through `usage_rollups`, so two statement-level triggers on it
 (INSERT, and UPDATE for the DO UPDATE of an upsert; both fire for one upsert) see every
-change, once per statement, from their transition tables. They join the touched
-buckets to the reports whose period holds them (an index probe per bucket; a period
-never reported costs nothing more) and pass the differences on to
+change, once per statement, from their transition tables. A statement whose buckets
+all lie after the latest end of any report (every live write) stops at one index probe;
+else each touched (account, bucket) before it is probed against the account's reports,
+and the differences for the reports whose period holds the bucket are passed on to
 `tally_reports_changed` (sql/85_reports.sql).
 
 Revision ID: 0012
@@ -46,8 +47,7 @@ CREATE TABLE period_reports (
     UNIQUE (account_id, period, local_start),
     CHECK (period_start < period_end)
 );
--- The triggers' probe: reports of the account whose period ends after the bucket (a
--- bucket of now ends every closed period, so a live write finds nothing at once).
+-- Reports of the account whose period ends after a bucket.
 CREATE INDEX period_reports_by_end ON period_reports (account_id, period_end);
 
 CREATE TABLE period_report_versions (
@@ -84,16 +84,33 @@ CREATE TYPE tally_report_delta AS (
     quantity   bigint
 );
 
+-- The triggers' probes. First the latest end of any report: a statement whose buckets
+-- all lie at or after it (every live write, as reports are of closed periods) stops
+-- there. Else, for each distinct (account, bucket) before it, the account's reports
+-- ending after the bucket (one index probe each, forced by OFFSET 0: joined as sets,
+-- a large statement would scan every report).
+CREATE INDEX period_reports_end ON period_reports (period_end);
+
 CREATE FUNCTION tally_rollups_inserted_reports() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    v_until timestamptz := (SELECT max(period_end) FROM period_reports);
     v_deltas tally_report_delta[];
 BEGIN
+    IF v_until IS NULL OR NOT EXISTS (SELECT 1 FROM new_rollups WHERE bucket_start < v_until)
+    THEN
+        RETURN NULL;
+    END IF;
     SELECT array_agg(ROW(h.report_id, n.product_id, n.endpoint, n.requests, n.successful,
                          n.failed, n.credits, n.quantity)::tally_report_delta)
     INTO v_deltas
-    FROM new_rollups n
-    JOIN period_reports h ON h.account_id = n.account_id AND h.period_end > n.bucket_start
-                         AND h.period_start <= n.bucket_start;
+    FROM (SELECT DISTINCT account_id, bucket_start FROM new_rollups
+          WHERE bucket_start < v_until) t
+    CROSS JOIN LATERAL (
+        SELECT r.report_id FROM period_reports r
+        WHERE r.account_id = t.account_id AND r.period_end > t.bucket_start
+          AND r.period_start <= t.bucket_start
+        OFFSET 0) h
+    JOIN new_rollups n ON n.account_id = t.account_id AND n.bucket_start = t.bucket_start;
     IF v_deltas IS NOT NULL THEN
         PERFORM tally_reports_changed(v_deltas);
     END IF;
@@ -105,15 +122,25 @@ CREATE TRIGGER usage_rollups_reports_insert AFTER INSERT ON usage_rollups
 
 CREATE FUNCTION tally_rollups_updated_reports() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    v_until timestamptz := (SELECT max(period_end) FROM period_reports);
     v_deltas tally_report_delta[];
 BEGIN
+    IF v_until IS NULL OR NOT EXISTS (SELECT 1 FROM new_rollups WHERE bucket_start < v_until)
+    THEN
+        RETURN NULL;
+    END IF;
     SELECT array_agg(ROW(h.report_id, n.product_id, n.endpoint, n.requests - o.requests,
                          n.successful - o.successful, n.failed - o.failed,
                          n.credits - o.credits, n.quantity - o.quantity)::tally_report_delta)
     INTO v_deltas
-    FROM new_rollups n
-    JOIN period_reports h ON h.account_id = n.account_id AND h.period_end > n.bucket_start
-                         AND h.period_start <= n.bucket_start
+    FROM (SELECT DISTINCT account_id, bucket_start FROM new_rollups
+          WHERE bucket_start < v_until) t
+    CROSS JOIN LATERAL (
+        SELECT r.report_id FROM period_reports r
+        WHERE r.account_id = t.account_id AND r.period_end > t.bucket_start
+          AND r.period_start <= t.bucket_start
+        OFFSET 0) h
+    JOIN new_rollups n ON n.account_id = t.account_id AND n.bucket_start = t.bucket_start
     JOIN old_rollups o ON o.account_id = n.account_id AND o.bucket_start = n.bucket_start
                       AND o.product_id = n.product_id AND o.endpoint = n.endpoint;
     IF v_deltas IS NOT NULL THEN
