@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
-from tally_service import models, period_reports, reads
+from tally_service import models, reads
 from tally_service.money import format_amount
 
 ENTRY_TYPES = {
@@ -419,7 +419,7 @@ def usage_written(
     return message
 
 
-def period_report_line(line: period_reports.Line) -> metering_pb2.PeriodReportLine:
+def period_report_line(line: reads.ReportLine) -> metering_pb2.PeriodReportLine:
     return metering_pb2.PeriodReportLine(
         product_id=line.product_id,
         endpoint=line.endpoint,
@@ -431,13 +431,19 @@ def period_report_line(line: period_reports.Line) -> metering_pb2.PeriodReportLi
     )
 
 
+REPORT_PERIODS = {
+    "day": metering_pb2.USAGE_PERIOD_DAILY,
+    "month": metering_pb2.USAGE_PERIOD_MONTHLY,
+}
+
+
 def period_report(
-    report: period_reports.Report, totals: metering_pb2.UsageTotals
+    report: reads.PeriodReportVersion, totals: metering_pb2.UsageTotals
 ) -> metering_pb2.PeriodReport:
     """One version of a period report (`totals`: the totals of its lines)."""
     return metering_pb2.PeriodReport(
         account_id=report.account_id,
-        period=report.period,  # type: ignore[arg-type]
+        period=REPORT_PERIODS[report.unit],
         time_zone=report.time_zone,
         version=report.version,
         latest_version=report.latest_version,

@@ -6,7 +6,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
@@ -608,3 +608,107 @@ def _export_error(exc: asyncpg.PostgresError) -> Exception:
     if isinstance(error, errors.DomainError):
         return error
     return errors.DatabaseUnavailable("contention; retry")
+
+
+# -- period reports (period_reports.py freezes them) ---------------------------------
+
+_FIND_PERIOD_REPORT = text(
+    "SELECT report_id FROM period_reports "
+    "WHERE account_id = :account_id AND period = :period AND local_start = :local_start"
+)
+_PERIOD_REPORT_HEAD = text(
+    "SELECT h.account_id, h.period, h.time_zone, h.period_start, h.period_end, h.version, "
+    "       v.version, v.created_at "
+    "FROM period_reports h "
+    "LEFT JOIN period_report_versions v "
+    "  ON v.report_id = h.report_id AND v.version = coalesce(:version, h.version) "
+    "WHERE h.report_id = :report_id"
+)
+_PERIOD_REPORT_SUMS = """
+SELECT product_id, endpoint, sum(requests)::bigint, sum(successful)::bigint,
+       sum(failed)::bigint, sum(credits)::bigint, sum(quantity)::bigint
+FROM period_report_changes
+WHERE report_id = :report_id AND {versions}
+GROUP BY product_id, endpoint
+HAVING sum(requests) <> 0 OR sum(successful) <> 0 OR sum(failed) <> 0
+    OR sum(credits) <> 0 OR sum(quantity) <> 0
+ORDER BY product_id, endpoint
+"""
+_PERIOD_REPORT_LINES = text(_PERIOD_REPORT_SUMS.format(versions="version <= :version"))
+_PERIOD_REPORT_CHANGES = text(
+    _PERIOD_REPORT_SUMS.format(versions="version = :version AND version > 1")
+)
+
+
+@dataclass
+class ReportLine:
+    """Usage of one product and endpoint in a period report (or, in `changes`, its
+    difference from the previous version)."""
+
+    product_id: str
+    endpoint: str
+    requests: int = 0
+    successful: int = 0
+    failed: int = 0
+    credits: int = 0
+    quantity: int = 0
+
+    def add(self, other: "ReportLine") -> None:
+        self.requests += other.requests
+        self.successful += other.successful
+        self.failed += other.failed
+        self.credits += other.credits
+        self.quantity += other.quantity
+
+
+@dataclass
+class PeriodReportVersion:
+    account_id: str
+    unit: str  # "day" or "month"
+    time_zone: str
+    start: datetime
+    end: datetime
+    version: int
+    latest_version: int
+    created_at: datetime
+    lines: list[ReportLine]
+    changes: list[ReportLine]
+
+    def total(self) -> ReportLine:
+        out = ReportLine("", "")
+        for line in self.lines:
+            out.add(line)
+        return out
+
+
+async def find_period_report(
+    db: Database, account_id: str, unit: str, local_start: date
+) -> int | None:
+    """The id of the account's report of the period, if it was ever frozen."""
+    params = {"account_id": account_id, "period": unit, "local_start": local_start}
+    async with db.engine.connect() as conn:
+        found: int | None = (await conn.execute(_FIND_PERIOD_REPORT, params)).scalar()
+    return found
+
+
+async def period_report_version(
+    db: Database, report_id: int, version: int
+) -> PeriodReportVersion | None:
+    """The report at `version` (0: the latest), None past the latest. A version, once
+    visible, never changes (only the transaction that made it adds to it), so its parts
+    need no common snapshot."""
+    async with db.engine.connect() as conn:
+        head = (
+            await conn.execute(
+                _PERIOD_REPORT_HEAD, {"report_id": report_id, "version": version or None}
+            )
+        ).one()
+        account_id, unit, time_zone, start, end, latest, found, created_at = head
+        if found is None:
+            return None
+        where = {"report_id": report_id, "version": found}
+        lines = [ReportLine(*row) for row in await conn.execute(_PERIOD_REPORT_LINES, where)]
+        changes = [ReportLine(*row) for row in await conn.execute(_PERIOD_REPORT_CHANGES, where)]
+    return PeriodReportVersion(
+        account_id, unit, time_zone, start, end, found, latest, created_at, lines, changes
+    )
