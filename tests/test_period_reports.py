@@ -2,6 +2,8 @@
 every transaction that changes a reported period, old versions as they stood, and
 concurrency across two replicas."""
 
+import asyncio
+import contextlib
 import time
 import uuid
 from datetime import UTC, date, datetime, timedelta
@@ -9,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import grpc
 import pytest
 
@@ -443,3 +446,97 @@ def test_freezing_raced_with_backdated_writes_loses_nothing(
         latest = report(metering, acct, day)
         assert latest.totals.total_requests == 12
         assert same_totals(latest.totals, live_totals(metering, latest))
+
+
+# --- the triggers, statement by statement -----------------------------------------
+
+_UPSERT = """
+INSERT INTO usage_rollups AS r (account_id, bucket_start, product_id, endpoint, requests,
+                                successful, failed, credits, quantity)
+SELECT $1, $2::timestamptz + make_interval(mins => 15 * b), 'sql', 'e' || (b % 2), 1, 1, 0,
+       1000000, 1
+FROM generate_series(0, $3 - 1) b
+ON CONFLICT (account_id, bucket_start, product_id, endpoint) DO UPDATE
+SET requests = r.requests + 1, successful = r.successful + 1,
+    credits = r.credits + excluded.credits, quantity = r.quantity + 1
+"""
+
+
+def test_statements_and_transactions_make_one_version_each(
+    client: TallyClient, metering: Stub, database_url: str
+) -> None:
+    """Straight at the rollups: one statement over many buckets (inserted and updated
+    at once), several statements of one transaction, a rolled-back savepoint, and two
+    transactions in turn."""
+    acct = account(client)
+    day = local_day(8)
+    start = at(day, 0)
+    report(metering, acct, day)  # version 1, empty
+
+    async def main() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            # One statement: 8 new buckets.
+            await conn.execute(_UPSERT, acct, start, 8)
+            # One upsert updating those 8 and inserting 8 more: both triggers fire.
+            await conn.execute(_UPSERT, acct, start, 16)
+            # Two statements and a savepoint rolled back, in one transaction.
+            async with conn.transaction():
+                await conn.execute(_UPSERT, acct, start, 1)
+                await conn.execute(_UPSERT, acct, start, 2)
+                with contextlib.suppress(RuntimeError):
+                    async with conn.transaction():
+                        await conn.execute(_UPSERT, acct, start, 4)
+                        raise RuntimeError("roll the savepoint back")
+            # Outside the period (the next day): no version.
+            await conn.execute(_UPSERT, acct, at(day + timedelta(days=1), 0), 3)
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    latest = report(metering, acct, day)
+    assert latest.latest_version == 4
+    v2, v3, v4 = (report(metering, acct, day, version=v) for v in (2, 3, 4))
+    assert changes(v2) == {("sql", "e0"): (4, 4, 0, "4", 4), ("sql", "e1"): (4, 4, 0, "4", 4)}
+    assert changes(v3) == {("sql", "e0"): (8, 8, 0, "8", 8), ("sql", "e1"): (8, 8, 0, "8", 8)}
+    assert changes(v4) == {("sql", "e0"): (2, 2, 0, "2", 2), ("sql", "e1"): (1, 1, 0, "1", 1)}
+    assert lines(v4) == {("sql", "e0"): (14, 14, 0, "14", 14), ("sql", "e1"): (13, 13, 0, "13", 13)}
+    assert same_totals(v4.totals, live_totals(metering, v4))
+
+
+def test_concurrent_transactions_number_versions_in_commit_order(
+    client: TallyClient, metering: Stub, database_url: str
+) -> None:
+    """The second writer of a reported period waits for the first's head row lock, then
+    numbers its version next."""
+    acct = account(client)
+    day = local_day(9)
+    start = at(day, 0)
+    report(metering, acct, day)
+
+    async def main() -> None:
+        first, second = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+        try:
+            t1 = first.transaction()
+            await t1.start()
+            await first.execute(_UPSERT, acct, start, 1)
+            t2 = second.transaction()
+            await t2.start()
+            waiting = asyncio.ensure_future(second.execute(_UPSERT, acct, start, 2))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # blocked on the head row
+            await first.execute(_UPSERT, acct, start, 1)  # same transaction: same version
+            await t1.commit()
+            await waiting
+            await t2.commit()
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(main())
+    assert report(metering, acct, day).latest_version == 3
+    assert changes(report(metering, acct, day, version=2)) == {("sql", "e0"): (2, 2, 0, "2", 2)}
+    assert changes(report(metering, acct, day, version=3)) == {
+        ("sql", "e0"): (1, 1, 0, "1", 1),
+        ("sql", "e1"): (1, 1, 0, "1", 1),
+    }
