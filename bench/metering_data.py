@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 
 from bench.probe import plain_url
-from tally_service import reports
+from tally_service import reads
 
 # (product, endpoint) of event i is MIX[i % len(MIX)].
 MIX = (
@@ -82,11 +82,11 @@ SET usage_requests = usage_requests + $2,
     last_activity_at = greatest(last_activity_at, clock_timestamp())
 WHERE account_id = $1
 """
-# The rows of ExportUsageReport as tally_service.reports selects them.
-# The export's query as tally_service.reports runs it (through a cursor, with $n
+# The rows of ExportUsageReport as tally_service.reads selects them: the export's query
+# as it runs (through a cursor, with $n
 # parameters, after EXPORT_SETTINGS), with named parameters for explain().
 EXPORT_QUERY = (
-    reports._QUERY.format(product="")
+    reads._EXPORT_ROWS.format(product="")
     .replace("$1", ":account_id")
     .replace("$2", ":start")
     .replace("$3", ":end")

@@ -444,9 +444,13 @@ def wire(value: int) -> str:
 
 
 class ExpiryMachine(RuleBasedStateMachine):
-    """Top-ups (some expiring in 2-4 s), debits, reserves, captures and releases against
-    the model. Before each step, a grant about to expire is waited out, so no call races
-    an expiry; the model then expires it as the server must have."""
+    """Top-ups (some expiring in 3-5 s), debits, reserves, captures and releases against
+    the model. Before each step, a grant expiring within HORIZON seconds is waited out,
+    so no call races an expiry; the model then expires it as the server must have. The
+    horizon is what a step's calls may take on a loaded machine (a step is at most three
+    calls: the invariant's GetBalance, ListGrants and VerifyAccount)."""
+
+    HORIZON = 2.5
 
     client: TallyClient
     holds = Bundle("expiry_holds")
@@ -462,7 +466,7 @@ class ExpiryMachine(RuleBasedStateMachine):
             for g in self.model.grants
             if g.expires_at is not None and not g.expired and g.remaining > 0
         ]
-        close = [t for t in pending if t <= soon(1.0)]
+        close = [t for t in pending if t <= soon(self.HORIZON)]
         if close:
             last = max(close)
             wait_past(last, margin=0.2)
@@ -471,7 +475,7 @@ class ExpiryMachine(RuleBasedStateMachine):
     @rule(
         amount=micros,
         priority=st.sampled_from([5, 20, 30]),
-        expires_in_ms=st.none() | st.integers(min_value=2000, max_value=4000),
+        expires_in_ms=st.none() | st.integers(min_value=3000, max_value=5000),
     )
     def top_up(self, amount: int, priority: int, expires_in_ms: int | None) -> None:
         self.tick()

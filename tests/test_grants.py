@@ -128,3 +128,49 @@ def test_usage_records_which_credits_paid(client: TallyClient, account_id: str) 
     entry = client.get_entry(first.entry.entry_id)
     assert entry.type == ledger_pb2.ENTRY_TYPE_DEBIT
     assert_consistent(client, account_id)
+
+
+def test_list_grants_pages_in_draw_order(client: TallyClient, account_id: str) -> None:
+    """Grants page by a keyset in draw order (none expiring sort last within a priority);
+    the pages together are the whole list, and a token is bound to its filters."""
+    client.create_account(account_id)
+    soon = datetime.now(UTC) + timedelta(days=2)
+    for i in range(7):
+        expiry = {"expire_time": ts(soon + timedelta(hours=i % 3))} if i % 2 else {}
+        grant(client, account_id, str(i + 1), priority=(i % 3) * 10, **expiry)
+    everything = grants(client, account_id)
+    assert len(everything) == 7
+    seen: list[c.CreditGrant] = []
+    token = ""
+    while True:
+        page = client.stubs.credits.ListGrants(
+            c.ListGrantsRequest(account_id=account_id, page_size=2, page_token=token), timeout=10
+        )
+        assert len(page.grants) <= 2
+        seen.extend(page.grants)
+        token = page.next_page_token
+        if not token:
+            break
+        with pytest.raises(InvalidArgument) as caught:
+            try:
+                client.stubs.credits.ListGrants(
+                    c.ListGrantsRequest(
+                        account_id=account_id, include_spent=True, page_token=token
+                    ),
+                    timeout=10,
+                )
+            except grpc.RpcError as e:
+                raise error_from_rpc(e) from None
+        assert caught.value.field_violations[0][0] == "page_token"
+    assert [g.grant_id for g in seen] == [g.grant_id for g in everything]
+    assert [g.grant_id for g in client.list_grants(account_id)] == [g.grant_id for g in everything]
+    assert len(list(client.iter_grants(account_id, page_size=3))) == 7
+
+
+def test_list_grants_is_not_capped(client: TallyClient, account_id: str) -> None:
+    """More grants than a page (and than the old silent cap of the page size) all list."""
+    client.create_account(account_id)
+    for _ in range(105):
+        grant(client, account_id, "1")
+    assert len(grants(client, account_id)) == 50
+    assert len(client.list_grants(account_id)) == 105

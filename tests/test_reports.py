@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from tally.v1 import metering_pb2 as m
 from tally.v1 import metering_pb2_grpc
 from tally_client import TallyClient
-from tally_service import models, reports, store
+from tally_service import models, reads, reports
 from tally_service.db import Database, async_url, make_engine
 from tally_service.ranges import Range
 from tests.conftest import ServerProcess, start_server
@@ -203,7 +203,7 @@ async def _collect(
     """An XLSX and a CSV built in this process by reports.Report on the test database."""
     db = Database(make_engine(database_url, pool_size=2))
     try:
-        account = await store.get_account(db, account_id)
+        account = await reads.get_account(db, account_id)
         report = reports.Report(db, account, r, "", sheet_rows=sheet_rows)
         xlsx_bytes = b"".join([c async for c in report.xlsx_chunks(**xlsx)])
         csv_bytes = b"".join([c async for c in report.csv_chunks()])

@@ -18,6 +18,8 @@ _TRIGGER_FUNCTIONS = {
     "tally_rollups_thresholds",
     "tally_rollups_days",  # 0011: usage_days beside usage_rollups
     "tally_accounts_usage_days",
+    "tally_rollups_inserted_reports",  # 0012: pass changes to sql/85_reports.sql
+    "tally_rollups_updated_reports",
 }
 
 

@@ -502,10 +502,15 @@ def adjust(
 
 
 def list_grants(
-    account_id: str, *, include_spent: bool = False
-) -> Rpc[credits_pb2.ListGrantsResponse, list[credits_pb2.CreditGrant]]:
-    req = credits_pb2.ListGrantsRequest(account_id=account_id, include_spent=include_spent)
-    return Rpc("credits", "ListGrants", req, lambda r: list(r.grants))
+    account_id: str, *, include_spent: bool = False, page_size: int = 0, page_token: str = ""
+) -> Rpc[credits_pb2.ListGrantsResponse, credits_pb2.ListGrantsResponse]:
+    req = credits_pb2.ListGrantsRequest(
+        account_id=account_id,
+        include_spent=include_spent,
+        page_size=page_size,
+        page_token=page_token,
+    )
+    return Rpc("credits", "ListGrants", req, lambda r: r)
 
 
 def set_auto_reload(
@@ -977,6 +982,26 @@ def list_usage_events(
         page_token=page_token,
     )
     return Rpc("metering", "ListUsageEvents", req, lambda r: r)
+
+
+def get_period_report(
+    account_id: str,
+    year: int,
+    month: int,
+    day: int = 0,
+    *,
+    period: UsagePeriodArg = None,
+    version: int = 0,
+) -> Rpc[metering_pb2.GetPeriodReportResponse, metering_pb2.PeriodReport]:
+    req = metering_pb2.GetPeriodReportRequest(
+        account_id=account_id,
+        period=usage_period(period),
+        year=year,
+        month=month,
+        day=day,
+        version=version,
+    )
+    return Rpc("metering", "GetPeriodReport", req, lambda r: r.report)
 
 
 def export_usage_report(

@@ -434,8 +434,29 @@ class TallyClient:
     def list_grants(
         self, account_id: str, *, include_spent: bool = False
     ) -> list[credits_pb2.CreditGrant]:
-        """The account's grants in draw order; ``include_spent`` adds spent and expired ones."""
-        return self._call(rq.list_grants(account_id, include_spent=include_spent))
+        """All of the account's grants in draw order (page after page); ``include_spent``
+        adds spent and expired ones."""
+        return [g for g in self.iter_grants(account_id, include_spent=include_spent)]
+
+    def iter_grants(
+        self, account_id: str, *, include_spent: bool = False, page_size: int = 0
+    ) -> Iterator[credits_pb2.CreditGrant]:
+        """The account's grants in draw order, fetching page after page."""
+        token = ""
+        while True:
+            page = self._call(
+                rq.list_grants(
+                    account_id,
+                    include_spent=include_spent,
+                    page_size=page_size,
+                    page_token=token,
+                )
+            )
+            for grant in page.grants:
+                yield grant
+            token = page.next_page_token
+            if not token:
+                return
 
     def set_auto_reload(
         self,
@@ -983,6 +1004,26 @@ class TallyClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def get_period_report(
+        self,
+        account_id: str,
+        year: int,
+        month: int,
+        day: int = 0,
+        *,
+        period: rq.UsagePeriodArg = None,
+        version: int = 0,
+    ) -> metering_pb2.PeriodReport:
+        """The usage report of a closed day or month of the account's time zone (the
+        one holding the local date ``year``-``month``-``day``; ``day`` may be 0 for a
+        month), at ``version`` (0: the latest). The first call freezes version 1; later
+        writes into the period make new versions, each with its ``changes``.
+        :class:`~tally_client.PeriodNotClosed` for a period that has not ended,
+        :class:`~tally_client.ReportVersionNotFound` for a version past the latest."""
+        return self._call(
+            rq.get_period_report(account_id, year, month, day, period=period, version=version)
+        )
 
     def export_usage_report(
         self,

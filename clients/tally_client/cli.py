@@ -8,8 +8,9 @@ usage error, 3 when ``verify`` finds the account inconsistent (also in ``--help`
 
 Metering: ``products upsert|list``, ``usage`` (statistics), ``usage record``
 (record one event), ``usage-events`` (the rows of the usage report), ``export``
-(a CSV or XLSX report to a file, with progress on a terminal) and ``summary``
-(the account overview).
+(a CSV or XLSX report to a file, with progress on a terminal), ``summary``
+(the account overview) and ``period-report`` (the versioned report of a closed day
+or month).
 
 Grants and plans: ``topup --grant-type/--expires/--priority``, ``grants`` (the
 account's credit grants in draw order), ``auto-reload`` (set or ``--disable`` the
@@ -340,6 +341,18 @@ class _Progress:
 Command = Callable[[TallyClient, argparse.Namespace, TextIO], int]
 
 
+def _period(value: str) -> tuple[str, int, int, int]:
+    """argparse type: ``YYYY-MM`` (a month) or ``YYYY-MM-DD`` (a day), as
+    (period, year, month, day)."""
+    parts = value.split("-")
+    if len(parts) in (2, 3) and all(p.isdigit() for p in parts):
+        numbers = [int(p) for p in parts]
+        if len(numbers) == 2:
+            return "monthly", numbers[0], numbers[1], 0
+        return "daily", numbers[0], numbers[1], numbers[2]
+    raise argparse.ArgumentTypeError(f"not YYYY-MM or YYYY-MM-DD: {value!r}")
+
+
 def _parse_time(value: str) -> datetime:
     """argparse type: an ISO-8601 instant with a UTC offset (or ``Z``)."""
     try:
@@ -651,6 +664,45 @@ def _cmd_usage(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
     print(format_fields(fields), file=out)
     print("", file=out)
     print(_usage_tables(u), file=out)
+    return EXIT_OK
+
+
+def _report_lines(lines: Iterable[metering_pb2.PeriodReportLine]) -> str:
+    return format_table(
+        ["PRODUCT_ID", "ENDPOINT", "REQUESTS", "SUCCESSFUL", "FAILED", "CREDITS", "QUANTITY"],
+        [
+            [
+                x.product_id,
+                x.endpoint or "-",
+                str(x.total_requests),
+                str(x.successful_requests),
+                str(x.failed_requests),
+                x.credits_consumed,
+                str(x.quantity),
+            ]
+            for x in lines
+        ],
+        right={2, 3, 4, 5, 6},
+    )
+
+
+def _cmd_period_report(c: TallyClient, a: argparse.Namespace, out: TextIO) -> int:
+    period, year, month, day = a.period
+    r = c.get_period_report(a.account_id, year, month, day, period=period, version=a.version)
+    if _json_output(a, out, r):
+        return EXIT_OK
+    fields = [
+        ("account_id", r.account_id),
+        ("period", _enum_name(metering_pb2.UsagePeriod, "USAGE_PERIOD_", r.period)),
+        ("time_zone", r.time_zone),
+        ("version", f"{r.version} of {r.latest_version}"),
+        ("create_time", iso(r.create_time)),
+    ]
+    fields.extend(_totals_fields(r.totals))
+    print(format_fields(fields), file=out)
+    print("\nLines:\n" + _report_lines(r.lines), file=out)
+    if r.version > 1:
+        print(f"\nChanges from version {r.version - 1}:\n" + _report_lines(r.changes), file=out)
     return EXIT_OK
 
 
@@ -1118,6 +1170,20 @@ def build_parser() -> argparse.ArgumentParser:
     summ = sub.add_parser("summary", help="an account's overview")
     summ.add_argument("account_id", metavar="ACCOUNT")
     summ.set_defaults(func=_cmd_summary)
+
+    rep = sub.add_parser(
+        "period-report",
+        help="the versioned usage report of a closed day or month",
+        description="The usage report of a closed month (YYYY-MM) or day (YYYY-MM-DD) of "
+        "the account's time zone, per product and endpoint. The first request freezes "
+        "version 1; events that arrive late for the period make new versions.",
+    )
+    rep.add_argument("account_id", metavar="ACCOUNT")
+    rep.add_argument("period", metavar="PERIOD", type=_period, help="YYYY-MM or YYYY-MM-DD")
+    rep.add_argument(
+        "--version", type=_non_negative, default=0, help="this version (default: the latest)"
+    )
+    rep.set_defaults(func=_cmd_period_report)
     return p
 
 

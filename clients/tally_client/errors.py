@@ -56,9 +56,11 @@ __all__ = [
     "NotFound",
     "NotificationNotFound",
     "OutOfRange",
+    "PeriodNotClosed",
     "PermissionDenied",
     "ProductNotFound",
     "ReloadNotFound",
+    "ReportVersionNotFound",
     "RequestIdReused",
     "ReservationNotFound",
     "ReservationNotPending",
@@ -313,6 +315,18 @@ class TooManyThresholds(FailedPrecondition):
     grpc_reason = reason_of(_R.ERROR_REASON_TOO_MANY_THRESHOLDS)
 
 
+class PeriodNotClosed(FailedPrecondition):
+    """The period of a report has not ended yet: ask again after its end."""
+
+    grpc_reason = reason_of(_R.ERROR_REASON_PERIOD_NOT_CLOSED)
+
+
+class ReportVersionNotFound(NotFound):
+    """The period report has no such version (its versions are 1 to the latest)."""
+
+    grpc_reason = reason_of(_R.ERROR_REASON_REPORT_VERSION_NOT_FOUND)
+
+
 class ReservationOfUsageEvent(FailedPrecondition):
     """The hold belongs to a long job: finish it with CompleteUsage or FailUsage."""
 
@@ -363,6 +377,8 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     TooManyThresholds,
     ReservationOfUsageEvent,
     BalanceLimit,
+    PeriodNotClosed,
+    ReportVersionNotFound,
 )
 #: The reasons without a class of their own, raised as the class of their status code.
 GENERIC_REASONS: dict[str, type[TallyError]] = {

@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
-from tally_service import models, store
+from tally_service import models, reads
 from tally_service.money import format_amount
 
 ENTRY_TYPES = {
@@ -146,7 +146,7 @@ def auto_reload(a: models.Account) -> credits_pb2.AutoReloadSettings:
     )
 
 
-def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
+def credit_balance(b: reads.Balance) -> credits_pb2.CreditBalance:
     a = b.account
     return credits_pb2.CreditBalance(
         account_id=a.account_id,
@@ -162,7 +162,7 @@ def credit_balance(b: store.Balance) -> credits_pb2.CreditBalance:
     )
 
 
-def credit_balance_at(b: store.BalanceAt) -> credits_pb2.CreditBalance:
+def credit_balance_at(b: reads.BalanceAt) -> credits_pb2.CreditBalance:
     """The balance at a past instant: grant totals are not kept per instant, so
     subscription_credits and purchased_credits stay empty."""
     a = b.account
@@ -341,4 +341,114 @@ def usage_event(
         create_time=timestamp(row.created_at),
         entry_id=row.entry_id or 0,
         reservation_id=str(row.reservation_id) if row.reservation_id else "",
+    )
+
+
+class Written:
+    """Positions in a result row of an event `tally_record_usage` wrote (sql/80_usage.sql):
+    [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
+    balance_after, entry_created_at, product_id, status]."""
+
+    INDEX, OF, DUPLICATE, CREDITS, CREDIT_TYPE, CREATED_AT = range(6)
+    ENTRY_ID, SEQUENCE, BALANCE_AFTER, ENTRY_CREATED_AT, PRODUCT_ID, STATUS = range(6, 12)
+
+
+def usage_replayed(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
+    """A response from full rows (an event recorded before, a finished job)."""
+    message = metering_pb2.RecordUsageResponse(
+        event=usage_event(from_json(models.UsageEvent, result["event"])),
+        duplicate=bool(result.get("duplicate")),
+    )
+    if result.get("entry"):
+        message.entry.CopyFrom(entry_from_row(result["entry"]))
+    return message
+
+
+def usage_written(
+    row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any], caller: str
+) -> metering_pb2.RecordUsageResponse:
+    """The response for an event written by this call, from the event as sent
+    (`event` and its `item`: the one that was written, of which this result may be
+    a duplicate) and what the database decided (`row`, see `Written`): the same
+    message a later replay builds from the stored rows (`usage_replayed`). `caller` is
+    the caller the ledger_entries_caller trigger stamped."""
+    message = metering_pb2.RecordUsageResponse(duplicate=row[Written.DUPLICATE])
+    out = message.event
+    out.CopyFrom(event)
+    out.DiscardUnknownFields()
+    out.request_metadata.SetInParent()  # present even when empty, as in a replay
+    out.result_metadata.SetInParent()
+    out.status = USAGE_STATUSES[item["status"]]
+    out.success = item["success"]
+    out.quantity = item["quantity"]
+    charge: int = row[Written.CREDITS]
+    out.credits = format_amount(charge)
+    out.credit_type = CREDIT_TYPES[row[Written.CREDIT_TYPE]]
+    set_time(out.start_time, datetime.fromisoformat(item["started_at"]))
+    if item["completed_at"] is None:
+        out.ClearField("complete_time")
+    else:
+        set_time(out.complete_time, datetime.fromisoformat(item["completed_at"]))
+    out.processing_time_ms = item["processing_time_ms"]
+    set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
+    entry_id = row[Written.ENTRY_ID]
+    out.entry_id = entry_id or 0
+    out.reservation_id = ""
+    if entry_id:
+        # The debit tally_record_usage wrote for this charge (same description,
+        # reference and metadata; the caller as the ledger_entries_caller trigger
+        # stamps it).
+        entry = message.entry
+        entry.entry_id = entry_id
+        entry.account_id = item["account_id"]
+        entry.sequence = row[Written.SEQUENCE]
+        entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
+        entry.amount = format_amount(-charge)
+        entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
+        endpoint = item["endpoint"]
+        product = item["product_id"]
+        entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
+        entry.reference = item["event_id"]
+        entry.request_id = item["event_id"]
+        fields = entry.metadata.fields
+        fields["event_id"].string_value = item["event_id"]
+        fields["product_id"].string_value = product
+        if caller:
+            fields["caller"].string_value = caller
+        set_time(entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT]))
+    return message
+
+
+def period_report_line(line: reads.ReportLine) -> metering_pb2.PeriodReportLine:
+    return metering_pb2.PeriodReportLine(
+        product_id=line.product_id,
+        endpoint=line.endpoint,
+        total_requests=line.requests,
+        successful_requests=line.successful,
+        failed_requests=line.failed,
+        credits_consumed=format_amount(line.credits),
+        quantity=line.quantity,
+    )
+
+
+REPORT_PERIODS = {
+    "day": metering_pb2.USAGE_PERIOD_DAILY,
+    "month": metering_pb2.USAGE_PERIOD_MONTHLY,
+}
+
+
+def period_report(
+    report: reads.PeriodReportVersion, totals: metering_pb2.UsageTotals
+) -> metering_pb2.PeriodReport:
+    """One version of a period report (`totals`: the totals of its lines)."""
+    return metering_pb2.PeriodReport(
+        account_id=report.account_id,
+        period=REPORT_PERIODS[report.unit],
+        time_zone=report.time_zone,
+        version=report.version,
+        latest_version=report.latest_version,
+        create_time=timestamp(report.created_at),
+        totals=totals,
+        lines=[period_report_line(line) for line in report.lines],
+        changes=[period_report_line(line) for line in report.changes],
     )

@@ -1,6 +1,6 @@
 """Domain errors, and the one place they become gRPC statuses (AIP-193).
 
-Handlers and the store raise these; ``interceptors.ErrorMappingInterceptor`` turns them
+Handlers and the read queries raise these; ``interceptors.ErrorMappingInterceptor`` turns them
 into a ``google.rpc.Status`` with an ``ErrorInfo`` (and a ``BadRequest`` for validation).
 Every ``ErrorInfo.reason`` is derived from the ``tally.v1.ErrorReason`` enum
 (``protos/tally/v1/error_reason.proto``): the value's name without ``ERROR_REASON_``.
@@ -25,7 +25,7 @@ def reason_of(value: "error_reason_pb2.ErrorReason.ValueType") -> str:
     return R.Name(value).removeprefix(REASON_PREFIX)
 
 
-#: The reason of NOT_FOUND for each resource the store and the money functions name.
+#: The reason of NOT_FOUND for each resource the read queries and the money functions name.
 NOT_FOUND_REASONS: dict[str, str] = {
     "account": reason_of(R.ERROR_REASON_ACCOUNT_NOT_FOUND),
     "reservation": reason_of(R.ERROR_REASON_RESERVATION_NOT_FOUND),
@@ -36,6 +36,7 @@ NOT_FOUND_REASONS: dict[str, str] = {
     "reload": reason_of(R.ERROR_REASON_RELOAD_NOT_FOUND),
     "threshold": reason_of(R.ERROR_REASON_THRESHOLD_NOT_FOUND),
     "notification": reason_of(R.ERROR_REASON_NOTIFICATION_NOT_FOUND),
+    "report_version": reason_of(R.ERROR_REASON_REPORT_VERSION_NOT_FOUND),
 }
 
 # A quoted value is cut to this many characters (then "…"), and a whole message,
@@ -179,6 +180,13 @@ class BalanceLimit(DomainError):
 class TooManyThresholds(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = reason_of(R.ERROR_REASON_TOO_MANY_THRESHOLDS)
+
+
+class PeriodNotClosed(DomainError):
+    """A period report was asked for before the period ended."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = reason_of(R.ERROR_REASON_PERIOD_NOT_CLOSED)
 
 
 class DatabaseUnavailable(DomainError):

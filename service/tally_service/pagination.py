@@ -66,6 +66,18 @@ def instant(value: Any) -> datetime:
     return parsed
 
 
+def small_integer(value: Any) -> int:
+    """Any integer in INTEGER (int32) range, such as a grant's priority."""
+    if type(value) is not int or not -(2**31) <= value < 2**31:
+        raise _malformed()
+    return value
+
+
+def optional_instant(value: Any) -> datetime | None:
+    """An instant, or null for none (a grant without expiry)."""
+    return None if value is None else instant(value)
+
+
 def uuid_text(value: Any) -> str:
     """A UUID, as its canonical text."""
     if type(value) is not str or len(value) > 64:
@@ -121,8 +133,21 @@ def newest_first_page(
 ) -> tuple[list[R], str]:
     """The page of `rows` (fetched with `limit + 1`) and the token of the next one (empty
     when none follows): the last row's (instant, id) bound to the filters."""
+
+    def key(row: R) -> list[Any]:
+        at, row_id = key_of(row)
+        return [at.isoformat(), str(row_id)]
+
+    return page(rows, limit, filters, key)
+
+
+def page(
+    rows: list[R], limit: int, filters: Any, key_of: Callable[[R], Any]
+) -> tuple[list[R], str]:
+    """The page of `rows` (fetched with `limit + 1`) and the token of the next one (empty
+    when none follows), carrying the last row's key bound to the filters: one JSON value
+    for a one-kind key, a list of them for a longer one (as `decode` reads it back)."""
     if len(rows) <= limit:
         return rows, ""
     rows = rows[:limit]
-    at, key = key_of(rows[-1])
-    return rows, encode([at.isoformat(), str(key)], filters)
+    return rows, encode(key_of(rows[-1]), filters)

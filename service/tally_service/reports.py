@@ -1,7 +1,7 @@
 """Usage reports as CSV or XLSX, streamed from the first row with flat memory.
 
-Rows come from a server-side cursor (a read-only REPEATABLE READ transaction on one
-pooled connection), FETCH_ROWS at a time, in the order of the index on
+Rows come from `reads.usage_event_rows`: a server-side cursor (a read-only REPEATABLE
+READ transaction on one pooled connection), FETCH_ROWS at a time, in the order of the index on
 (account_id, started_at, event_id), so the first rows arrive without sorting the range.
 The next batch is requested before the current one is formatted, so PostgreSQL and this
 process work at the same time; gRPC's flow control holds the cursor back while the client
@@ -19,8 +19,6 @@ Charges are written as the exact decimal text of their micro-credits (`format_am
 never through a float; timestamps as ISO 8601 text in UTC, as before.
 """
 
-import asyncio
-import contextlib
 import csv
 import io
 import re
@@ -32,15 +30,12 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import asyncpg
-
-from tally_service import errors, models, usage
-from tally_service.db import Database, translate_state
+from tally_service import models, reads, usage
+from tally_service.db import Database
 from tally_service.money import format_amount
 from tally_service.ranges import Range
 
 CHUNK_BYTES = 64 * 1024
-FETCH_ROWS = 2000
 # Excel's limit, the header row included; rows past it continue on "Usage (2)", ...
 SHEET_ROWS = 1_048_576
 DEFLATE_LEVEL = 1
@@ -58,23 +53,6 @@ HEADER = [
 ]
 XLSX_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
-# started_at comes as the text Python's datetime.isoformat() gives for a UTC instant
-# ("2026-11-30T09:15:02.123456+00:00", without the fraction when it is zero), formatted
-# by PostgreSQL: the server process's one core is the limit, and this is its largest
-# per-row cost otherwise.
-_QUERY = """
-SELECT event_id,
-       to_char(started_at AT TIME ZONE 'UTC',
-               CASE WHEN date_trunc('second', started_at) = started_at
-                    THEN 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'
-                    ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"' END),
-       product_id, endpoint, status, status_code, message, quantity, credits,
-       processing_time_ms
-FROM usage_events
-WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
-  AND status IN ('completed', 'failed'){product}
-ORDER BY started_at, event_id
-"""
 MEMO_ENTRIES = 10_000
 
 
@@ -132,40 +110,8 @@ class Report:
         end = _day(self.range.end, zone)
         return f"usage-{self.account.account_id}-{start}-{end}.{extension}"
 
-    async def _batches(self) -> AsyncIterator[list[Any]]:
-        """The rows in batches of FETCH_ROWS from a server-side cursor."""
-        args: list[Any] = [self.account.account_id, self.range.start, self.range.end]
-        product = ""
-        if self.product_id:
-            args.append(self.product_id)
-            product = " AND product_id = $4"
-        query = _QUERY.format(product=product)
-        try:
-            async with self.db.engine.connect() as conn:
-                driver = (await conn.get_raw_connection()).driver_connection
-                assert driver is not None
-                async with driver.transaction(isolation="repeatable_read", readonly=True):
-                    # The rows in the index's order, never a sort of the whole range
-                    # before the first row (whose FETCH the statement timeout bounds).
-                    await driver.execute("SET LOCAL enable_sort = off")
-                    cursor = await driver.cursor(query, *args)
-                    rows = await cursor.fetch(FETCH_ROWS)
-                    while rows:
-                        # The next FETCH is sent before this batch is formatted, so
-                        # PostgreSQL produces it while this process formats.
-                        following = asyncio.ensure_future(cursor.fetch(FETCH_ROWS))
-                        await asyncio.sleep(0)
-                        try:
-                            yield rows
-                        finally:
-                            if not following.done():
-                                with contextlib.suppress(Exception):
-                                    await asyncio.shield(following)
-                        rows = following.result()
-        except asyncpg.PostgresError as exc:
-            raise _translated(exc) from None
-        except (OSError, asyncpg.InterfaceError):
-            raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
+    def _rows(self) -> AsyncIterator[list[Any]]:
+        return reads.usage_event_rows(self.db, self.account.account_id, self.range, self.product_id)
 
     async def csv_chunks(self) -> AsyncGenerator[bytes, None]:
         # Lines as the csv module's default dialect writes them (QUOTE_MINIMAL, CRLF);
@@ -178,7 +124,9 @@ class Report:
         amount = _Memo(format_amount)
         parts: list[str] = []
         size = 0
-        async for rows in self._batches():
+        async for rows in reads.usage_event_rows(
+            self.db, self.account.account_id, self.range, self.product_id
+        ):
             batch = "".join(
                 [
                     f"{event_id},{started},{product},{text[endpoint]},{status},{code},"
@@ -218,7 +166,9 @@ class Report:
         row = 2
         text = _Memo(_text_cell)
         amount = _Memo(format_amount)
-        async for rows in self._batches():
+        async for rows in reads.usage_event_rows(
+            self.db, self.account.account_id, self.range, self.product_id
+        ):
             parts: list[str] = []
             for (
                 event_id,
@@ -271,13 +221,6 @@ class Report:
         out.add(archive.whole("[Content_Types].xml", _content_types(len(sheets))))
         out.add(archive.close())
         yield out.take()
-
-
-def _translated(exc: asyncpg.PostgresError) -> Exception:
-    error = translate_state(exc.sqlstate or "", getattr(exc, "detail", None), exc)
-    if isinstance(error, errors.DomainError):
-        return error
-    return errors.DatabaseUnavailable("contention; retry")
 
 
 class _Output:

@@ -11,25 +11,12 @@ import logging
 
 from sqlalchemy import text
 
+from tally_service import reads
 from tally_service.db import Database
 from tally_service.metrics import Metrics
 from tally_service.outage import outage
 
 log = logging.getLogger(__name__)
-
-_DUE_ACCOUNTS = text(
-    "SELECT DISTINCT account_id FROM ("
-    "  (SELECT account_id FROM holds"
-    "   WHERE status = 'pending' AND expires_at <= clock_timestamp()"
-    "   ORDER BY expires_at LIMIT :limit)"
-    "  UNION ALL"
-    "  (SELECT account_id FROM grants"
-    "   WHERE remaining > 0 AND NOT expired AND expires_at <= clock_timestamp()"
-    "   ORDER BY expires_at LIMIT :limit)"
-    "  UNION ALL"
-    "  (SELECT account_id FROM accounts WHERE subscription_renews_at <= clock_timestamp()"
-    "   LIMIT :limit)) due"
-)
 
 # Under the account's lock (taken first, and again by tally_expire_holds), the pending holds
 # before minus after are exactly the holds this sweep expired (for tally_holds_total).
@@ -39,8 +26,7 @@ _PENDING = text("SELECT count(*) FROM holds WHERE account_id = :a AND status = '
 
 async def sweep_once(db: Database, batch: int = 100, metrics: Metrics | None = None) -> int:
     """Expires the overdue holds of up to `batch` holds' accounts; returns accounts swept."""
-    async with db.engine.connect() as conn:
-        accounts = list((await conn.execute(_DUE_ACCOUNTS, {"limit": batch})).scalars())
+    accounts = await reads.due_accounts(db, batch)
     expired = 0
     for account_id in accounts:
         async with db.engine.begin() as conn:

@@ -1,1 +1,1 @@
-"""gRPC servicers: validate the request, call the store or a money function, convert."""
+"""gRPC servicers: validate the request, call a read (reads.py) or a money function, convert."""

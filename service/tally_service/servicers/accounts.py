@@ -12,7 +12,7 @@ from tally_service import (
     models,
     pagination,
     ranges,
-    store,
+    reads,
     usage,
     validation,
 )
@@ -62,7 +62,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     async def GetAccount(
         self, request: accounts_pb2.GetAccountRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.GetAccountResponse:
-        row = await store.get_account(self.db, validation.account_id(request.account_id))
+        row = await reads.get_account(self.db, validation.account_id(request.account_id))
         return accounts_pb2.GetAccountResponse(account=convert.account(row))
 
     async def UpdateAccount(
@@ -104,11 +104,12 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         limit = validation.page_size(request.page_size)
         key = pagination.decode(request.page_token, "accounts", pagination.short_text)
         after: str | None = key[0] if key else None
-        rows = await store.list_accounts(self.db, after, limit + 1)
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_token = pagination.encode(rows[-1].account_id, "accounts")
+        rows, next_token = pagination.page(
+            await reads.list_accounts(self.db, after, limit + 1),
+            limit,
+            "accounts",
+            lambda a: a.account_id,
+        )
         return accounts_pb2.ListAccountsResponse(
             accounts=[convert.account(r) for r in rows], next_page_token=next_token
         )
@@ -116,7 +117,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     async def GetAccountSummary(
         self, request: accounts_pb2.GetAccountSummaryRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.GetAccountSummaryResponse:
-        balance = await store.get_balance(self.db, validation.account_id(request.account_id))
+        balance = await reads.get_balance(self.db, validation.account_id(request.account_id))
         account = balance.account
         this_month = ranges.preset_range(
             metering_pb2.RANGE_PRESET_THIS_MONTH, ZoneInfo(account.time_zone), datetime.now(UTC)
@@ -128,7 +129,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             account=convert.account(account),
             credit_balance=convert.credit_balance(balance),
             subscription=convert.subscription(
-                await store.get_subscription(self.db, account.account_id)
+                await reads.get_subscription(self.db, account.account_id)
             ),
             usage_this_month=usage_this_month,
             total_requests_all_time=account.usage_requests,

@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 
 from tally.v1 import credits_pb2, credits_pb2_grpc
-from tally_service import convert, fingerprint, models, pagination, store, validation
+from tally_service import convert, fingerprint, models, pagination, reads, validation
 from tally_service.db import Database
 from tally_service.errors import InvalidArgument
 from tally_service.money import MAX_MOVEMENT_MICROS, parse_amount
@@ -30,11 +30,11 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         account_id = validation.account_id(request.account_id)
         as_of = validation.optional_time(request, "as_of", request.as_of)
         if as_of is None:
-            b = await store.get_balance(self.db, account_id)
+            b = await reads.get_balance(self.db, account_id)
             return credits_pb2.GetBalanceResponse(balance=convert.credit_balance(b))
         if as_of > datetime.now(UTC):
             raise InvalidArgument("as_of", "must not be in the future")
-        past = await store.get_balance_at(self.db, account_id, as_of, validation.MAX_TTL_SECONDS)
+        past = await reads.get_balance_at(self.db, account_id, as_of, validation.MAX_TTL_SECONDS)
         return credits_pb2.GetBalanceResponse(balance=convert.credit_balance_at(past))
 
     async def Reserve(
@@ -94,7 +94,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def GetReservation(
         self, request: credits_pb2.GetReservationRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.GetReservationResponse:
-        hold = await store.get_reservation(
+        hold = await reads.get_reservation(
             self.db, validation.reservation_id(request.reservation_id)
         )
         return credits_pb2.GetReservationResponse(reservation=convert.reservation(hold))
@@ -173,10 +173,37 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def ListGrants(
         self, request: credits_pb2.ListGrantsRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.ListGrantsResponse:
-        rows = await store.list_grants(
-            self.db, validation.account_id(request.account_id), request.include_spent
+        account_id = validation.account_id(request.account_id)
+        limit = validation.page_size(request.page_size)
+        filters = ["grants", account_id, request.include_spent]
+        after = pagination.decode(
+            request.page_token,
+            filters,
+            pagination.small_integer,
+            pagination.optional_instant,
+            pagination.instant,
+            pagination.uuid_text,
         )
-        return credits_pb2.ListGrantsResponse(grants=[convert.grant(r) for r in rows])
+        rows, token = pagination.page(
+            await reads.list_grants(
+                self.db,
+                account_id,
+                request.include_spent,
+                (after[0], after[1], after[2], after[3]) if after else None,
+                limit + 1,
+            ),
+            limit,
+            filters,
+            lambda g: [
+                g.priority,
+                g.expires_at.isoformat() if g.expires_at else None,
+                g.created_at.isoformat(),
+                str(g.grant_id),
+            ],
+        )
+        return credits_pb2.ListGrantsResponse(
+            grants=[convert.grant(r) for r in rows], next_page_token=token
+        )
 
     async def SetAutoReload(
         self, request: credits_pb2.SetAutoReloadRequest, context: grpc.aio.ServicerContext
@@ -217,7 +244,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         filters = ["reloads", account_id]
         before = pagination.decode_newest_first(request.page_token, filters)
         rows, token = pagination.newest_first_page(
-            await store.list_reloads(self.db, account_id, before, limit + 1),
+            await reads.list_reloads(self.db, account_id, before, limit + 1),
             limit,
             filters,
             lambda r: (r.created_at, r.intent_id),
@@ -229,13 +256,13 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def GetGrant(
         self, request: credits_pb2.GetGrantRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.GetGrantResponse:
-        row = await store.get_grant(self.db, validation.uuid_id(request.grant_id, "grant_id"))
+        row = await reads.get_grant(self.db, validation.uuid_id(request.grant_id, "grant_id"))
         return credits_pb2.GetGrantResponse(grant=convert.grant(row))
 
     async def GetReload(
         self, request: credits_pb2.GetReloadRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.GetReloadResponse:
-        row = await store.get_reload(self.db, validation.uuid_id(request.intent_id, "intent_id"))
+        row = await reads.get_reload(self.db, validation.uuid_id(request.intent_id, "intent_id"))
         return credits_pb2.GetReloadResponse(reload=convert.reload_intent(row))
 
     async def ListReservations(
@@ -251,7 +278,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         filters = ["reservations", account_id, status]
         before = pagination.decode_newest_first(request.page_token, filters)
         rows, token = pagination.newest_first_page(
-            await store.list_reservations(self.db, account_id, status, before, limit + 1),
+            await reads.list_reservations(self.db, account_id, status, before, limit + 1),
             limit,
             filters,
             lambda r: (r.created_at, r.reservation_id),
@@ -312,7 +339,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         filters = ["thresholds", account_id]
         before = pagination.decode_newest_first(request.page_token, filters)
         rows, token = pagination.newest_first_page(
-            await store.list_thresholds(self.db, account_id, before, limit + 1),
+            await reads.list_thresholds(self.db, account_id, before, limit + 1),
             limit,
             filters,
             lambda r: (r.created_at, r.threshold_id),
@@ -324,7 +351,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def GetThreshold(
         self, request: credits_pb2.GetThresholdRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.GetThresholdResponse:
-        row = await store.get_threshold(
+        row = await reads.get_threshold(
             self.db, validation.uuid_id(request.threshold_id, "threshold_id")
         )
         return credits_pb2.GetThresholdResponse(threshold=convert.threshold(row))
@@ -332,7 +359,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
     async def GetNotification(
         self, request: credits_pb2.GetNotificationRequest, context: grpc.aio.ServicerContext
     ) -> credits_pb2.GetNotificationResponse:
-        row = await store.get_notification(
+        row = await reads.get_notification(
             self.db, validation.uuid_id(request.notification_id, "notification_id")
         )
         return credits_pb2.GetNotificationResponse(notification=convert.notification(row))
@@ -360,7 +387,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         filters = ["notifications", account_id]
         before = pagination.decode_newest_first(request.page_token, filters)
         rows, token = pagination.newest_first_page(
-            await store.list_notifications(self.db, account_id, before, limit + 1),
+            await reads.list_notifications(self.db, account_id, before, limit + 1),
             limit,
             filters,
             lambda r: (r.crossed_at, r.notification_id),

@@ -3,7 +3,7 @@
 import grpc
 
 from tally.v1 import ledger_pb2, ledger_pb2_grpc
-from tally_service import convert, pagination, store, validation
+from tally_service import convert, pagination, reads, validation
 from tally_service.db import Database
 from tally_service.errors import InvalidArgument
 from tally_service.money import format_amount
@@ -28,7 +28,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         filters = [account_id, entry_type, start, end]
         key = pagination.decode(request.page_token, filters, pagination.integer)
         before: int | None = key[0] if key else None
-        rows = await store.list_entries(
+        rows = await reads.list_entries(
             self.db,
             account_id,
             entry_type=entry_type,
@@ -37,10 +37,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             before_sequence=before,
             limit=limit + 1,
         )
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_token = pagination.encode(rows[-1].sequence, filters)
+        rows, next_token = pagination.page(rows, limit, filters, lambda e: e.sequence)
         return ledger_pb2.ListEntriesResponse(
             entries=[convert.entry(r) for r in rows], next_page_token=next_token
         )
@@ -50,13 +47,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.GetEntryResponse:
         if request.entry_id <= 0:
             raise InvalidArgument("entry_id", "must be a positive entry id")
-        row = await store.get_entry(self.db, request.entry_id)
+        row = await reads.get_entry(self.db, request.entry_id)
         return ledger_pb2.GetEntryResponse(entry=convert.entry(row))
 
     async def VerifyAccount(
         self, request: ledger_pb2.VerifyAccountRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.VerifyAccountResponse:
-        v = await store.verify_account(self.db, validation.account_id(request.account_id))
+        v = await reads.verify_account(self.db, validation.account_id(request.account_id))
         return ledger_pb2.VerifyAccountResponse(
             consistent=not v.violations,
             stored_balance=format_amount(v.stored_balance),

@@ -9,25 +9,25 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import grpc
-from sqlalchemy import and_, or_, select
 
-from tally.v1 import ledger_pb2, metering_pb2, metering_pb2_grpc
+from tally.v1 import metering_pb2, metering_pb2_grpc
 from tally_service import (
     convert,
     errors,
     fingerprint,
     models,
     pagination,
+    period_reports,
     ranges,
+    reads,
     reports,
-    store,
     usage,
     validation,
 )
 from tally_service.auth import current_caller
 from tally_service.config import Settings
 from tally_service.db import Database, insufficient_credits
-from tally_service.money import format_amount, parse_amount
+from tally_service.money import parse_amount
 
 MAX_BATCH = 1000
 # Events of a stream recorded together (one call of tally_record_usage).
@@ -49,15 +49,6 @@ _EMPTY_METADATA: dict[str, Any] = {}
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class Written:
-    """Positions in a result row of an event `tally_record_usage` wrote (sql/80_usage.sql):
-    [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
-    balance_after, entry_created_at, product_id, status]."""
-
-    INDEX, OF, DUPLICATE, CREDITS, CREDIT_TYPE, CREATED_AT = range(6)
-    ENTRY_ID, SEQUENCE, BALANCE_AFTER, ENTRY_CREATED_AT, PRODUCT_ID, STATUS = range(6, 12)
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -181,15 +172,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     ) -> metering_pb2.ListProductsResponse:
         limit = validation.page_size(request.page_size)
         key = pagination.decode(request.page_token, "products", pagination.short_text)
-        query = select(models.Product).order_by(models.Product.product_id).limit(limit + 1)
-        if key is not None:
-            query = query.where(models.Product.product_id > key[0])
-        async with self.db.sessions() as session:
-            rows = list((await session.scalars(query)).all())
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = pagination.encode(rows[-1].product_id, "products")
+        rows, token = pagination.page(
+            await reads.list_products(self.db, key[0] if key else None, limit + 1),
+            limit,
+            "products",
+            lambda p: p.product_id,
+        )
         return metering_pb2.ListProductsResponse(
             products=[convert.product(r) for r in rows], next_page_token=token
         )
@@ -243,74 +231,6 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             )
         return insufficient_credits({**result, "account_id": item["account_id"]})
 
-    @staticmethod
-    def _result_message(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
-        """A response from full rows (an event recorded before, a finished job)."""
-        message = metering_pb2.RecordUsageResponse(
-            event=convert.usage_event(convert.from_json(models.UsageEvent, result["event"])),
-            duplicate=bool(result.get("duplicate")),
-        )
-        if result.get("entry"):
-            message.entry.CopyFrom(convert.entry_from_row(result["entry"]))
-        return message
-
-    @staticmethod
-    def _written_message(
-        row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any]
-    ) -> metering_pb2.RecordUsageResponse:
-        """The response for an event written by this call, from the event as sent
-        (`event` and its `item`: the one that was written, of which this result may be
-        a duplicate) and what the database decided (`row`, see `Written`): the same
-        message a later replay builds from the stored rows (`_result_message`)."""
-        message = metering_pb2.RecordUsageResponse(duplicate=row[Written.DUPLICATE])
-        out = message.event
-        out.CopyFrom(event)
-        out.DiscardUnknownFields()
-        out.request_metadata.SetInParent()  # present even when empty, as in a replay
-        out.result_metadata.SetInParent()
-        out.status = convert.USAGE_STATUSES[item["status"]]
-        out.success = item["success"]
-        out.quantity = item["quantity"]
-        charge: int = row[Written.CREDITS]
-        out.credits = format_amount(charge)
-        out.credit_type = convert.CREDIT_TYPES[row[Written.CREDIT_TYPE]]
-        convert.set_time(out.start_time, datetime.fromisoformat(item["started_at"]))
-        if item["completed_at"] is None:
-            out.ClearField("complete_time")
-        else:
-            convert.set_time(out.complete_time, datetime.fromisoformat(item["completed_at"]))
-        out.processing_time_ms = item["processing_time_ms"]
-        convert.set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
-        entry_id = row[Written.ENTRY_ID]
-        out.entry_id = entry_id or 0
-        out.reservation_id = ""
-        if entry_id:
-            # The debit tally_record_usage wrote for this charge (same description,
-            # reference and metadata; the caller as the ledger_entries_caller trigger
-            # stamps it).
-            entry = message.entry
-            entry.entry_id = entry_id
-            entry.account_id = item["account_id"]
-            entry.sequence = row[Written.SEQUENCE]
-            entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
-            entry.amount = format_amount(-charge)
-            entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
-            endpoint = item["endpoint"]
-            product = item["product_id"]
-            entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
-            entry.reference = item["event_id"]
-            entry.request_id = item["event_id"]
-            fields = entry.metadata.fields
-            fields["event_id"].string_value = item["event_id"]
-            fields["product_id"].string_value = product
-            caller = current_caller.get()
-            if caller:
-                fields["caller"].string_value = caller
-            convert.set_time(
-                entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT])
-            )
-        return message
-
     async def RecordUsage(
         self, request: metering_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.RecordUsageResponse:
@@ -319,8 +239,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if "error" in result:
             raise self._item_error(result, item)
         if isinstance(result, list):
-            return self._written_message(result, request.event, item)
-        return self._result_message(result)
+            return convert.usage_written(result, request.event, item, current_caller.get())
+        return convert.usage_replayed(result)
 
     def _items(
         self, events: list[metering_pb2.UsageEvent], first_index: int
@@ -347,10 +267,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         by_index = {item["index"]: item for item in items}
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
-                index, of = result[Written.INDEX], result[Written.OF]
+                index, of = result[convert.Written.INDEX], result[convert.Written.OF]
                 out = metering_pb2.UsageResult(index=index, event_id=by_index[index]["event_id"])
                 out.result.CopyFrom(
-                    self._written_message(result, events[of - first_index], by_index[of])
+                    convert.usage_written(
+                        result, events[of - first_index], by_index[of], current_caller.get()
+                    )
                 )
                 results[index] = out
                 continue
@@ -360,7 +282,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             if "error" in result:
                 out.status.CopyFrom(self._item_error(result, item).to_rpc_status())
             else:
-                out.result.CopyFrom(self._result_message(result))
+                out.result.CopyFrom(convert.usage_replayed(result))
             results[index] = out
         return [results[first_index + i] for i in range(len(events))]
 
@@ -374,7 +296,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         recorded = duplicates = 0
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
-                if result[Written.DUPLICATE]:
+                if result[convert.Written.DUPLICATE]:
                     duplicates += 1
                 else:
                     recorded += 1
@@ -505,7 +427,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def CompleteUsage(
         self, request: metering_pb2.CompleteUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.CompleteUsageResponse:
-        result = self._result_message(await self._finish(request, "CompleteUsage", "completed"))
+        result = convert.usage_replayed(await self._finish(request, "CompleteUsage", "completed"))
         return metering_pb2.CompleteUsageResponse(
             event=result.event, entry=result.entry if result.HasField("entry") else None
         )
@@ -513,7 +435,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def FailUsage(
         self, request: metering_pb2.FailUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.FailUsageResponse:
-        result = self._result_message(await self._finish(request, "FailUsage", "failed"))
+        result = convert.usage_replayed(await self._finish(request, "FailUsage", "failed"))
         return metering_pb2.FailUsageResponse(
             event=result.event, entry=result.entry if result.HasField("entry") else None
         )
@@ -523,7 +445,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def GetUsage(
         self, request: metering_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.GetUsageResponse:
-        account = await store.get_account(self.db, validation.account_id(request.account_id))
+        account = await reads.get_account(self.db, validation.account_id(request.account_id))
         r = self._range(request, account)
         product_id = (
             validation.product_id(request.product_id, "product_id") if request.product_id else ""
@@ -541,7 +463,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if request.recent_events < 0:
             raise errors.InvalidArgument("recent_events", "must not be negative")
         recent = min(request.recent_events or 10, 100)
-        balance = await store.get_balance(self.db, account_id)
+        balance = await reads.get_balance(self.db, account_id)
         account = balance.account
         zone = ZoneInfo(account.time_zone)
         now = _now()
@@ -550,7 +472,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             r = ranges.preset_range(preset, zone, now)
             s = await usage.stats(self.db, account_id, r, "month", zone, "")
             months.append(usage.totals_message(s.total, r.start, r.end))
-        events = await _events(self.db, account_id, None, None, "", None, recent)
+        events = await reads.list_usage_events(self.db, account_id, None, None, "", None, recent)
         return metering_pb2.GetUsageSummaryResponse(
             account=convert.account(account),
             balance=convert.credit_balance(balance),
@@ -583,7 +505,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if key is not None:
             cursor = (key[0], key[1])
             start, end = key[2], key[3]
-        account = await store.get_account(self.db, account_id)
+        account = await reads.get_account(self.db, account_id)
         # Days are the account's calendar days (a range across a DST change may be
         # 7 x 24 hours plus or minus one).
         zone = ZoneInfo(account.time_zone)
@@ -606,15 +528,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 f"the range may span at most {days} days of the account's time zone "
                 f"({account.time_zone})",
             )
-        rows = await _events(self.db, account_id, start, end, product_id, cursor, limit + 1)
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            last = rows[-1][0]
-            token = pagination.encode(
-                [last.started_at.isoformat(), last.event_id, start.isoformat(), end.isoformat()],
-                filters,
-            )
+        rows = await reads.list_usage_events(
+            self.db, account_id, start, end, product_id, cursor, limit + 1
+        )
+        rows, token = pagination.page(
+            rows,
+            limit,
+            filters,
+            lambda row: [
+                row[0].started_at.isoformat(),
+                row[0].event_id,
+                start.isoformat(),
+                end.isoformat(),
+            ],
+        )
         return metering_pb2.ListUsageEventsResponse(
             events=[convert.usage_event(e, expires_at) for e, expires_at in rows],
             next_page_token=token,
@@ -623,7 +550,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ExportUsageReport(
         self, request: metering_pb2.ExportUsageReportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[metering_pb2.ExportUsageReportResponse]:
-        account = await store.get_account(self.db, validation.account_id(request.account_id))
+        account = await reads.get_account(self.db, validation.account_id(request.account_id))
         r = self._range(request, account)
         days = self.settings.usage_export_max_days
         if not ranges.within_days(r, days, ZoneInfo(account.time_zone)):
@@ -661,18 +588,37 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def GetProduct(
         self, request: metering_pb2.GetProductRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.GetProductResponse:
-        row = await store.get_product(self.db, validation.product_id(request.product_id))
+        row = await reads.get_product(self.db, validation.product_id(request.product_id))
         return metering_pb2.GetProductResponse(product=convert.product(row))
 
     async def GetUsageEvent(
         self, request: metering_pb2.GetUsageEventRequest, context: grpc.aio.ServicerContext
     ) -> metering_pb2.GetUsageEventResponse:
-        row, expires_at = await store.get_usage_event(
+        row, expires_at = await reads.get_usage_event(
             self.db,
             validation.account_id(request.account_id),
             validation.event_id(request.event_id, "event_id"),
         )
         return metering_pb2.GetUsageEventResponse(event=convert.usage_event(row, expires_at))
+
+    async def GetPeriodReport(
+        self, request: metering_pb2.GetPeriodReportRequest, context: grpc.aio.ServicerContext
+    ) -> metering_pb2.GetPeriodReportResponse:
+        account_id = validation.account_id(request.account_id)
+        if request.version < 0:
+            raise errors.InvalidArgument("version", "must not be negative")
+        account = await reads.get_account(self.db, account_id)
+        p = period_reports.period_of(
+            request.period, request.year, request.month, request.day, ZoneInfo(account.time_zone)
+        )
+        report = await period_reports.get(self.db, account, p, request.version, _now())
+        t = report.total()
+        totals = usage.totals_message(
+            usage.Totals(t.requests, t.successful, t.failed, t.credits, t.quantity),
+            report.start,
+            report.end,
+        )
+        return metering_pb2.GetPeriodReportResponse(report=convert.period_report(report, totals))
 
 
 # How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told
@@ -688,36 +634,3 @@ def _asks_for_gzip(context: grpc.aio.ServicerContext) -> bool:
         if key == RESPONSE_COMPRESSION_KEY and value == "gzip":
             return True
     return False
-
-
-async def _events(
-    db: Database,
-    account_id: str,
-    start: datetime | None,
-    end: datetime | None,
-    product_id: str,
-    before: tuple[datetime, str] | None,
-    limit: int,
-) -> list[tuple[models.UsageEvent, datetime | None]]:
-    """Events newest first, each with its hold's expiry (for not-yet-swept expiries)."""
-    e = models.UsageEvent
-    conditions: list[Any] = [e.account_id == account_id]
-    if start is not None:
-        conditions.append(e.started_at >= start)
-    if end is not None:
-        conditions.append(e.started_at < end)
-    if product_id:
-        conditions.append(e.product_id == product_id)
-    if before is not None:
-        conditions.append(
-            or_(e.started_at < before[0], and_(e.started_at == before[0], e.event_id < before[1]))
-        )
-    query = (
-        select(e, models.Hold.expires_at)
-        .outerjoin(models.Hold, models.Hold.reservation_id == e.reservation_id)
-        .where(and_(*conditions))
-        .order_by(e.started_at.desc(), e.event_id.desc())
-        .limit(limit)
-    )
-    async with db.sessions() as session:
-        return [(row[0], row[1]) for row in (await session.execute(query)).all()]

@@ -1,15 +1,21 @@
-"""Read queries. Each opens its own session (one per RPC) and answers model objects."""
+"""Every read query of the service (reads.py is their one home): each opens its own
+session or connection (one per RPC) and answers model objects or plain values."""
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text
+import asyncpg
+from sqlalchemy import and_, func, literal, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tally_service import errors, models
-from tally_service.db import Database
+from tally_service.db import Database, translate_state
+from tally_service.ranges import Range
 
 
 async def _account(session: AsyncSession, account_id: str) -> models.Account:
@@ -135,17 +141,31 @@ async def get_balance_at(
     )
 
 
-async def list_grants(db: Database, account_id: str, include_spent: bool) -> list[models.Grant]:
+# Draw order (sql/40_grants.sql): priority, then the earliest expiry (none last), then
+# the oldest; the grant id breaks ties so that the order, and so a keyset, is total.
+NO_EXPIRY = datetime.max.replace(tzinfo=UTC)
+
+
+async def list_grants(
+    db: Database,
+    account_id: str,
+    include_spent: bool,
+    after: tuple[int, datetime | None, datetime, str] | None,
+    limit: int,
+) -> list[models.Grant]:
+    """One page of the account's grants in draw order, after the keyset `after`
+    (priority, expiry or None, created_at, grant id)."""
     await catch_up(db, account_id)
     g = models.Grant
-    query = (
-        select(g)
-        .where(g.account_id == account_id)
-        .order_by(g.priority, g.expires_at.asc().nulls_last(), g.created_at, g.grant_id)
-        .limit(1000)
-    )
+    expiry = func.coalesce(g.expires_at, literal(NO_EXPIRY))
+    key = tuple_(g.priority, expiry, g.created_at, g.grant_id)
+    query = select(g).where(g.account_id == account_id).order_by(*key.clauses).limit(limit)
     if not include_spent:
         query = query.where(g.remaining > 0)
+    if after is not None:
+        priority, expires_at, created_at, grant_id = after
+        bound = (priority, expires_at or NO_EXPIRY, created_at, uuid.UUID(grant_id))
+        query = query.where(key > tuple_(*bound))
     async with db.sessions() as session:
         await _account(session, account_id)
         return list((await session.scalars(query)).all())
@@ -457,4 +477,238 @@ async def verify_account(db: Database, account_id: str) -> Verification:
         holds_reserved=int(holds.pending_live),
         entry_count=int(ledger.entries),
         violations=violations,
+    )
+
+
+async def list_products(db: Database, after: str | None, limit: int) -> list[models.Product]:
+    """Products by id, after the id `after`."""
+    query = select(models.Product).order_by(models.Product.product_id).limit(limit)
+    if after is not None:
+        query = query.where(models.Product.product_id > after)
+    async with db.sessions() as session:
+        return list((await session.scalars(query)).all())
+
+
+async def list_usage_events(
+    db: Database,
+    account_id: str,
+    start: datetime | None,
+    end: datetime | None,
+    product_id: str,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> list[tuple[models.UsageEvent, datetime | None]]:
+    """Events newest first, each with its hold's expiry (for not-yet-swept expiries)."""
+    e = models.UsageEvent
+    conditions: list[Any] = [e.account_id == account_id]
+    if start is not None:
+        conditions.append(e.started_at >= start)
+    if end is not None:
+        conditions.append(e.started_at < end)
+    if product_id:
+        conditions.append(e.product_id == product_id)
+    if before is not None:
+        conditions.append(
+            or_(e.started_at < before[0], and_(e.started_at == before[0], e.event_id < before[1]))
+        )
+    query = (
+        select(e, models.Hold.expires_at)
+        .outerjoin(models.Hold, models.Hold.reservation_id == e.reservation_id)
+        .where(and_(*conditions))
+        .order_by(e.started_at.desc(), e.event_id.desc())
+        .limit(limit)
+    )
+    async with db.sessions() as session:
+        return [(row[0], row[1]) for row in (await session.execute(query)).all()]
+
+
+_DUE_ACCOUNTS = text(
+    "SELECT DISTINCT account_id FROM ("
+    "  (SELECT account_id FROM holds"
+    "   WHERE status = 'pending' AND expires_at <= clock_timestamp()"
+    "   ORDER BY expires_at LIMIT :limit)"
+    "  UNION ALL"
+    "  (SELECT account_id FROM grants"
+    "   WHERE remaining > 0 AND NOT expired AND expires_at <= clock_timestamp()"
+    "   ORDER BY expires_at LIMIT :limit)"
+    "  UNION ALL"
+    "  (SELECT account_id FROM accounts WHERE subscription_renews_at <= clock_timestamp()"
+    "   LIMIT :limit)) due"
+)
+
+
+async def due_accounts(db: Database, limit: int) -> list[str]:
+    """Accounts with a hold or grant past its expiry or a subscription period to renew
+    (up to `limit` of each kind), for the sweeper."""
+    async with db.engine.connect() as conn:
+        return list((await conn.execute(_DUE_ACCOUNTS, {"limit": limit})).scalars())
+
+
+FETCH_ROWS = 2000
+# started_at comes as the text Python's datetime.isoformat() gives for a UTC instant
+# ("2026-11-30T09:15:02.123456+00:00", without the fraction when it is zero), formatted
+# by PostgreSQL: the server process's one core is the limit, and this is its largest
+# per-row cost otherwise.
+_EXPORT_ROWS = """
+SELECT event_id,
+       to_char(started_at AT TIME ZONE 'UTC',
+               CASE WHEN date_trunc('second', started_at) = started_at
+                    THEN 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'
+                    ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"' END),
+       product_id, endpoint, status, status_code, message, quantity, credits,
+       processing_time_ms
+FROM usage_events
+WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
+  AND status IN ('completed', 'failed'){product}
+ORDER BY started_at, event_id
+"""
+
+
+async def usage_event_rows(
+    db: Database, account_id: str, r: Range, product_id: str
+) -> AsyncIterator[list[Any]]:
+    """The completed and failed events of the range, oldest first, as export rows, in
+    batches of FETCH_ROWS from a server-side cursor (reports.py formats them)."""
+    args: list[Any] = [account_id, r.start, r.end]
+    product = ""
+    if product_id:
+        args.append(product_id)
+        product = " AND product_id = $4"
+    query = _EXPORT_ROWS.format(product=product)
+    try:
+        async with db.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            async with driver.transaction(isolation="repeatable_read", readonly=True):
+                # The rows in the index's order, never a sort of the whole range
+                # before the first row (whose FETCH the statement timeout bounds).
+                await driver.execute("SET LOCAL enable_sort = off")
+                cursor = await driver.cursor(query, *args)
+                rows = await cursor.fetch(FETCH_ROWS)
+                while rows:
+                    # The next FETCH is sent before this batch is formatted, so
+                    # PostgreSQL produces it while this process formats.
+                    following = asyncio.ensure_future(cursor.fetch(FETCH_ROWS))
+                    await asyncio.sleep(0)
+                    try:
+                        yield rows
+                    finally:
+                        if not following.done():
+                            with contextlib.suppress(Exception):
+                                await asyncio.shield(following)
+                    rows = following.result()
+    except asyncpg.PostgresError as exc:
+        raise _export_error(exc) from None
+    except (OSError, asyncpg.InterfaceError):
+        raise errors.DatabaseUnavailable("the database is unavailable; retry") from None
+
+
+def _export_error(exc: asyncpg.PostgresError) -> Exception:
+    error = translate_state(exc.sqlstate or "", getattr(exc, "detail", None), exc)
+    if isinstance(error, errors.DomainError):
+        return error
+    return errors.DatabaseUnavailable("contention; retry")
+
+
+# -- period reports (period_reports.py freezes them) ---------------------------------
+
+_FIND_PERIOD_REPORT = text(
+    "SELECT report_id FROM period_reports "
+    "WHERE account_id = :account_id AND period = :period AND local_start = :local_start"
+)
+_PERIOD_REPORT_HEAD = text(
+    "SELECT h.account_id, h.period, h.time_zone, h.period_start, h.period_end, h.version, "
+    "       v.version, v.created_at "
+    "FROM period_reports h "
+    "LEFT JOIN period_report_versions v "
+    "  ON v.report_id = h.report_id AND v.version = coalesce(:version, h.version) "
+    "WHERE h.report_id = :report_id"
+)
+_PERIOD_REPORT_SUMS = """
+SELECT product_id, endpoint, sum(requests)::bigint, sum(successful)::bigint,
+       sum(failed)::bigint, sum(credits)::bigint, sum(quantity)::bigint
+FROM period_report_changes
+WHERE report_id = :report_id AND {versions}
+GROUP BY product_id, endpoint
+HAVING sum(requests) <> 0 OR sum(successful) <> 0 OR sum(failed) <> 0
+    OR sum(credits) <> 0 OR sum(quantity) <> 0
+ORDER BY product_id, endpoint
+"""
+_PERIOD_REPORT_LINES = text(_PERIOD_REPORT_SUMS.format(versions="version <= :version"))
+_PERIOD_REPORT_CHANGES = text(
+    _PERIOD_REPORT_SUMS.format(versions="version = :version AND version > 1")
+)
+
+
+@dataclass
+class ReportLine:
+    """Usage of one product and endpoint in a period report (or, in `changes`, its
+    difference from the previous version)."""
+
+    product_id: str
+    endpoint: str
+    requests: int = 0
+    successful: int = 0
+    failed: int = 0
+    credits: int = 0
+    quantity: int = 0
+
+    def add(self, other: "ReportLine") -> None:
+        self.requests += other.requests
+        self.successful += other.successful
+        self.failed += other.failed
+        self.credits += other.credits
+        self.quantity += other.quantity
+
+
+@dataclass
+class PeriodReportVersion:
+    account_id: str
+    unit: str  # "day" or "month"
+    time_zone: str
+    start: datetime
+    end: datetime
+    version: int
+    latest_version: int
+    created_at: datetime
+    lines: list[ReportLine]
+    changes: list[ReportLine]
+
+    def total(self) -> ReportLine:
+        out = ReportLine("", "")
+        for line in self.lines:
+            out.add(line)
+        return out
+
+
+async def find_period_report(
+    db: Database, account_id: str, unit: str, local_start: date
+) -> int | None:
+    """The id of the account's report of the period, if it was ever frozen."""
+    params = {"account_id": account_id, "period": unit, "local_start": local_start}
+    async with db.engine.connect() as conn:
+        found: int | None = (await conn.execute(_FIND_PERIOD_REPORT, params)).scalar()
+    return found
+
+
+async def period_report_version(
+    db: Database, report_id: int, version: int
+) -> PeriodReportVersion | None:
+    """The report at `version` (0: the latest), None past the latest. A version, once
+    visible, never changes (only the transaction that made it adds to it), so its parts
+    need no common snapshot."""
+    async with db.engine.connect() as conn:
+        head = (
+            await conn.execute(
+                _PERIOD_REPORT_HEAD, {"report_id": report_id, "version": version or None}
+            )
+        ).one()
+        account_id, unit, time_zone, start, end, latest, found, created_at = head
+        if found is None:
+            return None
+        where = {"report_id": report_id, "version": found}
+        lines = [ReportLine(*row) for row in await conn.execute(_PERIOD_REPORT_LINES, where)]
+        changes = [ReportLine(*row) for row in await conn.execute(_PERIOD_REPORT_CHANGES, where)]
+    return PeriodReportVersion(
+        account_id, unit, time_zone, start, end, found, latest, created_at, lines, changes
     )
