@@ -40,10 +40,7 @@ DECLARE
     v_offsets bigint[] := '{}';
     v_shares bigint[] := '{}';
     v_types text[] := '{}';
-    -- The grants drawn, in draw order.
     g record;
-    v_gids uuid[] := '{}';
-    v_gtakes bigint[] := '{}';
     v_ahead bigint := 0;
     v_j integer := 1;
     v_entries jsonb[];
@@ -53,8 +50,11 @@ BEGIN
     IF a.account_id IS NULL OR a.available_alerts THEN
         RETURN NULL;
     END IF;
+    -- The keys already stored, by one index probe per key (an array, not a join the
+    -- planner could turn into a scan of the whole table).
     SELECT array_agg(request_id) INTO v_known FROM idempotency_keys
-    WHERE request_id IN (SELECT y->'a'->>'request_id' FROM jsonb_array_elements(p_calls) y);
+    WHERE request_id = ANY (ARRAY(SELECT y->'a'->>'request_id'
+                                  FROM jsonb_array_elements(p_calls) y));
     v_available_before := a.balance - a.reserved;
     v_balance := a.balance;
     v_reserved := a.reserved;
@@ -102,8 +102,8 @@ BEGIN
             WHERE account_id = p_account_id AND remaining > 0
             ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
         LOOP
-            v_gids := v_gids || g.grant_id;
-            v_gtakes := v_gtakes || least(g.remaining, v_draw - v_ahead);
+            UPDATE grants SET remaining = remaining - least(g.remaining, v_draw - v_ahead)
+            WHERE grant_id = g.grant_id;
             WHILE v_j <= v_n AND v_offsets[v_j] < v_ahead + g.remaining LOOP
                 IF v_shares[v_j] > 0 THEN
                     v_types[v_j] := g.grant_type;
@@ -117,9 +117,6 @@ BEGIN
             RAISE EXCEPTION 'grants of % do not cover its balance', p_account_id
                 USING ERRCODE = 'TA901';
         END IF;
-        UPDATE grants d SET remaining = d.remaining - t.take
-        FROM unnest(v_gids, v_gtakes) AS t (grant_id, take)
-        WHERE d.grant_id = t.grant_id;
     END IF;
     UPDATE accounts
     SET balance = v_balance,
@@ -195,9 +192,10 @@ BEGIN
             WHERE x->'a' ? 'reservation_id')
     )
     ORDER BY account_id FOR UPDATE;
-    -- Set-based first: the accounts with only debits in a group of plain movements with
-    -- distinct keys (so no call of the group can see another's key or account), each
-    -- as one run (tally_debit_run). Every other call runs on its own below, in order.
+    -- Set-based first: the accounts with two or more calls, all debits, in a group of
+    -- plain movements with distinct keys (so no call of the group can see another's key
+    -- or account), each as one run (tally_debit_run; a lone debit is cheaper as itself).
+    -- Every other call runs on its own below, in order.
     IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_calls) x
                    WHERE x->>'f' IS DISTINCT FROM 'tally_move')
        AND (SELECT count(DISTINCT x->'a'->>'request_id') = count(*)
@@ -208,7 +206,8 @@ BEGIN
                              ORDER BY x.ordinality)
             FROM jsonb_array_elements(p_calls) WITH ORDINALITY x
             GROUP BY 1
-            HAVING bool_and(x.value->'a'->>'type' = 'debit'
+            HAVING count(*) > 1
+               AND bool_and(x.value->'a'->>'type' = 'debit'
                             AND (x.value->'a'->>'amount')::bigint < 0)
             ORDER BY 1
         LOOP
