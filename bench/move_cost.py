@@ -11,7 +11,8 @@ On a fresh database funded like ``bench.db_only``:
    PL/pgSQL function per movement (``pg_stat_user_functions``).
 2. A statement-by-statement copy of ``tally_move``'s Debit path (the same statements on
    the same rows, with a clock read between them) run N times: the cost of each
-   statement per movement. It is created in the benchmark database only.
+   statement per movement. It is created in the benchmark database only, and copies
+   the path as it was when first measured (an existence check before the lock).
 """
 
 import argparse
@@ -36,11 +37,13 @@ DECLARE
     u timestamptz;
     acc double precision[] := array_fill(0::double precision, ARRAY[14]);
     names text[] := ARRAY[
-        'set_config(tally.caller)', 'exists(account)', 'lock: SELECT FOR UPDATE',
+        'set_config(tally.caller)', 'exists(account) (folded into the lock since)',
+        'lock: SELECT FOR UPDATE',
         'catch-up: due holds/grants', 'replay: key lookup', 'UPDATE accounts',
         'grant draw: SELECT + UPDATE grants', 'INSERT ledger_entries (+trigger, FK)',
         'reload rule', 'response: to_jsonb(entry)', 'INSERT idempotency_keys',
-        'settle_expired check', 'whole tally_move (same work, for comparison)',
+        'settle_expired check (credits and captures only)',
+        'whole tally_move (same work, for comparison)',
         'whole tally_apply_group of 16, per movement'];
     a accounts;
     e ledger_entries;
