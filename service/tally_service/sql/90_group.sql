@@ -46,6 +46,9 @@ DECLARE
     v_entries jsonb[];
     v_r jsonb;
 BEGIN
+    -- The catch-up runs once, as at the start of the run's first call alone (and stamps
+    -- what it writes with that call's caller).
+    PERFORM set_config('tally.caller', coalesce(p_calls->0->>'caller', ''), true);
     a := tally_find_account(p_account_id);
     IF a.account_id IS NULL OR a.available_alerts THEN
         RETURN NULL;
