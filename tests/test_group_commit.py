@@ -2,6 +2,7 @@
 outcome (DESIGN.md 7, 8, 9)."""
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,165 @@ def test_unary_usage_calls_share_one_transaction(
         assert sorted(e for e in events) == sorted({r.event.event_id for r in written})
     finally:
         replica.stop()
+
+
+# Micro-credits.
+_C = 1_000_000
+
+
+async def _debit_run_vs_one_by_one(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+
+        async def move(rid: str, account: str, kind: str, amount: int, grant: str | None) -> Any:
+            return await conn.fetchval(
+                "SELECT tally_move($1, '\\x00', $2, $3, $4, $5, '', '', '{}', $6::jsonb)",
+                rid,
+                "Debit" if kind == "debit" else "TopUp",
+                account,
+                kind,
+                amount,
+                grant,
+            )
+
+        for acct in ("set", "seq"):
+            await conn.fetchval(
+                "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', $3, NULL)",
+                f"create-{acct}",
+                acct,
+                5 * _C,
+            )
+            await move(f"{acct}-top", acct, "credit", 3 * _C, '{"type": "purchased"}')
+            await move(f"{acct}-adj", acct, "adjustment", 2 * _C, None)
+            await conn.fetchval(
+                "SELECT tally_reserve($1, '\\x00', $2, $3, 3600, '', '{}')",
+                f"{acct}-hold",
+                acct,
+                _C,
+            )
+            await conn.fetchval(
+                "SELECT tally_set_auto_reload($1, '\\x00', $2, true, $3, $4, 0, 0)",
+                f"{acct}-reload",
+                acct,
+                2 * _C,
+                10 * _C,
+            )
+            await move(f"{acct}-old", acct, "debit", -_C // 10, None)
+        # (key suffix, amount, fingerprint, caller): refusals in the middle of the run.
+        plan = [
+            ("d1", 3 * _C // 2, "00", "alice"),
+            ("big", 100 * _C, "00", "bob"),
+            ("d2", 2 * _C, "00", ""),
+            ("old", _C // 10, "00", "alice"),  # a replay of an earlier debit
+            ("top", _C, "01", "bob"),  # a key of another payload: refused
+            ("d3", _C, "00", "alice"),
+            ("d4", 5 * _C // 2, "00", "bob"),  # into the overdraft
+            ("d5", 3 * _C, "00", "alice"),  # past the overdraft: refused
+            ("d6", _C // 2, "00", "bob"),
+        ]
+
+        def args(acct: str, key: str, amount: int, fp: str) -> dict[str, Any]:
+            return {
+                "request_id": f"{acct}-{key}",
+                "fingerprint": fp,
+                "method": "TopUp" if key == "top" else "Debit",
+                "account_id": acct,
+                "type": "debit",
+                "amount": -amount,
+                "description": key,
+                "reference": "",
+                "metadata": '{"k": 1}',
+                "grant": None,
+            }
+
+        calls = [
+            {"f": "tally_move", "caller": caller, "a": args("set", key, amount, fp)}
+            for key, amount, fp, caller in plan
+        ]
+        grouped = json.loads(
+            await conn.fetchval("SELECT tally_apply_group($1::jsonb)::text", json.dumps(calls))
+        )
+        alone = []
+        for key, amount, fp, caller in plan:
+            a = args("seq", key, amount, fp)
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('tally.caller', $1, true)", caller)
+                alone.append(
+                    json.loads(
+                        await conn.fetchval(
+                            "SELECT tally_move($1, decode($2, 'hex'), $3, $4, $5, $6, $7, "
+                            "$8, $9::jsonb, NULL)::text",
+                            a["request_id"],
+                            fp,
+                            a["method"],
+                            "seq",
+                            "debit",
+                            a["amount"],
+                            key,
+                            "",
+                            a["metadata"],
+                        )
+                    )
+                )
+
+        def same(value: Any) -> Any:
+            text = json.dumps(value, sort_keys=True).replace('"set', '"seq')
+            scrubbed = json.loads(text)
+            entry = (scrubbed.get("response") or {}).get("entry")
+            if entry:
+                for volatile in ("entry_id", "created_at"):
+                    entry.pop(volatile)
+            return scrubbed
+
+        assert [same(r) for r in grouped] == [same(r) for r in alone]
+        assert [("error" in r) for r in grouped] == [
+            False,
+            True,
+            False,
+            False,
+            True,
+            False,
+            False,
+            True,
+            False,
+        ]
+        assert grouped[3]["replayed"] is True
+
+        async def state(acct: str) -> Any:
+            entries = await conn.fetch(
+                "SELECT sequence, entry_type, amount, balance_after, description, metadata, "
+                "credit_type FROM ledger_entries WHERE account_id = $1 ORDER BY sequence",
+                acct,
+            )
+            grants = await conn.fetch(
+                "SELECT grant_type, amount, remaining FROM grants WHERE account_id = $1 "
+                "ORDER BY priority, created_at",
+                acct,
+            )
+            account = await conn.fetchrow(
+                "SELECT balance, reserved, last_sequence FROM accounts WHERE account_id = $1",
+                acct,
+            )
+            reloads = await conn.fetchval(
+                "SELECT count(*) FROM reload_intents WHERE account_id = $1", acct
+            )
+            return [dict(r) for r in entries], [dict(r) for r in grants], dict(account), reloads
+
+        set_state, seq_state = await state("set"), await state("seq")
+        assert set_state == seq_state
+        assert set_state[3] == 1  # the reload rule crossed once
+        assert {e["credit_type"] for e in set_state[0]} >= {"promotional", "purchased", None}
+        # The run was applied as a set: its entries share one instant and one transaction.
+        stamps = await conn.fetchval(
+            "SELECT count(DISTINCT (created_at, xmin::text)) FROM ledger_entries "
+            "WHERE account_id = 'set' AND request_id LIKE 'set-d%'"
+        )
+        assert stamps == 1
+    finally:
+        await conn.close()
+
+
+def test_a_run_of_debits_as_a_set_equals_one_by_one(own_database_url: str) -> None:
+    """tally_debit_run gives each debit of a group the outcome, entry, draw and reload
+    decision it would have alone, in order."""
+    asyncio.run(_debit_run_vs_one_by_one(own_database_url))

@@ -39,14 +39,3 @@ LANGUAGE sql IMMUTABLE AS $$
         'requested', p_requested,
         'overdraft_limit', a.overdraft_limit))
 $$;
-
--- The account locked and caught up (tally_lock_account), or a NULL row when it does not
--- exist (accounts are never deleted, so the check cannot go stale).
-CREATE OR REPLACE FUNCTION tally_find_account(p_account_id text) RETURNS accounts
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM accounts WHERE account_id = p_account_id) THEN
-        RETURN NULL;
-    END IF;
-    RETURN tally_lock_account(p_account_id);
-END $$;

@@ -5,7 +5,9 @@
 -- left spendable (DESIGN.md 5). Grant expiries between two hold expiries or renewals
 -- are one step (they do not change what the holds stand on); hold expiries are one
 -- step too, unless expired credit is kept under holds, which each of them may release.
-CREATE OR REPLACE FUNCTION tally_lock_account(p_account_id text) RETURNS accounts
+-- tally_find_account returns a NULL row when the account does not exist (accounts are
+-- never deleted, so the answer cannot go stale); tally_lock_account raises then.
+CREATE OR REPLACE FUNCTION tally_find_account(p_account_id text) RETURNS accounts
 LANGUAGE plpgsql AS $$
 DECLARE
     a accounts;
@@ -17,16 +19,18 @@ DECLARE
 BEGIN
     SELECT * INTO a FROM accounts WHERE account_id = p_account_id FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'account not found' USING ERRCODE = 'TA404',
-            DETAIL = json_build_object('resource', 'account', 'id', p_account_id)::text;
+        RETURN NULL;
     END IF;
     v_now := clock_timestamp();
     LOOP
-        SELECT min(expires_at) INTO v_hold_at FROM holds
-        WHERE account_id = p_account_id AND status = 'pending' AND expires_at <= v_now;
-        SELECT min(expires_at) INTO v_grant_at FROM grants
-        WHERE account_id = p_account_id AND remaining > 0 AND NOT expired
-          AND expires_at <= v_now;
+        -- Both due instants in one statement (one executor run per movement, not two).
+        SELECT (SELECT min(expires_at) FROM holds
+                WHERE account_id = p_account_id AND status = 'pending'
+                  AND expires_at <= v_now),
+               (SELECT min(expires_at) FROM grants
+                WHERE account_id = p_account_id AND remaining > 0 AND NOT expired
+                  AND expires_at <= v_now)
+        INTO v_hold_at, v_grant_at;
         v_renew_at := CASE WHEN a.subscription_renews_at <= v_now
                            THEN a.subscription_renews_at END;
         EXIT WHEN v_hold_at IS NULL AND v_grant_at IS NULL AND v_renew_at IS NULL;
@@ -54,6 +58,19 @@ BEGIN
         END IF;
         SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
     END LOOP;
+    RETURN a;
+END $$;
+
+CREATE OR REPLACE FUNCTION tally_lock_account(p_account_id text) RETURNS accounts
+LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+BEGIN
+    a := tally_find_account(p_account_id);
+    IF a.account_id IS NULL THEN
+        RAISE EXCEPTION 'account not found' USING ERRCODE = 'TA404',
+            DETAIL = json_build_object('resource', 'account', 'id', p_account_id)::text;
+    END IF;
     RETURN a;
 END $$;
 

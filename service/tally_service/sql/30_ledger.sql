@@ -55,7 +55,9 @@ BEGIN
             SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
         END IF;
     END IF;
-    PERFORM tally_maybe_reload(a, v_available_before);
+    IF a.auto_reload_enabled THEN
+        PERFORM tally_maybe_reload(a, v_available_before);
+    END IF;
     RETURN e;
 END $$;
 
