@@ -702,10 +702,10 @@ def usage_table(results: list[UsageResult]) -> str:
 
 
 def stats_plan(url: str, case: UsageCase) -> list[str]:
-    """EXPLAIN ANALYZE of tally_service.usage's statistics query for ``case``."""
-    from tally_service import ranges, usage
+    """EXPLAIN ANALYZE of tally_service.reads's statistics query for ``case``."""
+    from tally_service import ranges, reads
 
-    sql, params = usage.stats_query(
+    sql, params = reads.usage_stats_query(
         BIG_ACCOUNT,
         ranges.Range(case.start, case.end),
         ranges.PERIOD_UNITS[case.period],

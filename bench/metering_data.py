@@ -289,7 +289,7 @@ def count(
 
 def explain(url: str, sql: str, params: dict[str, Any], settings: Sequence[str] = ()) -> list[str]:
     """``EXPLAIN (ANALYZE, BUFFERS)`` of a statement with SQLAlchemy-style ``:name``
-    parameters (the text of tally_service.usage), as the server would run it."""
+    parameters (the text of tally_service.reads), as the server would run it."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 

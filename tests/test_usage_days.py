@@ -21,7 +21,7 @@ import pytest
 
 from tally.v1 import metering_pb2 as m
 from tally_client import TallyClient, usage_event
-from tally_service import ranges, usage
+from tally_service import ranges, reads
 from tally_service.money import format_amount
 from tests.conftest import ServerProcess, new_database, start_server
 
@@ -373,21 +373,21 @@ def test_whole_days_of_a_range() -> None:
     la, kolkata = ZoneInfo(LOS_ANGELES), ZoneInfo(KOLKATA)
     # 2026-03-08 is 23 hours long in Los Angeles; a range from its midnight has it whole.
     start = ranges.midnight(date(2026, 3, 8), la)
-    assert usage.whole_days(ranges.Range(start, start + timedelta(hours=23)), la) == (
+    assert reads.whole_days(ranges.Range(start, start + timedelta(hours=23)), la) == (
         date(2026, 3, 8),
         date(2026, 3, 9),
     )
-    assert usage.whole_days(ranges.Range(start, start + timedelta(hours=22)), la) is None
+    assert reads.whole_days(ranges.Range(start, start + timedelta(hours=22)), la) is None
     # One microsecond after a local midnight: that day is an edge, the next one whole.
     r = ranges.Range(
         datetime(2026, 1, 9, 18, 30, 0, 1, tzinfo=UTC), datetime(2026, 1, 12, 1, tzinfo=UTC)
     )
-    assert usage.whole_days(r, kolkata) == (date(2026, 1, 11), date(2026, 1, 12))
+    assert reads.whole_days(r, kolkata) == (date(2026, 1, 11), date(2026, 1, 12))
     # Before 1980 some zones' midnights cut a 15-minute bucket: no whole days there.
     old = ranges.Range(datetime(1971, 1, 1, tzinfo=UTC), datetime(1980, 1, 3, tzinfo=UTC))
-    assert usage.whole_days(old, ZoneInfo("Africa/Monrovia")) == (
+    assert reads.whole_days(old, ZoneInfo("Africa/Monrovia")) == (
         date(1980, 1, 1),
         date(1980, 1, 3),
     )
     early = ranges.Range(datetime(1971, 1, 1, tzinfo=UTC), datetime(1979, 1, 3, tzinfo=UTC))
-    assert usage.whole_days(early, ZoneInfo("Africa/Monrovia")) is None
+    assert reads.whole_days(early, ZoneInfo("Africa/Monrovia")) is None

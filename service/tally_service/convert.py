@@ -3,13 +3,16 @@ with model objects; both go through `from_json` into models and then one convert
 message, so a first response and its replay are built by the same code."""
 
 from datetime import UTC, datetime
-from typing import Any
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
-from tally_service import models, reads
-from tally_service.money import format_amount
+from tally_service import models, ranges, reads
+from tally_service.money import MICROS_PER_CREDIT, format_amount
+from tally_service.ranges import Range
 
 ENTRY_TYPES = {
     "credit": ledger_pb2.ENTRY_TYPE_CREDIT,
@@ -452,3 +455,52 @@ def period_report(
         lines=[period_report_line(line) for line in report.lines],
         changes=[period_report_line(line) for line in report.changes],
     )
+
+
+def average_credits(credits: int, requests: int) -> str:
+    if not requests:
+        return "0"
+    value = (Decimal(credits) / MICROS_PER_CREDIT / requests).quantize(
+        Decimal("0.000001"), rounding=ROUND_HALF_EVEN
+    )
+    return format_amount(int(value * MICROS_PER_CREDIT))
+
+
+def usage_totals(t: reads.Totals, start: datetime, end: datetime) -> metering_pb2.UsageTotals:
+    return metering_pb2.UsageTotals(
+        period_start=timestamp(start),
+        period_end=timestamp(end),
+        total_requests=t.requests,
+        successful_requests=t.successful,
+        failed_requests=t.failed,
+        credits_consumed=format_amount(t.credits),
+        quantity=t.quantity,
+        average_credits_per_request=average_credits(t.credits, t.requests),
+    )
+
+
+def usage(
+    account_id: str, period: int, r: Range, unit: str, zone: ZoneInfo, s: reads.Stats
+) -> metering_pb2.GetUsageResponse:
+    """GetUsage's answer: the statistics `s` of the range `r`, in buckets of `unit` (the
+    `period` asked for) in the account's time zone."""
+    response = metering_pb2.GetUsageResponse(
+        account_id=account_id,
+        period=cast(
+            metering_pb2.UsagePeriod.ValueType, period or metering_pb2.USAGE_PERIOD_MONTHLY
+        ),
+        totals=usage_totals(s.total, r.start, r.end),
+    )
+    for endpoint, t in s.by_endpoint.items():
+        response.requests_by_endpoint[endpoint] = t.requests
+    for product, t in s.by_product.items():
+        response.requests_by_product[product] = t.requests
+        response.credits_by_product[product] = format_amount(t.credits)
+    starts = ranges.period_starts(r, unit, zone)
+    # Each period's bounds: its local start's instant (once each), clipped to the range.
+    bounds = [max(r.start, ranges.midnight(local.date(), zone)) for local in starts]
+    bounds.append(r.end)
+    for i, local_start in enumerate(starts):
+        t = s.by_period.get(local_start, reads.Totals())
+        response.buckets.append(usage_totals(t, bounds[i], min(r.end, bounds[i + 1])))
+    return response

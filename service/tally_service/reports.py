@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from tally_service import models, reads, usage
+from tally_service import models, reads
 from tally_service.db import Database
 from tally_service.money import format_amount
 from tally_service.ranges import Range
@@ -210,7 +210,7 @@ class Report:
             yield out.take()
 
         zone = ZoneInfo(self.account.time_zone)
-        stats = await usage.stats(
+        stats = await reads.usage_stats(
             self.db, self.account.account_id, self.range, "day", zone, self.product_id
         )
         for title, xml in _totals_sheets(stats):
@@ -310,10 +310,10 @@ def _sheet_path(number: int) -> str:
     return f"xl/worksheets/sheet{number}.xml"
 
 
-def _totals_sheets(stats: usage.Stats) -> list[tuple[str, bytes]]:
+def _totals_sheets(stats: reads.Stats) -> list[tuple[str, bytes]]:
     columns = ["Requests", "Successful", "Failed", "Credits", "Quantity"]
 
-    def numbers(t: usage.Totals) -> list[Any]:
+    def numbers(t: reads.Totals) -> list[Any]:
         return [t.requests, t.successful, t.failed, _Number(format_amount(t.credits)), t.quantity]
 
     by_product = [_row(1, ["Product Id", "Endpoint", *columns])]

@@ -470,8 +470,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         months = []
         for preset in (metering_pb2.RANGE_PRESET_THIS_MONTH, metering_pb2.RANGE_PRESET_LAST_MONTH):
             r = ranges.preset_range(preset, zone, now)
-            s = await usage.stats(self.db, account_id, r, "month", zone, "")
-            months.append(usage.totals_message(s.total, r.start, r.end))
+            s = await reads.usage_stats(self.db, account_id, r, "month", zone, "")
+            months.append(convert.usage_totals(s.total, r.start, r.end))
         events = await reads.list_usage_events(self.db, account_id, None, None, "", None, recent)
         return metering_pb2.GetUsageSummaryResponse(
             account=convert.account(account),
@@ -613,8 +613,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         )
         report = await period_reports.get(self.db, account, p, request.version, _now())
         t = report.total()
-        totals = usage.totals_message(
-            usage.Totals(t.requests, t.successful, t.failed, t.credits, t.quantity),
+        totals = convert.usage_totals(
+            reads.Totals(t.requests, t.successful, t.failed, t.credits, t.quantity),
             report.start,
             report.end,
         )

@@ -7,7 +7,7 @@ buckets it sums. The 15-minute buckets tile local days exactly because every zon
 offset has been a multiple of 15 minutes since 1972 (the last exception,
 Africa/Monrovia at -0:44:30, ended on 1972-01-07); before that some zones' local
 midnights fall inside a bucket, and GetUsage reads the 15-minute path there
-(tally_service.usage).
+(tally_service.reads).
 
 It stays equal to `SELECT ... GROUP BY account_id, (bucket_start AT TIME ZONE
 time_zone)::date, product_id, endpoint` over `usage_rollups` by triggers alone, so no
