@@ -16,8 +16,7 @@ _TRIGGER_FUNCTIONS = {
     "tally_stamp_caller",
     "tally_accounts_thresholds",  # 0010: pass movements to sql/65_thresholds.sql
     "tally_rollups_thresholds",
-    "tally_entries_references",  # 0014: the references of the hot tables, per statement
-    "tally_events_references",
+    "tally_events_references",  # 0014: the references of usage_events, per statement
     "tally_account_referenced",
     "tally_product_referenced",
 }

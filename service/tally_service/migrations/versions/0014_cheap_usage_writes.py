@@ -1,20 +1,22 @@
-"""Usage at batch speed: the references of the two hot tables are checked once per
-statement instead of once per row, and the caller stamp runs only where it changes
-something.
+"""Usage at batch speed: the references of usage_events are checked once per statement
+instead of once per row, and the caller stamp runs only where it changes something.
 
 A usage event cost 100 to 220 µs of PostgreSQL (docs/benchmarks.md, "Where a usage
 event's PostgreSQL time goes"); about a third of it was per-row trigger work:
 
-- Four foreign keys, each a per-row trigger running its own query: ledger_entries
-  (account_id) and usage_events (account_id, product_id, entry_id). They become one
-  statement-level trigger per table, over the statement's transition table: the same
-  check (every referenced row exists, SQLSTATE 23503 otherwise) as one set query,
-  and the same lock (FOR KEY SHARE on each referenced account and product, once per
-  distinct key instead of once per row). The referenced side keeps its guarantee with
-  row triggers on accounts and products that refuse a DELETE, or a change of the key,
-  of a row still referenced (and a TRUNCATE of products while usage_events has rows);
-  ledger entries cannot be deleted at all (migration 0001). The foreign keys on
-  reservation_id stay: they are NULL on the hot path and cost little.
+- Three foreign keys of usage_events (account_id, product_id, entry_id), each a per-row
+  trigger running its own query, become one statement-level trigger over the
+  statement's transition table: the same check (every referenced row exists, SQLSTATE
+  23503 otherwise) as one set query, and the same lock (FOR KEY SHARE on each
+  referenced account and product, once per distinct key instead of once per row). An
+  UPDATE that changes a reference is checked by a row trigger whose WHEN is false
+  otherwise. The referenced side keeps its guarantee with row triggers on accounts and
+  products that refuse a DELETE, or a change of the key, of a row still referenced (and
+  a TRUNCATE of products while usage_events has rows); ledger entries cannot be deleted
+  at all (migration 0001). The foreign keys on reservation_id stay (NULL on the hot
+  path), and so does ledger_entries' foreign key on account_id: most statements that
+  write entries write one, and for one row a statement trigger's query (about 35 to
+  55 µs) costs more than the foreign key's (about 20 µs).
 - `ledger_entries_caller` (a PL/pgSQL call per entry) gets a WHEN clause: it fires only
   when a caller is set and the entry's metadata does not already carry it. Writers that
   stamp the caller themselves (`tally_record_usage`) skip it; for every other entry it
@@ -40,30 +42,6 @@ CREATE TRIGGER ledger_entries_caller BEFORE INSERT ON ledger_entries
           AND NEW.metadata -> 'caller'
               IS DISTINCT FROM to_jsonb(current_setting('tally.caller', true)))
     EXECUTE FUNCTION tally_stamp_caller();
-
--- New ledger entries: their accounts exist (locked FOR KEY SHARE, once each), as the
--- foreign key checked them; SQLSTATE 23503 otherwise.
-CREATE FUNCTION tally_entries_references() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    v_missing text;
-BEGIN
-    SELECT d.account_id INTO v_missing
-    FROM (SELECT DISTINCT account_id FROM new_entries) d
-    LEFT JOIN LATERAL (SELECT 1 AS found FROM accounts a WHERE a.account_id = d.account_id
-                       FOR KEY SHARE) a ON true
-    WHERE a.found IS NULL
-    LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'insert on table "ledger_entries" violates its reference to accounts'
-            USING ERRCODE = 'foreign_key_violation',
-                  DETAIL = format('Key (account_id)=(%s) is not present.', v_missing);
-    END IF;
-    RETURN NULL;
-END $$;
-ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_account_id_fkey;
-CREATE TRIGGER ledger_entries_references AFTER INSERT ON ledger_entries
-    REFERENCING NEW TABLE AS new_entries
-    FOR EACH STATEMENT EXECUTE FUNCTION tally_entries_references();
 
 -- New usage events: their accounts and products exist (locked FOR KEY SHARE, once
 -- each), and so does the ledger entry of each charged one. Ledger entries are never
@@ -138,15 +116,14 @@ CREATE TRIGGER usage_events_references_changed
           OR NEW.entry_id IS DISTINCT FROM OLD.entry_id)
     EXECUTE FUNCTION tally_events_references();
 
--- The referenced side: an account or a product still referenced by an entry or an
--- event is neither deleted nor renamed (what ON DELETE/UPDATE NO ACTION did).
+-- The referenced side: an account or a product still referenced by an event is
+-- neither deleted nor renamed (what ON DELETE/UPDATE NO ACTION did).
 CREATE FUNCTION tally_account_referenced() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'UPDATE' AND NEW.account_id = OLD.account_id THEN
         RETURN NEW;
     END IF;
-    IF EXISTS (SELECT 1 FROM ledger_entries WHERE account_id = OLD.account_id)
-       OR EXISTS (SELECT 1 FROM usage_events WHERE account_id = OLD.account_id) THEN
+    IF EXISTS (SELECT 1 FROM usage_events WHERE account_id = OLD.account_id) THEN
         RAISE EXCEPTION 'account % is still referenced', OLD.account_id
             USING ERRCODE = 'foreign_key_violation';
     END IF;
@@ -188,10 +165,6 @@ DROP FUNCTION tally_account_referenced();
 DROP TRIGGER usage_events_references_changed ON usage_events;
 DROP TRIGGER usage_events_references ON usage_events;
 DROP FUNCTION tally_events_references();
-DROP TRIGGER ledger_entries_references ON ledger_entries;
-DROP FUNCTION tally_entries_references();
-ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_account_id_fkey
-    FOREIGN KEY (account_id) REFERENCES accounts (account_id);
 ALTER TABLE usage_events ADD CONSTRAINT usage_events_account_id_fkey
     FOREIGN KEY (account_id) REFERENCES accounts (account_id);
 ALTER TABLE usage_events ADD CONSTRAINT usage_events_product_id_fkey
