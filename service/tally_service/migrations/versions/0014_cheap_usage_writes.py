@@ -117,19 +117,22 @@ CREATE TRIGGER usage_events_references_changed
     EXECUTE FUNCTION tally_events_references();
 
 -- The referenced side: an account or a product still referenced by an event is
--- neither deleted nor renamed (what ON DELETE/UPDATE NO ACTION did).
+-- neither deleted nor renamed (what ON DELETE/UPDATE NO ACTION did, also after the
+-- row changed). AFTER triggers with a column list: an UPDATE of other columns (every
+-- movement updates its account) queues nothing, where a BEFORE row trigger would make
+-- every UPDATE of accounts fetch and lock its row once more.
 CREATE FUNCTION tally_account_referenced() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'UPDATE' AND NEW.account_id = OLD.account_id THEN
-        RETURN NEW;
+        RETURN NULL;
     END IF;
     IF EXISTS (SELECT 1 FROM usage_events WHERE account_id = OLD.account_id) THEN
         RAISE EXCEPTION 'account % is still referenced', OLD.account_id
             USING ERRCODE = 'foreign_key_violation';
     END IF;
-    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    RETURN NULL;
 END $$;
-CREATE TRIGGER accounts_referenced BEFORE DELETE OR UPDATE OF account_id ON accounts
+CREATE TRIGGER accounts_referenced AFTER DELETE OR UPDATE OF account_id ON accounts
     FOR EACH ROW EXECUTE FUNCTION tally_account_referenced();
 
 CREATE FUNCTION tally_product_referenced() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -142,15 +145,15 @@ BEGIN
         RETURN NULL;
     END IF;
     IF TG_OP = 'UPDATE' AND NEW.product_id = OLD.product_id THEN
-        RETURN NEW;
+        RETURN NULL;
     END IF;
     IF EXISTS (SELECT 1 FROM usage_events WHERE product_id = OLD.product_id) THEN
         RAISE EXCEPTION 'product % is still referenced', OLD.product_id
             USING ERRCODE = 'foreign_key_violation';
     END IF;
-    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    RETURN NULL;
 END $$;
-CREATE TRIGGER products_referenced BEFORE DELETE OR UPDATE OF product_id ON products
+CREATE TRIGGER products_referenced AFTER DELETE OR UPDATE OF product_id ON products
     FOR EACH ROW EXECUTE FUNCTION tally_product_referenced();
 CREATE TRIGGER products_referenced_truncate BEFORE TRUNCATE ON products
     FOR EACH STATEMENT EXECUTE FUNCTION tally_product_referenced();
