@@ -20,6 +20,9 @@ _TRIGGER_FUNCTIONS = {
     "tally_accounts_usage_days",
     "tally_rollups_inserted_reports",  # 0012: pass changes to sql/85_reports.sql
     "tally_rollups_updated_reports",
+    "tally_events_references",  # 0013: the references of usage_events, per statement
+    "tally_account_referenced",
+    "tally_product_referenced",
 }
 
 

@@ -104,7 +104,7 @@ END $$;
 -- accepted occurrence of an event id wins: later ones with the same payload are its
 -- duplicates, with another payload EVENT_ID_REUSED; an occurrence refused before it
 -- (unknown product, no credit) does not count, as if the items had come one by one.
-CREATE OR REPLACE FUNCTION tally_record_usage(p_events jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION tally_record_usage(p_events jsonb) RETURNS json
 LANGUAGE plpgsql
 -- Plans made once per session and kept: the statements are written so that any group
 -- size runs in linear time whatever the planner guesses (no join of two computed
@@ -122,7 +122,7 @@ DECLARE
     v_won integer;
     v_slow record;
     v_row accounts;
-    v_results jsonb;
+    v_results json;
     v_charged_accounts text[];
     v_charged bigint[];
     v_before bigint[];
@@ -154,7 +154,7 @@ BEGIN
               result_metadata jsonb, webhook_url text, fingerprint text)) x
     LEFT JOIN products p ON p.product_id = x.product_id;
     IF v_items IS NULL THEN
-        RETURN jsonb_build_object('replayed', false, 'response', '[]'::jsonb);
+        RETURN json_build_object('replayed', false, 'response', '[]'::json);
     END IF;
 
     -- Lock every account of the group once, in account_id order; then catch up (as
@@ -375,35 +375,42 @@ BEGIN
         RETURNING a.account_id, a.balance + p.charged AS before, p.charged
     ), result AS (
         -- What this call wrote, per event: only what the database decided.
-        SELECT (w.e).pos, (w.e).idx, jsonb_build_array(
-                   (w.e).charge,
-                   CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
-                        ELSE 'purchased' END,
-                   w.created_at, w.entry_id,
-                   CASE WHEN w.entry_id IS NOT NULL THEN w.sequence END,
-                   CASE WHEN w.entry_id IS NOT NULL THEN w.before - w.spent END,
-                   CASE WHEN w.entry_id IS NOT NULL THEN w.at END,
-                   (w.e).product_id, (w.e).status) AS body
+        SELECT (w.e).pos, (w.e).idx, (w.e).charge,
+               CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
+                    ELSE 'purchased' END AS credit_type,
+               w.created_at, w.entry_id,
+               CASE WHEN w.entry_id IS NOT NULL THEN w.sequence END AS sequence,
+               CASE WHEN w.entry_id IS NOT NULL THEN w.before - w.spent END AS balance_after,
+               CASE WHEN w.entry_id IS NOT NULL THEN w.at END AS entry_created_at,
+               (w.e).product_id, (w.e).status
         FROM written w
     )
+    -- The answer is json (text), not jsonb: built by concatenation, with no binary
+    -- form made and taken apart again on the way out.
     SELECT
-        (SELECT jsonb_agg(x.body) FROM (
-             SELECT jsonb_build_array(r.idx, r.idx, false) || r.body AS body
+        (SELECT json_agg(x.body) FROM (
+             SELECT json_build_array(r.idx, r.idx, false, r.charge, r.credit_type,
+                                     r.created_at, r.entry_id, r.sequence, r.balance_after,
+                                     r.entry_created_at, r.product_id, r.status) AS body
              FROM result r
              UNION ALL
              SELECT CASE u.outcome
-                 WHEN 'dup' THEN (SELECT jsonb_build_array((u.i).idx, r.idx, true) || r.body
+                 WHEN 'dup' THEN (SELECT json_build_array(
+                                             (u.i).idx, r.idx, true, r.charge, r.credit_type,
+                                             r.created_at, r.entry_id, r.sequence,
+                                             r.balance_after, r.entry_created_at,
+                                             r.product_id, r.status)
                                   FROM result r WHERE r.pos = u.winner)
-                 WHEN 'stored' THEN jsonb_build_object('index', (u.i).idx)
+                 WHEN 'stored' THEN (jsonb_build_object('index', (u.i).idx)
                      || (SELECT tally_event_result(s, true) FROM usage_events s
                          WHERE s.account_id = (u.i).account_id
-                           AND s.event_id = (u.i).event_id)
-                 WHEN 'insufficient' THEN jsonb_build_object(
+                           AND s.event_id = (u.i).event_id))::json
+                 WHEN 'insufficient' THEN json_build_object(
                      'index', (u.i).idx, 'error', 'INSUFFICIENT_CREDITS',
                      'available', u.available, 'requested', (u.i).charge,
                      'overdraft_limit', (SELECT a.overdraft_limit FROM accounts a
                                          WHERE a.account_id = (u.i).account_id))
-                 ELSE jsonb_build_object('index', (u.i).idx, 'error', CASE u.outcome
+                 ELSE json_build_object('index', (u.i).idx, 'error', CASE u.outcome
                      WHEN 'account' THEN 'ACCOUNT_NOT_FOUND'
                      WHEN 'product' THEN 'PRODUCT_NOT_FOUND'
                      WHEN 'limit' THEN 'BALANCE_LIMIT'
@@ -432,7 +439,7 @@ BEGIN
         PERFORM tally_maybe_reload(v_row, v_row.balance - v_row.reserved
             + v_charged[array_position(v_charged_accounts, v_row.account_id)]);
     END LOOP;
-    RETURN jsonb_build_object('replayed', false, 'response', coalesce(v_results, '[]'::jsonb));
+    RETURN json_build_object('replayed', false, 'response', coalesce(v_results, '[]'::json));
 END $$;
 
 -- Starts a long job: a hold of the estimated charge and a PENDING/PROCESSING event.

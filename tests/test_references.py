@@ -1,0 +1,159 @@
+"""The references of the two hot tables (migration 0013): ledger entries and usage
+events point at rows that exist, and those rows stay, for every writer, as the foreign
+keys they replace guaranteed. Checked on the database directly (no server)."""
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+import pytest
+
+
+async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
+    """An account with a charged usage event: (account, product, its entry id)."""
+    suffix = uuid.uuid4().hex[:10]
+    account, product = f"refs-{suffix}", f"refs-prod-{suffix}"
+    await conn.execute(
+        "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', 0, NULL)",
+        f"create-{suffix}",
+        account,
+    )
+    await conn.execute(
+        "SELECT tally_move($1, '\\x00', 'TopUp', $2, 'credit', 1000000, '', '', '{}', "
+        '\'{"type": "purchased"}\')',
+        f"top-up-{suffix}",
+        account,
+    )
+    await conn.execute(
+        "SELECT tally_upsert_product($1, '\\x00', $2, '', 1000, false, 0)",
+        f"product-{suffix}",
+        product,
+    )
+    event = {
+        "index": 0,
+        "account_id": account,
+        "event_id": "e1",
+        "product_id": product,
+        "endpoint": "",
+        "status": "completed",
+        "success": True,
+        "status_code": 200,
+        "message": "",
+        "quantity": 1,
+        "credits": None,
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "completed_at": "2026-01-01T00:00:00+00:00",
+        "processing_time_ms": 0,
+        "request_metadata": {},
+        "result_metadata": {},
+        "webhook_url": "",
+        "fingerprint": "00",
+    }
+    raw = await conn.fetchval("SELECT tally_record_usage($1)", json.dumps([event]))
+    (result,) = json.loads(raw)["response"]
+    assert isinstance(result, list), result
+    entry_id = await conn.fetchval(
+        "SELECT entry_id FROM usage_events WHERE account_id = $1 AND event_id = 'e1'", account
+    )
+    assert entry_id is not None
+    return account, product, int(entry_id)
+
+
+async def _refused(conn: asyncpg.Connection, statement: str, *args: object) -> str:
+    """The SQLSTATE the statement fails with (rolled back either way), or ''."""
+    try:
+        async with conn.transaction():
+            await conn.execute(statement, *args)
+            raise _RolledBack
+    except _RolledBack:
+        return ""
+    except asyncpg.PostgresError as exc:
+        return str(exc.sqlstate)
+
+
+class _RolledBack(Exception):
+    pass
+
+
+_EVENT = (
+    "INSERT INTO usage_events (account_id, event_id, product_id, status, success, quantity, "
+    "credits, started_at, entry_id, fingerprint) "
+    "VALUES ($1, $2, $3, 'completed', true, 1, $4, now(), $5, '\\x00')"
+)
+_ENTRY = (
+    "INSERT INTO ledger_entries (account_id, sequence, entry_type, amount, balance_after, "
+    "request_id) VALUES ($1, 1000000, 'credit', 1, 1, 'refs')"
+)
+
+
+def test_references_are_checked_for_every_writer(database_url: str) -> None:
+    async def scenario() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            account, product, entry = await _setup(conn)
+            # A row that points at nothing is refused (23503), as by a foreign key.
+            assert await _refused(conn, _ENTRY, "no-such-account") == "23503"
+            assert await _refused(conn, _ENTRY, account) == ""
+            assert await _refused(conn, _EVENT, "no-such", "x", product, 0, None) == "23503"
+            assert await _refused(conn, _EVENT, account, "x", "no-such", 0, None) == "23503"
+            assert await _refused(conn, _EVENT, account, "x", product, 5, 10**15) == "23503"
+            assert await _refused(conn, _EVENT, account, "x", product, 0, None) == ""
+            update = "UPDATE usage_events SET entry_id = $2 WHERE account_id = $1"
+            assert await _refused(conn, update, account, 10**15) == "23503"
+            # The referenced rows stay.
+            for statement, key in (
+                ("DELETE FROM accounts WHERE account_id = $1", account),
+                (
+                    "UPDATE accounts SET account_id = account_id || 'x' WHERE account_id = $1",
+                    account,
+                ),
+                ("DELETE FROM products WHERE product_id = $1", product),
+                (
+                    "UPDATE products SET product_id = product_id || 'x' WHERE product_id = $1",
+                    product,
+                ),
+            ):
+                assert await _refused(conn, statement, key) == "23503", statement
+            assert await _refused(conn, "TRUNCATE products") == "23503"
+            # An unreferenced product may go.
+            assert await _refused(conn, "DELETE FROM products WHERE product_id = 'none'") == ""
+            assert entry > 0
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("caller", ["", "alice"])
+def test_every_entry_is_stamped_with_the_caller(database_url: str, caller: str) -> None:
+    """The caller stamp (a trigger with a WHEN) still covers an entry written without it."""
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            account, _, _ = await _setup(conn)
+            stamped: dict[str, object] = {}
+            try:
+                async with conn.transaction():  # rolled back: the chain stays whole
+                    await conn.execute("SELECT set_config('tally.caller', $1, true)", caller)
+                    stamped = json.loads(
+                        await conn.fetchval(
+                            "INSERT INTO ledger_entries (account_id, sequence, entry_type, "
+                            "amount, balance_after, request_id, metadata) "
+                            "VALUES ($1, 1000000, 'credit', 1, 1, 'refs', '{\"a\": 1}') "
+                            "RETURNING metadata",
+                            account,
+                        )
+                    )
+                    raise _RolledBack
+            except _RolledBack:
+                pass
+            expected: dict[str, object] = {"a": 1}
+            if caller:
+                expected["caller"] = caller
+            assert stamped == expected
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
