@@ -4,6 +4,7 @@ the export's progress line, against a real server."""
 import argparse
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,7 @@ def test_json_output_of_every_command(
     account, product = new_id("acct"), new_id("P")
     client.upsert_product(product, "0.5")
     report = tmp_path / "usage.csv"
+    closed_day = (datetime.now(UTC) - timedelta(days=2)).date().isoformat()
     # (command, arguments, a check of the JSON answer)
     runs: list[tuple[str, list[str], str]] = [
         ("accounts create", ["accounts", "create", account], "accountId"),
@@ -119,6 +121,8 @@ def test_json_output_of_every_command(
         ("usage-events", ["usage-events", account], "events"),
         ("export", ["export", account, "--out", str(report), "--preset", "today"], "bytes"),
         ("summary", ["summary", account], "creditBalance"),
+        # A day closed in any time zone: two days ago.
+        ("period-report", ["period-report", account, closed_day], "latestVersion"),
     ]
     assert {name for name, _, _ in runs} == _commands(build_parser())
     for name, args, key in runs:
