@@ -423,14 +423,15 @@ def usage_written(
 
 
 def period_report_line(line: reads.ReportLine) -> metering_pb2.PeriodReportLine:
+    t = line.totals
     return metering_pb2.PeriodReportLine(
         product_id=line.product_id,
         endpoint=line.endpoint,
-        total_requests=line.requests,
-        successful_requests=line.successful,
-        failed_requests=line.failed,
-        credits_consumed=format_amount(line.credits),
-        quantity=line.quantity,
+        total_requests=t.requests,
+        successful_requests=t.successful,
+        failed_requests=t.failed,
+        credits_consumed=format_amount(t.credits),
+        quantity=t.quantity,
     )
 
 
@@ -440,10 +441,8 @@ REPORT_PERIODS = {
 }
 
 
-def period_report(
-    report: reads.PeriodReportVersion, totals: metering_pb2.UsageTotals
-) -> metering_pb2.PeriodReport:
-    """One version of a period report (`totals`: the totals of its lines)."""
+def period_report(report: reads.PeriodReportVersion) -> metering_pb2.PeriodReport:
+    """One version of a period report; its totals are those of its lines."""
     return metering_pb2.PeriodReport(
         account_id=report.account_id,
         period=REPORT_PERIODS[report.unit],
@@ -451,7 +450,7 @@ def period_report(
         version=report.version,
         latest_version=report.latest_version,
         create_time=timestamp(report.created_at),
-        totals=totals,
+        totals=usage_totals(report.total(), report.start, report.end),
         lines=[period_report_line(line) for line in report.lines],
         changes=[period_report_line(line) for line in report.changes],
     )

@@ -73,10 +73,8 @@ def period_of(period: int, year: int, month: int, day: int, zone: ZoneInfo) -> P
 async def get(
     db: Database, account: models.Account, p: Period, version: int, now: datetime
 ) -> reads.PeriodReportVersion:
-    """The report of a closed period as it stood at `version` (0: the latest), frozen
-    first if it never was."""
-    if version < 0:
-        raise errors.InvalidArgument("version", "must not be negative")
+    """The report of a closed period as it stood at `version` (0: the latest; the
+    servicer refused a negative one), frozen first if it never was."""
     if p.end > now:
         raise errors.PeriodNotClosed(
             f"the {p.unit} starting {p.local_start.isoformat()} ends at {p.end.isoformat()},"

@@ -643,24 +643,31 @@ _PERIOD_REPORT_CHANGES = text(
 
 
 @dataclass
-class ReportLine:
-    """Usage of one product and endpoint in a period report (or, in `changes`, its
-    difference from the previous version)."""
+class Totals:
+    """Usage counts: of a range, a period, or a product and endpoint."""
 
-    product_id: str
-    endpoint: str
     requests: int = 0
     successful: int = 0
     failed: int = 0
     credits: int = 0
     quantity: int = 0
 
-    def add(self, other: "ReportLine") -> None:
+    def add(self, other: "Totals") -> None:
         self.requests += other.requests
         self.successful += other.successful
         self.failed += other.failed
         self.credits += other.credits
         self.quantity += other.quantity
+
+
+@dataclass
+class ReportLine:
+    """Usage of one product and endpoint in a period report (or, in `changes`, its
+    difference from the previous version)."""
+
+    product_id: str
+    endpoint: str
+    totals: Totals
 
 
 @dataclass
@@ -676,10 +683,10 @@ class PeriodReportVersion:
     lines: list[ReportLine]
     changes: list[ReportLine]
 
-    def total(self) -> ReportLine:
-        out = ReportLine("", "")
+    def total(self) -> Totals:
+        out = Totals()
         for line in self.lines:
-            out.add(line)
+            out.add(line.totals)
         return out
 
 
@@ -709,8 +716,14 @@ async def period_report_version(
         if found is None:
             return None
         where = {"report_id": report_id, "version": found}
-        lines = [ReportLine(*row) for row in await conn.execute(_PERIOD_REPORT_LINES, where)]
-        changes = [ReportLine(*row) for row in await conn.execute(_PERIOD_REPORT_CHANGES, where)]
+        lines = [
+            ReportLine(row[0], row[1], Totals(*row[2:]))
+            for row in await conn.execute(_PERIOD_REPORT_LINES, where)
+        ]
+        changes = [
+            ReportLine(row[0], row[1], Totals(*row[2:]))
+            for row in await conn.execute(_PERIOD_REPORT_CHANGES, where)
+        ]
     return PeriodReportVersion(
         account_id, unit, time_zone, start, end, found, latest, created_at, lines, changes
     )
@@ -832,22 +845,6 @@ _EXPIRE_OVERDUE = text(
     "SELECT tally_expire_holds(account_id) FROM holds WHERE account_id = :account_id "
     "AND status = 'pending' AND expires_at <= clock_timestamp() LIMIT 1"
 )
-
-
-@dataclass
-class Totals:
-    requests: int = 0
-    successful: int = 0
-    failed: int = 0
-    credits: int = 0
-    quantity: int = 0
-
-    def add(self, other: "Totals") -> None:
-        self.requests += other.requests
-        self.successful += other.successful
-        self.failed += other.failed
-        self.credits += other.credits
-        self.quantity += other.quantity
 
 
 @dataclass

@@ -612,13 +612,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             request.period, request.year, request.month, request.day, ZoneInfo(account.time_zone)
         )
         report = await period_reports.get(self.db, account, p, request.version, _now())
-        t = report.total()
-        totals = convert.usage_totals(
-            reads.Totals(t.requests, t.successful, t.failed, t.credits, t.quantity),
-            report.start,
-            report.end,
-        )
-        return metering_pb2.GetPeriodReportResponse(report=convert.period_report(report, totals))
+        return metering_pb2.GetPeriodReportResponse(report=convert.period_report(report))
 
 
 # How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told
