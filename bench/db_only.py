@@ -93,7 +93,12 @@ def scripts(has_grant: bool) -> dict[str, str]:
     return {
         "spread": f"{r}\\set a random(0, {ACCOUNTS - 1})\nSELECT {spread};\n",
         "hot": f"{r}SELECT {hot};\n",
-        "hot-grouped": f"{r}SELECT tally_apply_group({_group_of_debits()});\n",
+        "hot-grouped": f"{r}SELECT tally_apply_group({_group_of_debits(hot=True)});\n",
+        "spread-grouped": (
+            r
+            + "".join(f"\\set a{i} random(0, {ACCOUNTS - 1})\n" for i in range(GROUP))
+            + f"SELECT tally_apply_group({_group_of_debits(hot=False)});\n"
+        ),
     }
 
 
@@ -102,13 +107,17 @@ def scripts(has_grant: bool) -> dict[str, str]:
 GROUP = 16
 
 
-def _group_of_debits() -> str:
-    """GROUP debits of the hot account as one ``tally_apply_group`` call (group commit),
-    each with its own request id."""
+def _group_of_debits(*, hot: bool) -> str:
+    """GROUP debits as one ``tally_apply_group`` call (group commit), each with its own
+    request id: of the hot account, or each of a random account (spread)."""
+
+    def account(i: int) -> str:
+        return f"'bench-{ACCOUNTS}'" if hot else f"'bench-' || :a{i}"
+
     calls = ", ".join(
         "jsonb_build_object('f', 'tally_move', 'caller', '', 'a', jsonb_build_object("
         f"'request_id', 'g' || :client_id || '-' || :r || '-{i}', 'fingerprint', '00', "
-        f"'method', 'Debit', 'account_id', 'bench-{ACCOUNTS}', 'type', 'debit', "
+        f"'method', 'Debit', 'account_id', {account(i)}, 'type', 'debit', "
         f"'amount', {-DEBIT_MICROS}, 'description', '', 'reference', '', "
         "'metadata', '{}', 'grant', NULL))"
         for i in range(GROUP)
@@ -116,7 +125,7 @@ def _group_of_debits() -> str:
     return f"p_calls => jsonb_build_array({calls})"
 
 
-KINDS = ("spread", "hot", "hot-grouped")
+KINDS = ("spread", "hot", "hot-grouped", "spread-grouped")
 
 
 @dataclass
@@ -212,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tps, latency, failed = run_pgbench(
                             url, files[kind], clients, args.seconds, mode
                         )
-                        if kind == "hot-grouped":
+                        if kind.endswith("-grouped"):
                             tps *= GROUP  # debits, not transactions
                         runs.append(Run(mode, clients, kind, tps, latency, failed))
                         print(
@@ -230,18 +239,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "| synchronous_commit | clients | spread debits/s | hot debits/s | hot / spread "
         f"| hot, {GROUP} a transaction, debits/s | grouped / hot "
+        f"| spread, {GROUP} a transaction, debits/s | grouped / spread "
         "| spread ms | hot ms |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     by_key = {(r.synchronous_commit, r.clients, r.kind): r for r in runs}
     for mode in ("on", "off"):
         for clients in args.clients:
             spread, hot = by_key[(mode, clients, "spread")], by_key[(mode, clients, "hot")]
             grouped = by_key[(mode, clients, "hot-grouped")]
+            spread_grouped = by_key[(mode, clients, "spread-grouped")]
             print(
                 f"| {mode} | {clients} | {spread.tps:,.0f} | {hot.tps:,.0f} "
                 f"| {hot.tps / spread.tps:.0%} | {grouped.tps:,.0f} "
                 f"| {grouped.tps / hot.tps:.1f}x "
+                f"| {spread_grouped.tps:,.0f} | {spread_grouped.tps / spread.tps:.1f}x "
                 f"| {spread.latency_ms:.2f} | {hot.latency_ms:.2f} |"
             )
     return 1 if any(r.failed for r in runs) else 0

@@ -240,7 +240,7 @@ async def _debit_run_vs_one_by_one(url: str) -> None:
                 grant,
             )
 
-        for acct in ("set", "seq"):
+        for acct in ("set-a", "set-b", "seq-a", "seq-b", "set-lone", "seq-lone"):
             await conn.fetchval(
                 "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', $3, NULL)",
                 f"create-{acct}",
@@ -290,16 +290,23 @@ async def _debit_run_vs_one_by_one(url: str) -> None:
                 "grant": None,
             }
 
-        calls = [
-            {"f": "tally_move", "caller": caller, "a": args("set", key, amount, fp)}
+        # Two accounts' runs interleaved, an account with one debit, an unknown account.
+        calls: list[dict[str, Any]] = [
+            {"f": "tally_move", "caller": caller, "a": args(f"set-{x}", key, amount, fp)}
             for key, amount, fp, caller in plan
+            for x in ("a", "b")
         ]
+        calls.insert(3, {"f": "tally_move", "caller": "", "a": args("set-lone", "d1", _C, "00")})
+        calls.insert(7, {"f": "tally_move", "caller": "", "a": args("nobody", "d1", _C, "00")})
         grouped = json.loads(
             await conn.fetchval("SELECT tally_apply_group($1::jsonb)::text", json.dumps(calls))
         )
         alone = []
-        for key, amount, fp, caller in plan:
-            a = args("seq", key, amount, fp)
+        for call in calls:
+            a: dict[str, Any] = dict(call["a"])
+            a["account_id"] = a["account_id"].replace("set", "seq")
+            a["request_id"] = a["request_id"].replace("set", "seq")
+            caller, key, fp = call["caller"], a["description"], a["fingerprint"]
             async with conn.transaction():
                 await conn.execute("SELECT set_config('tally.caller', $1, true)", caller)
                 alone.append(
@@ -310,7 +317,7 @@ async def _debit_run_vs_one_by_one(url: str) -> None:
                             a["request_id"],
                             fp,
                             a["method"],
-                            "seq",
+                            a["account_id"],
                             "debit",
                             a["amount"],
                             key,
@@ -330,18 +337,12 @@ async def _debit_run_vs_one_by_one(url: str) -> None:
             return scrubbed
 
         assert [same(r) for r in grouped] == [same(r) for r in alone]
-        assert [("error" in r) for r in grouped] == [
-            False,
-            True,
-            False,
-            False,
-            True,
-            False,
-            False,
-            True,
-            False,
-        ]
-        assert grouped[3]["replayed"] is True
+        refused = [False, True, False, False, True, False, False, True, False]
+        expected = [r for r in refused for _ in ("a", "b")]
+        expected.insert(3, False)
+        expected.insert(7, True)
+        assert [("error" in r) for r in grouped] == expected
+        assert grouped[8]["replayed"] is True and grouped[9]["replayed"] is True
 
         async def state(acct: str) -> Any:
             entries = await conn.fetch(
@@ -363,14 +364,20 @@ async def _debit_run_vs_one_by_one(url: str) -> None:
             )
             return [dict(r) for r in entries], [dict(r) for r in grants], dict(account), reloads
 
-        set_state, seq_state = await state("set"), await state("seq")
-        assert set_state == seq_state
-        assert set_state[3] == 1  # the reload rule crossed once
-        assert {e["credit_type"] for e in set_state[0]} >= {"promotional", "purchased", None}
+        for x in ("a", "b", "lone"):
+            set_state, seq_state = await state(f"set-{x}"), await state(f"seq-{x}")
+            assert set_state == seq_state
+            if x != "lone":
+                assert set_state[3] == 1  # the reload rule crossed once
+                assert {e["credit_type"] for e in set_state[0]} >= {
+                    "promotional",
+                    "purchased",
+                    None,
+                }
         # The run was applied as a set: its entries share one instant and one transaction.
         stamps = await conn.fetchval(
             "SELECT count(DISTINCT (created_at, xmin::text)) FROM ledger_entries "
-            "WHERE account_id = 'set' AND request_id LIKE 'set-d%'"
+            "WHERE request_id LIKE 'set-%-d%'"
         )
         assert stamps == 1
     finally:

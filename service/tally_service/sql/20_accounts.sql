@@ -143,24 +143,35 @@ BEGIN
                           jsonb_build_object('account', to_jsonb(a)));
 END $$;
 
+-- The accounts among p_ids with something due at p_now (a renewal, a pending hold or a
+-- live grant past its instant): the test that decides whether a writer or a read must
+-- catch up (tally_find_account) before it uses the row. One index probe per account and
+-- table (a set, so a group asks once; SQL, so the caller's plan holds it).
+CREATE OR REPLACE FUNCTION tally_due_accounts(p_ids text[], p_now timestamptz)
+RETURNS SETOF text LANGUAGE sql STABLE AS $$
+    SELECT account_id FROM accounts
+    WHERE account_id = ANY (p_ids) AND subscription_renews_at <= p_now
+    UNION
+    SELECT account_id FROM holds
+    WHERE account_id = ANY (p_ids) AND status = 'pending' AND expires_at <= p_now
+    UNION
+    SELECT account_id FROM grants
+    WHERE account_id = ANY (p_ids) AND remaining > 0 AND NOT expired AND expires_at <= p_now
+$$;
+
 CREATE OR REPLACE FUNCTION tally_balance(p_account_id text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := clock_timestamp();
-    v_renews_at timestamptz;
+    v_row accounts;
     r jsonb;
 BEGIN
-    SELECT subscription_renews_at INTO v_renews_at FROM accounts
-    WHERE account_id = p_account_id;
+    SELECT * INTO v_row FROM accounts WHERE account_id = p_account_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'account not found' USING ERRCODE = 'TA404',
             DETAIL = json_build_object('resource', 'account', 'id', p_account_id)::text;
     END IF;
-    IF v_renews_at <= v_now
-       OR EXISTS (SELECT 1 FROM holds WHERE account_id = p_account_id
-                  AND status = 'pending' AND expires_at <= v_now)
-       OR EXISTS (SELECT 1 FROM grants WHERE account_id = p_account_id
-                  AND remaining > 0 AND NOT expired AND expires_at <= v_now) THEN
+    IF EXISTS (SELECT 1 FROM tally_due_accounts(ARRAY[p_account_id], v_now)) THEN
         PERFORM tally_lock_account(p_account_id);
     END IF;
     SELECT jsonb_build_object(
