@@ -602,10 +602,16 @@ def _answer(function: str, result: Mapping[str, Any]) -> tuple[Any, bool]:
     return result["response"], bool(result["replayed"])
 
 
+_CHECKED: set[tuple[str, tuple[str, ...]]] = set()  # the (function, names) found right
+
+
 def _check_names(function: str, names: tuple[str, ...]) -> None:
+    if (function, names) in _CHECKED:
+        return
     expected = sqlfiles.signatures().get(function)
     if expected is None or set(expected) != {f"p_{n}" for n in names}:
         raise AssertionError(f"{function} takes {expected}, called with {sorted(names)}")
+    _CHECKED.add((function, names))
 
 
 def _json_arguments(params: Mapping[str, Any]) -> dict[str, Any]:
