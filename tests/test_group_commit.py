@@ -18,6 +18,8 @@ from tally_client import (
     TallyClient,
     TallyError,
 )
+from tally_service import metrics
+from tally_service.db import Database, GroupSettings, make_engine
 from tests.conftest import start_server
 from tests.support import assert_consistent
 
@@ -388,3 +390,65 @@ def test_a_run_of_debits_as_a_set_equals_one_by_one(own_database_url: str) -> No
     """tally_debit_run gives each debit of a group the outcome, entry, draw and reload
     decision it would have alone, in order."""
     asyncio.run(_debit_run_vs_one_by_one(own_database_url))
+
+
+def test_each_caller_of_a_group_notes_its_own_answer(own_database_url: str) -> None:
+    """Metrics learn whether an answer is a replay from Database.call, in the caller's
+    own context: in a group, a replayed item marks its own RPC only, not the RPC whose
+    call started the group's task (whose context that task copied)."""
+
+    def move(request_id: str, amount: int) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "fingerprint": request_id.encode().ljust(32, b"\0"),
+            "method": "TopUp",
+            "account_id": "notes",
+            "type": "credit",
+            "amount": amount,
+            "description": "",
+            "reference": "",
+            "metadata": "{}",
+            "grant": None,
+        }
+
+    async def main() -> list[tuple[bool, bool]]:
+        db = Database(
+            make_engine(own_database_url, pool_size=2),
+            GroupSettings(max_items=64, max_wait_seconds=0.3, concurrency=1),
+        )
+        try:
+            await db.call(
+                "tally_create_account",
+                {
+                    "request_id": "create-notes",
+                    "fingerprint": b"c" * 32,
+                    "account_id": "notes",
+                    "email": "",
+                    "name": "",
+                    "time_zone": "UTC",
+                    "currency": "CREDIT",
+                    "overdraft_limit": 0,
+                    "trial_ends_at": None,
+                },
+            )
+            await db.call("tally_move", move("first", 1_000_000))
+
+            async def rpc(request_id: str) -> tuple[bool, bool]:
+                notes = metrics.RpcNotes()
+                metrics._current.set(notes)  # what MetricsInterceptor does per RPC
+                _, replayed = await db.call("tally_move", move(request_id, 1_000_000))
+                return notes.replayed, replayed
+
+            # One group (the wait gathers them): a new movement starts the group's task,
+            # then a replay of "first", then another new movement.
+            return list(
+                await asyncio.gather(
+                    asyncio.create_task(rpc("new-1")),
+                    asyncio.create_task(rpc("first")),
+                    asyncio.create_task(rpc("new-2")),
+                )
+            )
+        finally:
+            await db.engine.dispose()
+
+    assert asyncio.run(main()) == [(False, False), (True, True), (False, False)]

@@ -32,7 +32,7 @@ import grpc
 
 from tally_service import errors
 from tally_service.config import ConfigError
-from tally_service.handlers import rewrap
+from tally_service.handlers import Rewrapped, rewrap
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, callers: "dict[str, Caller] | TokenFile") -> None:
         self.source = callers
+        self._handlers = Rewrapped()
 
     @property
     def callers(self) -> dict[str, Caller]:
@@ -192,24 +193,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_SERVICES):
+        method: str = details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
             return handler
+        cached = self._handlers.get(method, handler)
+        if cached is not None:
+            return cached
         check = self._caller
-        method, metadata = details.method, details.invocation_metadata
 
+        # The token is read from the call's own metadata (the context's, the same as
+        # the details'), so the wrapped handler holds nothing of one call and is made
+        # once per method.
         def unary(behavior: Any, _: str) -> Any:
             async def checked(request: Any, context: Any) -> Any:
-                current_caller.set(check(method, metadata).name)
+                current_caller.set(check(method, context.invocation_metadata()).name)
                 return await behavior(request, context)
 
             return checked
 
         def stream(behavior: Any, _: str) -> Any:
             async def checked(request: Any, context: Any) -> Any:
-                current_caller.set(check(method, metadata).name)
+                current_caller.set(check(method, context.invocation_metadata()).name)
                 async for response in behavior(request, context):
                     yield response
 
             return checked
 
-        return rewrap(handler, unary, stream)
+        return self._handlers.put(method, handler, rewrap(handler, unary, stream))

@@ -126,6 +126,28 @@ def entry_from_row(row: dict[str, Any]) -> ledger_pb2.LedgerEntry:
     return message
 
 
+def reservation_from_row(row: dict[str, Any]) -> credits_pb2.Reservation:
+    """`reservation(from_json(Hold, row))` without the model object: a hold row as
+    PostgreSQL's to_jsonb gives it (Reserve, Capture and Release answer one)."""
+    message = credits_pb2.Reservation(
+        reservation_id=row["reservation_id"],
+        account_id=row["account_id"],
+        status=RESERVATION_STATUSES[row["status"]],
+        amount=format_amount(row["amount"]),
+        captured_amount=format_amount(row["captured"]),
+        reference=row["reference"],
+        request_id=row["request_id"],
+    )
+    message.metadata.SetInParent()  # set even when empty, as reservation() does
+    message.metadata.update(row["metadata"])
+    set_time(message.expire_time, datetime.fromisoformat(row["expires_at"]))
+    set_time(message.create_time, datetime.fromisoformat(row["created_at"]))
+    finalized = row.get("finalized_at")
+    if finalized is not None:
+        set_time(message.finalize_time, datetime.fromisoformat(finalized))
+    return message
+
+
 USAGE_STATUSES = {
     "pending": metering_pb2.USAGE_STATUS_PENDING,
     "processing": metering_pb2.USAGE_STATUS_PROCESSING,

@@ -119,3 +119,23 @@ def _inside(wrap: Wrap, handler: grpc.RpcMethodHandler) -> Wrap:
         )
 
     return wrapped
+
+
+class Rewrapped:
+    """One interceptor's rewrapped handler of each method, made once: the handler a
+    method resolves to is the same object call after call (the generic handlers' own;
+    the inner interceptors' own from their caches), and the wrappers keep no state of
+    a call, so rewrapping it on every call only cost time. A different handler (an
+    interceptor inside that makes one per call) is rewrapped and replaces the entry."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, Any]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> Any:
+        """The rewrapped handler made for this very `handler`, or None."""
+        hit = self._by_method.get(method)
+        return hit[1] if hit is not None and hit[0] is handler else None
+
+    def put(self, method: str, handler: grpc.RpcMethodHandler, rewrapped: Any) -> Any:
+        self._by_method[method] = (handler, rewrapped)
+        return rewrapped

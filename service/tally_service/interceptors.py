@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from tally_service import errors, metrics
 from tally_service.auth import current_caller
 from tally_service.db import translate
-from tally_service.handlers import rewrap
+from tally_service.handlers import Rewrapped, rewrap
 from tally_service.outage import outage
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, max_call_seconds: float = 30.0) -> None:
         self.max_call_seconds = max_call_seconds
+        self._handlers = Rewrapped()
 
     async def intercept_service(
         self,
@@ -60,13 +61,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        return rewrap(
+        method: str = handler_call_details.method
+        return self._handlers.get(method, handler) or self._handlers.put(
+            method,
             handler,
-            lambda behavior, kind: _wrap_unary(
-                behavior, method, self.max_call_seconds if kind == "unary" else None
+            rewrap(
+                handler,
+                lambda behavior, kind: _wrap_unary(
+                    behavior, method, self.max_call_seconds if kind == "unary" else None
+                ),
+                lambda behavior, _: _wrap_stream(behavior, method),
             ),
-            lambda behavior, _: _wrap_stream(behavior, method),
         )
 
 
@@ -123,6 +128,9 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     Put it first (outermost): it then sees the status every other interceptor produced,
     and the caller the authentication interceptor found."""
 
+    def __init__(self) -> None:
+        self._handlers = Rewrapped()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -132,10 +140,14 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method: str = handler_call_details.method
-        return rewrap(
+        return self._handlers.get(method, handler) or self._handlers.put(
+            method,
             handler,
-            lambda behavior, _: _logged_unary(behavior, method),
-            lambda behavior, _: _logged_stream(behavior, method),
+            rewrap(
+                handler,
+                lambda behavior, _: _logged_unary(behavior, method),
+                lambda behavior, _: _logged_stream(behavior, method),
+            ),
         )
 
 
@@ -207,6 +219,7 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         self.limit = limit
         self.on_shed = on_shed
         self.in_flight = 0
+        self._handlers = Rewrapped()
 
     async def intercept_service(
         self,
@@ -217,10 +230,14 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         method: str = handler_call_details.method
         if handler is None or method.startswith(UNLIMITED_PREFIXES):
             return handler
-        return rewrap(
+        return self._handlers.get(method, handler) or self._handlers.put(
+            method,
             handler,
-            lambda behavior, _: self._wrap_unary(behavior, method),
-            lambda behavior, _: self._wrap_stream(behavior, method),
+            rewrap(
+                handler,
+                lambda behavior, _: self._wrap_unary(behavior, method),
+                lambda behavior, _: self._wrap_stream(behavior, method),
+            ),
         )
 
     async def _shed(self, context: grpc.aio.ServicerContext, method: str) -> None:

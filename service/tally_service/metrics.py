@@ -65,7 +65,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tally.v1 import credits_pb2, ledger_pb2, metering_pb2
 from tally_service import errors
-from tally_service.handlers import rewrap
+from tally_service.handlers import Rewrapped, rewrap
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +438,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._rpcs: dict[tuple[str, str], _Rpc] = {}
+        self._handlers = Rewrapped()
 
     def _rpc(self, rpc_type: str, full_method: str) -> _Rpc:
         rpc = self._rpcs.get((rpc_type, full_method))
@@ -456,10 +457,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         full_method: str = handler_call_details.method
-        return rewrap(
+        return self._handlers.get(full_method, handler) or self._handlers.put(
+            full_method,
             handler,
-            lambda behavior, kind: self._rpc(kind, full_method).wrap_unary(behavior),
-            lambda behavior, kind: self._rpc(kind, full_method).wrap_stream(behavior),
+            rewrap(
+                handler,
+                lambda behavior, kind: self._rpc(kind, full_method).wrap_unary(behavior),
+                lambda behavior, kind: self._rpc(kind, full_method).wrap_stream(behavior),
+            ),
         )
 
 

@@ -53,8 +53,9 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
                 "metadata": validation.metadata(request.metadata),
             },
         )
-        hold = convert.from_json(models.Hold, response["reservation"])
-        return credits_pb2.ReserveResponse(reservation=convert.reservation(hold))
+        return credits_pb2.ReserveResponse(
+            reservation=convert.reservation_from_row(response["reservation"])
+        )
 
     async def Capture(
         self, request: credits_pb2.CaptureRequest, context: grpc.aio.ServicerContext
@@ -74,10 +75,8 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
             },
         )
         return credits_pb2.CaptureResponse(
-            reservation=convert.reservation(
-                convert.from_json(models.Hold, response["reservation"])
-            ),
-            entry=convert.entry(convert.from_json(models.LedgerEntry, response["entry"])),
+            reservation=convert.reservation_from_row(response["reservation"]),
+            entry=convert.entry_from_row(response["entry"]),
         )
 
     async def Release(
@@ -88,8 +87,9 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
         response, _ = await self.db.call(
             "tally_release", common | {"reservation_id": reservation_id}
         )
-        hold = convert.from_json(models.Hold, response["reservation"])
-        return credits_pb2.ReleaseResponse(reservation=convert.reservation(hold))
+        return credits_pb2.ReleaseResponse(
+            reservation=convert.reservation_from_row(response["reservation"])
+        )
 
     async def GetReservation(
         self, request: credits_pb2.GetReservationRequest, context: grpc.aio.ServicerContext
@@ -124,7 +124,7 @@ class CreditsServicer(credits_pb2_grpc.CreditsServiceServicer):
                 "grant": json.dumps(grant) if grant else None,
             },
         )
-        return convert.entry(convert.from_json(models.LedgerEntry, response["entry"]))
+        return convert.entry_from_row(response["entry"])
 
     async def Debit(
         self, request: credits_pb2.DebitRequest, context: grpc.aio.ServicerContext
