@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 
 import asyncpg
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.db_only import ACCOUNTS, DEBIT_MICROS, GROUP, setup_sql
 from bench.postgres import admin_url, fresh_database
@@ -172,13 +173,35 @@ def _move(request_id: str, account: str) -> str:
     )
 
 
+# This backend's row updates and HOT updates in its transaction so far, per table.
+_UPDATES = """
+SELECT relname, pg_stat_get_xact_tuples_updated(oid) AS updates,
+       pg_stat_get_xact_tuples_hot_updated(oid) AS hot
+FROM pg_class WHERE relname IN ('accounts', 'grants') AND relkind = 'r' ORDER BY relname
+"""
+
+
+async def _hot_line(conn: asyncpg.Connection) -> str:
+    """The updates of accounts and grants in the connection's open transaction, and
+    how many of them were HOT (no new index entries)."""
+    rows = await conn.fetch(_UPDATES)
+    return "HOT: " + ", ".join(
+        f"{r['relname']} {r['hot']:,} of {r['updates']:,} updates" for r in rows
+    )
+
+
 async def _functions(url: str, n: int, label: str, statement: str) -> None:
     conn = await asyncpg.connect(plain_url(url), timeout=30)
     try:
         await conn.execute("SET track_functions = 'all'")
         await conn.execute("SELECT pg_stat_reset()")
         await conn.execute("SELECT set_config('tally.caller', 'bench', false)")
-        await conn.execute(statement, timeout=600)
+        backend = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()"))
+        async with conn.transaction():
+            cpu = backend.cpu_times()
+            await conn.execute(statement, timeout=600)
+            cpu_after = backend.cpu_times()
+            hot = await _hot_line(conn)
         await conn.execute("SELECT pg_stat_force_next_flush()")
     finally:
         await conn.close()
@@ -192,6 +215,8 @@ async def _functions(url: str, n: int, label: str, statement: str) -> None:
     print("| --- | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['funcname']} | {row['calls']} | {row['self_us']} | {row['total_us']} |")
+    used = cpu_after.user + cpu_after.system - cpu.user - cpu.system
+    print(f"{hot}; backend CPU {used * 1e6 / n:,.0f} µs per movement")
 
 
 async def run(url: str, n: int) -> None:
@@ -230,6 +255,7 @@ async def run(url: str, n: int) -> None:
                     f"st{int(hot_account)}",
                     timeout=600,
                 )
+                hot = await _hot_line(conn)
         finally:
             await conn.close()
         where = "hot account" if hot_account else "spread"
@@ -238,6 +264,7 @@ async def run(url: str, n: int) -> None:
         print("| --- | ---: |")
         for row in rows:
             print(f"| {row['step']} | {row['us_per_movement']} |")
+        print(hot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
