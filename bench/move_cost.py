@@ -74,7 +74,7 @@ BEGIN
         SELECT min(expires_at) INTO v_hold FROM holds
         WHERE account_id = v_id AND status = 'pending' AND expires_at <= u;
         SELECT min(expires_at) INTO v_grant FROM grants
-        WHERE account_id = v_id AND remaining > 0 AND NOT expired AND expires_at <= u;
+        WHERE account_id = v_id AND NOT spent AND NOT expired AND expires_at <= u;
         u := clock_timestamp(); acc[4] := acc[4] + extract(epoch FROM u - t); t := u;
         PERFORM * FROM idempotency_keys WHERE request_id = v_rid;
         u := clock_timestamp(); acc[5] := acc[5] + extract(epoch FROM u - t); t := u;
@@ -88,7 +88,7 @@ BEGIN
         v_first := NULL;
         FOR g IN
             SELECT grant_id, remaining, grant_type FROM grants
-            WHERE account_id = v_id AND remaining > 0
+            WHERE account_id = v_id AND NOT spent
             ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
         LOOP
             v_take := least(v_left, g.remaining);
@@ -115,7 +115,7 @@ BEGIN
         r := jsonb_build_object('replayed', false, 'response', r);
         u := clock_timestamp(); acc[11] := acc[11] + extract(epoch FROM u - t); t := u;
         PERFORM EXISTS (SELECT 1 FROM grants
-                        WHERE account_id = v_id AND remaining > 0 AND expired);
+                        WHERE account_id = v_id AND NOT spent AND expired);
         u := clock_timestamp(); acc[12] := acc[12] + extract(epoch FROM u - t); t := u;
     END LOOP;
     -- The real function, the same number of times, for comparison with the sum.

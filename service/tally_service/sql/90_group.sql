@@ -102,7 +102,7 @@ BEGIN
     IF v_draw > 0 THEN
         FOR g IN
             SELECT grant_id, remaining, grant_type FROM grants
-            WHERE account_id = p_account_id AND remaining > 0
+            WHERE account_id = p_account_id AND NOT spent
             ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
         LOOP
             UPDATE grants SET remaining = remaining - least(g.remaining, v_draw - v_ahead)
