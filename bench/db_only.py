@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,7 @@ def _group_of_debits() -> str:
 
 
 KINDS = ("spread", "hot", "hot-grouped")
+REAP_SECONDS = 1.0
 
 
 @dataclass
@@ -237,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tps, latency, failed = run_pgbench(
                             url, files[kind], clients, args.seconds, mode
                         )
+                        # the backends exit after pgbench: wait until the postmaster has
+                        # reaped them, so that their CPU is in its children's times
+                        time.sleep(REAP_SECONDS)
                         cpu = _postgres_cpu_seconds(postmaster) - cpu_before
                         if kind == "hot-grouped":
                             tps *= GROUP  # debits, not transactions
