@@ -13,10 +13,14 @@ On a fresh database funded like ``bench.db_only``:
    the same rows, with a clock read between them) run N times: the cost of each
    statement per movement. It is created in the benchmark database only, and copies
    the path as it was when first measured (an existence check before the lock).
+3. Up to 400 Debits, each its own transaction, under ``EXPLAIN (ANALYZE, BUFFERS,
+   WAL)``: shared buffer hits and WAL records per Debit, which other load on the
+   machine does not change.
 """
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 
@@ -219,6 +223,36 @@ async def _functions(url: str, n: int, label: str, statement: str) -> None:
     print(f"{hot}; backend CPU {used * 1e6 / n:,.0f} µs per movement")
 
 
+async def _work(url: str, n: int, hot_account: bool) -> None:
+    """Work that does not depend on the machine's other load: n Debits, each its own
+    transaction (as the server runs a lone Debit), under EXPLAIN (ANALYZE, BUFFERS,
+    WAL); shared buffer hits and WAL per Debit, after n / 4 Debits of warm-up."""
+    conn = await asyncpg.connect(plain_url(url), timeout=30)
+    hits = records = wal_bytes = 0
+    try:
+        for i in range(-(n // 4), n):
+            account = f"'bench-{ACCOUNTS if hot_account else (i * 7919) % ACCOUNTS}'"
+            move = _move(f"'w{int(hot_account)}-{i}'", account)
+            if i < 0:
+                await conn.execute(f"SELECT {move}")
+                continue
+            explained = await conn.fetchval(
+                f"EXPLAIN (ANALYZE, BUFFERS, WAL, TIMING OFF, FORMAT JSON) SELECT {move}"
+            )
+            plan = json.loads(explained)[0]["Plan"]
+            hits += plan["Shared Hit Blocks"]
+            records += plan["WAL Records"]
+            wal_bytes += plan["WAL Bytes"]
+    finally:
+        await conn.close()
+    where = "hot account" if hot_account else "spread"
+    print(
+        f"\nWork per Debit, {where}, {n} Debits each its own transaction: "
+        f"{hits / n:.1f} shared buffer hits, {records / n:.2f} WAL records, "
+        f"{wal_bytes / n:,.0f} WAL bytes"
+    )
+
+
 async def run(url: str, n: int) -> None:
     conn = await asyncpg.connect(plain_url(url), timeout=30)
     try:
@@ -265,6 +299,8 @@ async def run(url: str, n: int) -> None:
         for row in rows:
             print(f"| {row['step']} | {row['us_per_movement']} |")
         print(hot)
+    for hot_account in (False, True):
+        await _work(url, min(n, 400), hot_account)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
