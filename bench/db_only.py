@@ -20,14 +20,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.postgres import admin_url, fresh_database, server_facts
-from bench.probe import plain_url
+from bench.probe import find_postmaster, plain_url
 
 DESCRIPTION = "The Debit money function in PostgreSQL alone (pgbench), spread and hot."
 ACCOUNTS = 1000
@@ -126,6 +129,7 @@ def _group_of_debits(*, hot: bool) -> str:
 
 
 KINDS = ("spread", "hot", "hot-grouped", "spread-grouped")
+REAP_SECONDS = 1.0
 
 
 @dataclass
@@ -136,6 +140,8 @@ class Run:
     tps: float
     latency_ms: float
     failed: int
+    # PostgreSQL CPU (every process of the server) per debit, µs; NaN if not local
+    postgres_us: float = math.nan
 
 
 def pgbench() -> str:
@@ -182,6 +188,25 @@ async def _setup(url: str) -> bool:
     return has_grant
 
 
+def _postgres_cpu_seconds(postmaster: Any) -> float:
+    """CPU seconds of the postmaster, its live children, and the children it has
+    reaped (pgbench's backends exit at the end of each run)."""
+    if postmaster is None:
+        return math.nan
+    try:
+        times = postmaster.cpu_times()
+        total = float(times.user + times.system + times.children_user + times.children_system)
+        for child in postmaster.children():
+            try:
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        return math.nan
+    return total
+
+
 def _positive_ints(value: str) -> list[int]:
     levels = [int(part) for part in value.split(",") if part.strip()]
     if not levels or any(level < 1 for level in levels):
@@ -211,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             facts = server_facts(url)
             has_grant = asyncio.run(_setup(url))
+            postmaster = find_postmaster(url)
             files = {}
             for kind, text in scripts(has_grant).items():
                 files[kind] = Path(workdir) / f"{kind}.sql"
@@ -218,15 +244,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             for mode in ("on", "off"):
                 for clients in args.clients:
                     for kind in KINDS:
+                        cpu_before = _postgres_cpu_seconds(postmaster)
                         tps, latency, failed = run_pgbench(
                             url, files[kind], clients, args.seconds, mode
                         )
+                        # the backends exit after pgbench: wait until the postmaster has
+                        # reaped them, so that their CPU is in its children's times
+                        time.sleep(REAP_SECONDS)
+                        cpu = _postgres_cpu_seconds(postmaster) - cpu_before
                         if kind.endswith("-grouped"):
                             tps *= GROUP  # debits, not transactions
-                        runs.append(Run(mode, clients, kind, tps, latency, failed))
+                        # pgbench runs -T seconds; its tps is over that window
+                        debits = tps * max(1, round(args.seconds))
+                        cpu_us = cpu * 1e6 / debits if debits else math.nan
+                        runs.append(Run(mode, clients, kind, tps, latency, failed, cpu_us))
                         print(
                             f"db_only: synchronous_commit={mode} clients={clients} {kind}: "
-                            f"{tps:,.0f} debits/s, {latency:.2f} ms, {failed} failed",
+                            f"{tps:,.0f} debits/s, {latency:.2f} ms, {failed} failed, "
+                            f"PostgreSQL CPU {cpu_us:,.0f} µs/debit",
                             flush=True,
                         )
     except TimeoutError as e:
@@ -240,9 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| synchronous_commit | clients | spread debits/s | hot debits/s | hot / spread "
         f"| hot, {GROUP} a transaction, debits/s | grouped / hot "
         f"| spread, {GROUP} a transaction, debits/s | grouped / spread "
-        "| spread ms | hot ms |"
+        "| spread ms | hot ms "
+        "| PostgreSQL CPU µs/debit: spread / hot / hot grouped / spread grouped |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     by_key = {(r.synchronous_commit, r.clients, r.kind): r for r in runs}
     for mode in ("on", "off"):
         for clients in args.clients:
@@ -254,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {hot.tps / spread.tps:.0%} | {grouped.tps:,.0f} "
                 f"| {grouped.tps / hot.tps:.1f}x "
                 f"| {spread_grouped.tps:,.0f} | {spread_grouped.tps / spread.tps:.1f}x "
-                f"| {spread.latency_ms:.2f} | {hot.latency_ms:.2f} |"
+                f"| {spread.latency_ms:.2f} | {hot.latency_ms:.2f} "
+                f"| {spread.postgres_us:,.0f} / {hot.postgres_us:,.0f} "
+                f"/ {grouped.postgres_us:,.0f} / {spread_grouped.postgres_us:,.0f} |"
             )
     return 1 if any(r.failed for r in runs) else 0
 

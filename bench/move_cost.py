@@ -13,14 +13,19 @@ On a fresh database funded like ``bench.db_only``:
    the same rows, with a clock read between them) run N times: the cost of each
    statement per movement. It is created in the benchmark database only, and copies
    the path as it was when first measured (an existence check before the lock).
+3. Up to 400 Debits, each its own transaction, under ``EXPLAIN (ANALYZE, BUFFERS,
+   WAL)``: shared buffer hits and WAL records per Debit, which other load on the
+   machine does not change.
 """
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 
 import asyncpg
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.db_only import ACCOUNTS, DEBIT_MICROS, GROUP, setup_sql
 from bench.postgres import admin_url, fresh_database
@@ -73,7 +78,7 @@ BEGIN
         SELECT min(expires_at) INTO v_hold FROM holds
         WHERE account_id = v_id AND status = 'pending' AND expires_at <= u;
         SELECT min(expires_at) INTO v_grant FROM grants
-        WHERE account_id = v_id AND remaining > 0 AND NOT expired AND expires_at <= u;
+        WHERE account_id = v_id AND NOT spent AND NOT expired AND expires_at <= u;
         u := clock_timestamp(); acc[4] := acc[4] + extract(epoch FROM u - t); t := u;
         PERFORM * FROM idempotency_keys WHERE request_id = v_rid;
         u := clock_timestamp(); acc[5] := acc[5] + extract(epoch FROM u - t); t := u;
@@ -87,7 +92,7 @@ BEGIN
         v_first := NULL;
         FOR g IN
             SELECT grant_id, remaining, grant_type FROM grants
-            WHERE account_id = v_id AND remaining > 0
+            WHERE account_id = v_id AND NOT spent
             ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
         LOOP
             v_take := least(v_left, g.remaining);
@@ -114,7 +119,7 @@ BEGIN
         r := jsonb_build_object('replayed', false, 'response', r);
         u := clock_timestamp(); acc[11] := acc[11] + extract(epoch FROM u - t); t := u;
         PERFORM EXISTS (SELECT 1 FROM grants
-                        WHERE account_id = v_id AND remaining > 0 AND expired);
+                        WHERE account_id = v_id AND NOT spent AND expired);
         u := clock_timestamp(); acc[12] := acc[12] + extract(epoch FROM u - t); t := u;
     END LOOP;
     -- The real function, the same number of times, for comparison with the sum.
@@ -172,13 +177,35 @@ def _move(request_id: str, account: str) -> str:
     )
 
 
+# This backend's row updates and HOT updates in its transaction so far, per table.
+_UPDATES = """
+SELECT relname, pg_stat_get_xact_tuples_updated(oid) AS updates,
+       pg_stat_get_xact_tuples_hot_updated(oid) AS hot
+FROM pg_class WHERE relname IN ('accounts', 'grants') AND relkind = 'r' ORDER BY relname
+"""
+
+
+async def _hot_line(conn: asyncpg.Connection) -> str:
+    """The updates of accounts and grants in the connection's open transaction, and
+    how many of them were HOT (no new index entries)."""
+    rows = await conn.fetch(_UPDATES)
+    return "HOT: " + ", ".join(
+        f"{r['relname']} {r['hot']:,} of {r['updates']:,} updates" for r in rows
+    )
+
+
 async def _functions(url: str, n: int, label: str, statement: str) -> None:
     conn = await asyncpg.connect(plain_url(url), timeout=30)
     try:
         await conn.execute("SET track_functions = 'all'")
         await conn.execute("SELECT pg_stat_reset()")
         await conn.execute("SELECT set_config('tally.caller', 'bench', false)")
-        await conn.execute(statement, timeout=600)
+        backend = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()"))
+        async with conn.transaction():
+            cpu = backend.cpu_times()
+            await conn.execute(statement, timeout=600)
+            cpu_after = backend.cpu_times()
+            hot = await _hot_line(conn)
         await conn.execute("SELECT pg_stat_force_next_flush()")
     finally:
         await conn.close()
@@ -192,6 +219,38 @@ async def _functions(url: str, n: int, label: str, statement: str) -> None:
     print("| --- | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['funcname']} | {row['calls']} | {row['self_us']} | {row['total_us']} |")
+    used = cpu_after.user + cpu_after.system - cpu.user - cpu.system
+    print(f"{hot}; backend CPU {used * 1e6 / n:,.0f} µs per movement")
+
+
+async def _work(url: str, n: int, hot_account: bool) -> None:
+    """Work that does not depend on the machine's other load: n Debits, each its own
+    transaction (as the server runs a lone Debit), under EXPLAIN (ANALYZE, BUFFERS,
+    WAL); shared buffer hits and WAL per Debit, after n / 4 Debits of warm-up."""
+    conn = await asyncpg.connect(plain_url(url), timeout=30)
+    hits = records = wal_bytes = 0
+    try:
+        for i in range(-(n // 4), n):
+            account = f"'bench-{ACCOUNTS if hot_account else (i * 7919) % ACCOUNTS}'"
+            move = _move(f"'w{int(hot_account)}-{i}'", account)
+            if i < 0:
+                await conn.execute(f"SELECT {move}")
+                continue
+            explained = await conn.fetchval(
+                f"EXPLAIN (ANALYZE, BUFFERS, WAL, TIMING OFF, FORMAT JSON) SELECT {move}"
+            )
+            plan = json.loads(explained)[0]["Plan"]
+            hits += plan["Shared Hit Blocks"]
+            records += plan["WAL Records"]
+            wal_bytes += plan["WAL Bytes"]
+    finally:
+        await conn.close()
+    where = "hot account" if hot_account else "spread"
+    print(
+        f"\nWork per Debit, {where}, {n} Debits each its own transaction: "
+        f"{hits / n:.1f} shared buffer hits, {records / n:.2f} WAL records, "
+        f"{wal_bytes / n:,.0f} WAL bytes"
+    )
 
 
 async def run(url: str, n: int) -> None:
@@ -230,6 +289,7 @@ async def run(url: str, n: int) -> None:
                     f"st{int(hot_account)}",
                     timeout=600,
                 )
+                hot = await _hot_line(conn)
         finally:
             await conn.close()
         where = "hot account" if hot_account else "spread"
@@ -238,6 +298,9 @@ async def run(url: str, n: int) -> None:
         print("| --- | ---: |")
         for row in rows:
             print(f"| {row['step']} | {row['us_per_movement']} |")
+        print(hot)
+    for hot_account in (False, True):
+        await _work(url, min(n, 400), hot_account)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

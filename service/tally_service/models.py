@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import BigInteger, Identity, Integer, LargeBinary, Text, inspect
+from sqlalchemy import BigInteger, Computed, Identity, Integer, LargeBinary, Text, inspect
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -160,6 +160,8 @@ class Grant(Base):
     created_at: Mapped[datetime]
     entry_id: Mapped[int]
     expired: Mapped[bool]
+    # remaining = 0, generated (migration 0014): the indexes' predicate, so a draw is HOT
+    spent: Mapped[bool] = mapped_column(Computed("remaining = 0", persisted=True))
     subscription_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     subscription_period: Mapped[int | None]
 

@@ -58,7 +58,7 @@ _CATCH_UP = text(
     "  OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id "
     "             AND h.status = 'pending' AND h.expires_at <= clock_timestamp()) "
     "  OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id "
-    "             AND g.remaining > 0 AND NOT g.expired AND g.expires_at <= clock_timestamp()))"
+    "             AND NOT g.spent AND NOT g.expired AND g.expires_at <= clock_timestamp()))"
 )
 
 
@@ -163,7 +163,7 @@ async def list_grants(
     key = tuple_(g.priority, expiry, g.created_at, g.grant_id)
     query = select(g).where(g.account_id == account_id).order_by(*key.clauses).limit(limit)
     if not include_spent:
-        query = query.where(g.remaining > 0)
+        query = query.where(~g.spent)
     if after is not None:
         priority, expires_at, created_at, grant_id = after
         bound = (priority, expires_at or NO_EXPIRY, created_at, uuid.UUID(grant_id))
@@ -406,7 +406,7 @@ _EXPIRY_FACTS = text(
                coalesce(sum(remaining) OVER (
                    ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS ahead
-        FROM grants WHERE account_id = :account_id AND remaining > 0
+        FROM grants WHERE account_id = :account_id AND NOT spent
     )
     SELECT count(*) FILTER (WHERE NOT o.expired AND o.expires_at <= :caught_up) AS overdue,
            coalesce(sum(o.remaining) FILTER (
@@ -531,7 +531,7 @@ _DUE_ACCOUNTS = text(
     "   ORDER BY expires_at LIMIT :limit)"
     "  UNION ALL"
     "  (SELECT account_id FROM grants"
-    "   WHERE remaining > 0 AND NOT expired AND expires_at <= clock_timestamp()"
+    "   WHERE NOT spent AND NOT expired AND expires_at <= clock_timestamp()"
     "   ORDER BY expires_at LIMIT :limit)"
     "  UNION ALL"
     "  (SELECT account_id FROM accounts WHERE subscription_renews_at <= clock_timestamp()"

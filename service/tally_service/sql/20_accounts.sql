@@ -28,7 +28,7 @@ BEGIN
                 WHERE account_id = p_account_id AND status = 'pending'
                   AND expires_at <= v_now),
                (SELECT min(expires_at) FROM grants
-                WHERE account_id = p_account_id AND remaining > 0 AND NOT expired
+                WHERE account_id = p_account_id AND NOT spent AND NOT expired
                   AND expires_at <= v_now)
         INTO v_hold_at, v_grant_at;
         v_renew_at := CASE WHEN a.subscription_renews_at <= v_now
@@ -36,7 +36,7 @@ BEGIN
         EXIT WHEN v_hold_at IS NULL AND v_grant_at IS NULL AND v_renew_at IS NULL;
         IF v_hold_at <= coalesce(least(v_grant_at, v_renew_at), 'infinity') THEN
             IF EXISTS (SELECT 1 FROM grants
-                       WHERE account_id = p_account_id AND remaining > 0 AND expired) THEN
+                       WHERE account_id = p_account_id AND NOT spent AND expired) THEN
                 -- Expired credit kept under holds: this instant's holds may release it.
                 PERFORM tally_expire_due_holds(p_account_id, v_hold_at);
                 PERFORM tally_write_off(p_account_id, v_hold_at, v_hold_at);
@@ -156,7 +156,7 @@ RETURNS SETOF text LANGUAGE sql STABLE AS $$
     WHERE account_id = ANY (p_ids) AND status = 'pending' AND expires_at <= p_now
     UNION
     SELECT account_id FROM grants
-    WHERE account_id = ANY (p_ids) AND remaining > 0 AND NOT expired AND expires_at <= p_now
+    WHERE account_id = ANY (p_ids) AND NOT spent AND NOT expired AND expires_at <= p_now
 $$;
 
 CREATE OR REPLACE FUNCTION tally_balance(p_account_id text) RETURNS jsonb
@@ -182,7 +182,7 @@ BEGIN
             WHERE g.grant_type <> 'subscription'), 0))
     INTO r
     FROM accounts a
-    LEFT JOIN grants g ON g.account_id = a.account_id AND g.remaining > 0
+    LEFT JOIN grants g ON g.account_id = a.account_id AND NOT g.spent
     WHERE a.account_id = p_account_id
     GROUP BY a.*;
     RETURN jsonb_build_object('replayed', false, 'response', r);

@@ -3,6 +3,11 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE p_type WHEN 'subscription' THEN 10 WHEN 'promotional' THEN 20 ELSE 30 END
 $$;
 
+-- A live grant is one with credit left: `NOT spent` (spent is `remaining = 0`, a stored
+-- generated column, migration 0014). The indexes of grants name `spent`, never
+-- `remaining`, so a draw that leaves credit in a grant is a HOT update; say `NOT spent`
+-- rather than `remaining > 0` so that the planner can use them.
+--
 -- Draws `p_amount` from live grants in the documented order; returns the type of the
 -- first grant drawn. The caller passes at most the positive part of the balance,
 -- which the grants cover exactly (invariant 5); anything else is a bug.
@@ -19,7 +24,7 @@ BEGIN
     END IF;
     FOR g IN
         SELECT grant_id, remaining, grant_type FROM grants
-        WHERE account_id = p_account_id AND remaining > 0
+        WHERE account_id = p_account_id AND NOT spent
         ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
     LOOP
         v_take := least(v_left, g.remaining);
@@ -62,7 +67,7 @@ BEGIN
                coalesce(sum(remaining) OVER (
                    ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS ahead
-        FROM grants WHERE account_id = p_account_id AND remaining > 0
+        FROM grants WHERE account_id = p_account_id AND NOT spent
     ), due AS (
         SELECT grant_id, grant_type, expired,
                remaining - least(remaining, greatest(a.reserved - ahead, 0)) AS lost,
@@ -107,7 +112,7 @@ CREATE OR REPLACE FUNCTION tally_settle_expired(p_account_id text, p_at timestam
 RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM grants
-               WHERE account_id = p_account_id AND remaining > 0 AND expired) THEN
+               WHERE account_id = p_account_id AND NOT spent AND expired) THEN
         RETURN tally_write_off(p_account_id, p_at, p_at);
     END IF;
     RETURN 0;

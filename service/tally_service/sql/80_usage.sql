@@ -172,7 +172,7 @@ BEGIN
                OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id
                           AND h.status = 'pending' AND h.expires_at <= v_now)
                OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id
-                          AND g.remaining > 0 AND NOT g.expired AND g.expires_at <= v_now))
+                          AND NOT g.spent AND NOT g.expired AND g.expires_at <= v_now))
         ORDER BY a.account_id
     LOOP
         PERFORM tally_lock_account(v_account);
@@ -290,7 +290,7 @@ BEGIN
                                                g.created_at, g.grant_id),
                1, g.grant_type
         FROM grants g
-        WHERE g.account_id = ANY (v_new_accounts) AND g.remaining > 0
+        WHERE g.account_id = ANY (v_new_accounts) AND NOT g.spent
     ), drawn AS (
         -- An entry's credit type is the type of the first grant it draws from: the
         -- first grant whose range ends after what the entries before it spent.

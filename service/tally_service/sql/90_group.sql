@@ -159,7 +159,7 @@ BEGIN
               LATERAL (SELECT grant_id, grant_type, remaining,
                               (sum(remaining) OVER w - remaining)::bigint AS ahead
                        FROM grants
-                       WHERE account_id = n.account_id AND remaining > 0
+                       WHERE account_id = n.account_id AND NOT spent
                        WINDOW w AS (ORDER BY priority, expires_at NULLS LAST, created_at,
                                              grant_id)) g
               WHERE g.ahead < n.draw) l
