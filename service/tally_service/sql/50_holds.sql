@@ -41,6 +41,7 @@ CREATE OR REPLACE FUNCTION tally_place_hold(
 ) RETURNS holds LANGUAGE plpgsql AS $$
 DECLARE
     h holds;
+    v_available_before bigint;
 BEGIN
     IF NOT tally_fits(a, p_amount) THEN
         PERFORM tally_raise(tally_insufficient(a, p_amount));
@@ -51,9 +52,14 @@ BEGIN
             clock_timestamp() + make_interval(secs => p_ttl_seconds), p_reference,
             p_metadata, p_request_id)
     RETURNING * INTO h;
+    v_available_before := a.balance - a.reserved;
     UPDATE accounts SET reserved = reserved + p_amount, balance_updated_at = h.created_at
-    WHERE account_id = a.account_id;
-    PERFORM tally_check_reload(a.account_id, a.balance - a.reserved);
+    WHERE account_id = a.account_id
+    RETURNING * INTO a;
+    -- The reload rule on the row the update returned (no second read of it).
+    IF a.auto_reload_enabled THEN
+        PERFORM tally_maybe_reload(a, v_available_before);
+    END IF;
     RETURN h;
 END $$;
 
@@ -94,7 +100,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    PERFORM tally_lock_account(v_account_id);
+    -- The hold's account exists (a foreign key): the lock finds it.
+    PERFORM tally_find_account(v_account_id);
     -- Every change of a hold happens under its account's lock, so this read is stable.
     SELECT * INTO h FROM holds WHERE reservation_id = p_reservation_id;
     RETURN h;
@@ -103,14 +110,23 @@ END $$;
 -- NULL unless the hold is the reservation of a usage event still open (StartUsage); then
 -- the refusal: Capture and Release leave such a hold to CompleteUsage / FailUsage. Read
 -- under the account's lock, so the event's state cannot change meanwhile.
+-- (PL/pgSQL, not SQL: a SQL function with a FROM is not inlined, and was planned again
+-- at every call.)
 CREATE OR REPLACE FUNCTION tally_refuse_usage_hold(h holds) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT tally_refusal('TA423', json_build_object(
-        'reservation_id', h.reservation_id, 'event_id', e.event_id))
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_event text;
+BEGIN
+    SELECT e.event_id INTO v_event
     FROM usage_events e
     WHERE e.reservation_id = h.reservation_id AND e.status IN ('pending', 'processing')
-    LIMIT 1
-$$;
+    LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN tally_refusal('TA423', json_build_object(
+        'reservation_id', h.reservation_id, 'event_id', v_event));
+END $$;
 
 -- NULL if the hold is pending, else the refusal to return.
 CREATE OR REPLACE FUNCTION tally_require_pending(h holds) RETURNS jsonb
@@ -148,9 +164,9 @@ BEGIN
     WHERE reservation_id = p_reservation_id
     RETURNING * INTO h;
     -- The whole hold leaves reserved; only the captured part leaves the balance.
-    e := tally_post(h.account_id, 'debit', -v_amount, -h.amount, p_description,
-                    h.reference, h.metadata || p_metadata, p_request_id,
-                    p_reservation_id);
+    e := tally_post_entry(h.account_id, 'debit', -v_amount, -h.amount, p_description,
+                          h.reference, h.metadata || p_metadata, p_request_id,
+                          p_reservation_id, NULL, NULL, true);
     RETURN tally_remember(p_request_id, 'Capture', p_fingerprint,
                           jsonb_build_object('reservation', to_jsonb(h),
                                              'entry', to_jsonb(e)));
