@@ -394,6 +394,9 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
 
         reserve_sql = "SELECT tally_reserve($1, decode($2, 'hex'), $3, $4, $5, $6, $7::jsonb)::text"
         held: dict[str, dict[str, str]] = {}
+        await conn.fetchval(
+            "SELECT tally_upsert_product('product', '\\x00', 'hold-run', '', 1000, false, 0)"
+        )
         for acct in ("set", "seq"):
             await conn.fetchval(
                 "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', $3, NULL)",
@@ -416,11 +419,20 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
                 _C // 2,  # the first capture spans both grants
             )
             held[acct] = {}
-            for name, amount in (("h1", _C), ("h2", 2 * _C), ("h3", _C), ("old", _C // 2)):
+            holds = (("h1", _C), ("h2", 2 * _C), ("h3", _C), ("old", _C // 2), ("job", 1000))
+            for name, amount in holds:
                 answer = await call(
                     "", reserve_sql, f"{acct}-{name}", "00", acct, amount, 3600, name, '{"h": 1}'
                 )
                 held[acct][name] = answer["response"]["reservation"]["reservation_id"]
+            # An open usage job on the hold "job": Capture and Release leave it alone.
+            await conn.execute(
+                "INSERT INTO usage_events (account_id, event_id, product_id, status, success, "
+                "quantity, started_at, reservation_id, fingerprint) "
+                "VALUES ($1, 'job', 'hold-run', 'pending', false, 1, now(), $2::uuid, '\\x00')",
+                acct,
+                held[acct]["job"],
+            )
         # (function, key, hold or amount, fingerprint, caller, extra): refusals in the middle.
         plan: list[tuple[str, str, Any, str, str, Any]] = [
             ("tally_reserve", "r1", _C, "00", "alice", 600),
@@ -435,6 +447,8 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
             ("tally_reserve", "r2", 3 * _C // 2, "00", "bob", 60),  # into the overdraft
             ("tally_capture", "c4", "h1", "00", "alice", None),  # captured already
             ("tally_reserve", "r3", 2 * _C, "00", "", 60),  # past the overdraft
+            ("tally_capture", "c5", "job", "00", "bob", None),  # an open usage job's
+            ("tally_release", "rel5", "job", "00", "", None),
         ]
 
         def args(acct: str, f: str, key: str, target: Any, fp: str, extra: Any) -> dict[str, Any]:
@@ -537,6 +551,8 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
             False,
             True,
             True,
+            True,
+            True,
         ]
         assert grouped[5]["replayed"] is True
         assert [r["error"]["sqlstate"] for r in grouped if "error" in r] == [
@@ -546,6 +562,8 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
             "TA422",
             "TA412",
             "TA402",
+            "TA423",
+            "TA423",
         ]
 
         async def state(acct: str) -> Any:
