@@ -488,29 +488,31 @@ DECLARE
     r jsonb;
     i bigint;
     v_account text;
+    v_accounts text[];
     v_kind text;
     v_run jsonb;
     v_set jsonb;
     v_answers jsonb := '{}';
     v_results jsonb[] := '{}';
 BEGIN
-    PERFORM 1 FROM accounts
-    WHERE account_id IN (
-        SELECT x->'a'->>'account_id' FROM jsonb_array_elements(p_calls) x
-        UNION
-        SELECT h.account_id FROM holds h
-        WHERE h.reservation_id IN (
-            SELECT (x->'a'->>'reservation_id')::uuid FROM jsonb_array_elements(p_calls) x
-            WHERE x->'a' ? 'reservation_id')
-    )
+    -- Each call's account: its own, or its hold's (NULL when there is none).
+    SELECT array_agg(CASE WHEN x.value->'a' ? 'reservation_id'
+                          THEN (SELECT h.account_id FROM holds h
+                                WHERE h.reservation_id
+                                      = (x.value->'a'->>'reservation_id')::uuid)
+                          ELSE x.value->'a'->>'account_id' END ORDER BY x.ordinality)
+    INTO v_accounts
+    FROM jsonb_array_elements(p_calls) WITH ORDINALITY x;
+    PERFORM 1 FROM accounts WHERE account_id = ANY (v_accounts)
     ORDER BY account_id FOR UPDATE;
     -- Set-based first, in a group of movements with distinct keys (so no call of the
     -- group can see another's key or account): the accounts with two or more calls, all
     -- debits (tally_debit_run) or all Reserves, Captures and Releases of the account's
     -- holds (tally_hold_run), each as one run (a lone call is cheaper as itself). Every
     -- other call runs on its own below, in order.
-    IF (SELECT count(DISTINCT x->'a'->>'request_id') = count(*)
-        FROM jsonb_array_elements(p_calls) x) THEN
+    IF (SELECT count(DISTINCT v) < cardinality(v_accounts) FROM unnest(v_accounts) v)
+       AND (SELECT count(DISTINCT x->'a'->>'request_id') = count(*)
+            FROM jsonb_array_elements(p_calls) x) THEN
         FOR v_account, v_kind, v_run IN
             SELECT y.account_id,
                    CASE WHEN bool_and(y.f = 'tally_move' AND y.a->>'type' = 'debit'
@@ -520,11 +522,7 @@ BEGIN
                    jsonb_agg(y.value || jsonb_build_object('i', y.ordinality)
                              ORDER BY y.ordinality)
             FROM (SELECT x.value, x.ordinality, x.value->>'f' AS f, x.value->'a' AS a,
-                         CASE WHEN x.value->>'f' IN ('tally_capture', 'tally_release')
-                              THEN (SELECT h.account_id FROM holds h
-                                    WHERE h.reservation_id
-                                          = (x.value->'a'->>'reservation_id')::uuid)
-                              ELSE x.value->'a'->>'account_id' END AS account_id
+                         v_accounts[x.ordinality] AS account_id
                   FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) y
             WHERE y.account_id IS NOT NULL
             GROUP BY y.account_id
