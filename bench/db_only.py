@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.postgres import admin_url, fresh_database, server_facts
-from bench.probe import plain_url
+from bench.probe import find_postmaster, plain_url
 
 DESCRIPTION = "The Debit money function in PostgreSQL alone (pgbench), spread and hot."
 ACCOUNTS = 1000
@@ -227,14 +226,10 @@ def _number(pattern: str, text: str) -> float:
 
 class BackendCpu:
     """The CPU time of the PostgreSQL server's exited children (its backends), from
-    /proc; None where the server runs elsewhere."""
+    /proc; nothing where the server runs elsewhere."""
 
-    def __init__(self, backend_pid: int) -> None:
-        try:
-            self.postmaster: Any = psutil.Process(backend_pid).parent()
-            self.postmaster.cpu_times()
-        except (psutil.Error, OSError, AttributeError):
-            self.postmaster = None
+    def __init__(self, postmaster: Any) -> None:
+        self.postmaster = postmaster
 
     def children(self) -> int:
         return len(self.postmaster.children()) if self.postmaster is not None else 0
@@ -270,12 +265,10 @@ def run_pgbench(
     return tps, latency, 0 if math.isnan(failed) else int(failed), int(done)
 
 
-async def _setup(url: str) -> tuple[bool, int]:
-    """Creates and funds the accounts; whether ``tally_move`` takes a grant, and the
-    pid of a backend of the server."""
+async def _setup(url: str) -> bool:
+    """Creates and funds the accounts; whether ``tally_move`` takes a grant."""
     conn = await asyncpg.connect(plain_url(url), timeout=30)
     try:
-        pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
         has_grant = bool(
             await conn.fetchval(
                 "SELECT 'p_grant' = ANY (proargnames) FROM pg_proc WHERE proname = 'tally_move'",
@@ -285,7 +278,7 @@ async def _setup(url: str) -> tuple[bool, int]:
         await conn.execute(setup_sql(has_grant), timeout=120)
     finally:
         await conn.close(timeout=30)
-    return has_grant, pid
+    return has_grant
 
 
 def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
@@ -332,8 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tempfile.TemporaryDirectory(prefix="tally-bench-pgbench-") as workdir,
         ):
             facts = server_facts(url)
-            has_grant, pid = asyncio.run(_setup(url))
-            cpu = BackendCpu(pid)
+            has_grant = asyncio.run(_setup(url))
+            cpu = BackendCpu(find_postmaster(url))
             files = {}
             for kind, text in (scripts(has_grant) | pair_scripts()).items():
                 files[kind] = Path(workdir) / f"{kind}.sql"
