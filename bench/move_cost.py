@@ -273,7 +273,8 @@ BEGIN
         u := clock_timestamp(); acc[14] := acc[14] + extract(epoch FROM u - t); t := u;
         PERFORM * FROM idempotency_keys WHERE request_id = v_rid;
         u := clock_timestamp(); acc[15] := acc[15] + extract(epoch FROM u - t); t := u;
-        PERFORM tally_refuse_usage_hold(h);
+        -- As tally_capture evaluates it (a PERFORM would plan the SQL function anew).
+        r := coalesce(NULL::jsonb, tally_refuse_usage_hold(h), tally_require_pending(h));
         u := clock_timestamp(); acc[16] := acc[16] + extract(epoch FROM u - t); t := u;
         UPDATE holds SET status = 'captured', captured = h.amount,
                          finalized_at = clock_timestamp()

@@ -110,23 +110,14 @@ END $$;
 -- NULL unless the hold is the reservation of a usage event still open (StartUsage); then
 -- the refusal: Capture and Release leave such a hold to CompleteUsage / FailUsage. Read
 -- under the account's lock, so the event's state cannot change meanwhile.
--- (PL/pgSQL, not SQL: a SQL function with a FROM is not inlined, and was planned again
--- at every call.)
 CREATE OR REPLACE FUNCTION tally_refuse_usage_hold(h holds) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_event text;
-BEGIN
-    SELECT e.event_id INTO v_event
+LANGUAGE sql STABLE AS $$
+    SELECT tally_refusal('TA423', json_build_object(
+        'reservation_id', h.reservation_id, 'event_id', e.event_id))
     FROM usage_events e
     WHERE e.reservation_id = h.reservation_id AND e.status IN ('pending', 'processing')
-    LIMIT 1;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    RETURN tally_refusal('TA423', json_build_object(
-        'reservation_id', h.reservation_id, 'event_id', v_event));
-END $$;
+    LIMIT 1
+$$;
 
 -- NULL if the hold is pending, else the refusal to return.
 CREATE OR REPLACE FUNCTION tally_require_pending(h holds) RETURNS jsonb
