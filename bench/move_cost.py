@@ -528,6 +528,20 @@ async def pairs(url: str, n: int) -> None:
             "pair",
         )
     await _statements(url, n, "bench_profiled_pairs", "pair")
+    conn = await asyncpg.connect(plain_url(url), timeout=30)
+    try:
+        await asyncio.sleep(0.7)  # the statistics reach the shared counters
+        rows = await conn.fetch(
+            "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+            "WHERE relname IN ('accounts', 'holds', 'grants') ORDER BY relname"
+        )
+    finally:
+        await conn.close()
+    print("\nUpdates since the start (HOT: no index entry written)")
+    print("| table | updates | HOT updates |")
+    print("| --- | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['relname']} | {row['n_tup_upd']} | {row['n_tup_hot_upd']} |")
 
 
 async def run(url: str, n: int, kinds: Sequence[str]) -> None:
