@@ -471,9 +471,10 @@ END $$;
 -- {"error": {"sqlstate", "detail"}} for a refusal (sql/15_refusals.sql).
 --
 -- Every account the group touches is locked first, in account_id order, so two groups
--- (of this or another process) never wait on each other in a cycle. An account's debits
--- are then applied as a set where they can be (tally_debit_run, same outcomes), and the
--- other calls run one after another, each exactly as it would alone. A refusal is returned before its
+-- (of this or another process) never wait on each other in a cycle. An account's debits,
+-- or its Reserves, Captures and Releases, are then applied as a set where they can be
+-- (tally_debit_run, tally_hold_run: same outcomes), and the other calls run one after
+-- another, each exactly as it would alone. A refusal is returned before its
 -- call writes anything, so it never undoes or changes a neighbour's work, and no
 -- subtransaction is needed (a subtransaction per call makes every waiter on the hot
 -- account's row pay for each of them: measured 3x slower under contention). Anything
