@@ -452,3 +452,243 @@ def test_each_caller_of_a_group_notes_its_own_answer(own_database_url: str) -> N
             await db.engine.dispose()
 
     assert asyncio.run(main()) == [(False, False), (True, True), (False, False)]
+
+
+async def _hold_run_vs_one_by_one(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+
+        async def call(caller: str, statement: str, *args: Any) -> Any:
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('tally.caller', $1, true)", caller)
+                return json.loads(await conn.fetchval(statement, *args))
+
+        reserve_sql = "SELECT tally_reserve($1, decode($2, 'hex'), $3, $4, $5, $6, $7::jsonb)::text"
+        held: dict[str, dict[str, str]] = {}
+        await conn.fetchval(
+            "SELECT tally_upsert_product('product', '\\x00', 'hold-run', '', 1000, false, 0)"
+        )
+        for acct in ("set", "seq"):
+            await conn.fetchval(
+                "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', $3, NULL)",
+                f"create-{acct}",
+                acct,
+                _C,
+            )
+            await conn.fetchval(
+                "SELECT tally_move($1, '\\x00', 'TopUp', $2, 'credit', $3, '', '', '{}', "
+                '\'{"type": "purchased"}\')',
+                f"{acct}-top",
+                acct,
+                9 * _C // 2,
+            )
+            await conn.fetchval(
+                "SELECT tally_move($1, '\\x00', 'Adjust', $2, 'adjustment', $3, '', '', '{}', "
+                "NULL)",
+                f"{acct}-adj",
+                acct,
+                _C // 2,  # the first capture spans both grants
+            )
+            held[acct] = {}
+            holds = (("h1", _C), ("h2", 2 * _C), ("h3", _C), ("old", _C // 2), ("job", 1000))
+            for name, amount in holds:
+                answer = await call(
+                    "", reserve_sql, f"{acct}-{name}", "00", acct, amount, 3600, name, '{"h": 1}'
+                )
+                held[acct][name] = answer["response"]["reservation"]["reservation_id"]
+            # An open usage job on the hold "job": Capture and Release leave it alone.
+            await conn.execute(
+                "INSERT INTO usage_events (account_id, event_id, product_id, status, success, "
+                "quantity, started_at, reservation_id, fingerprint) "
+                "VALUES ($1, 'job', 'hold-run', 'pending', false, 1, now(), $2::uuid, '\\x00')",
+                acct,
+                held[acct]["job"],
+            )
+        # (function, key, hold or amount, fingerprint, caller, extra): refusals in the middle.
+        plan: list[tuple[str, str, Any, str, str, Any]] = [
+            ("tally_reserve", "r1", _C, "00", "alice", 600),
+            ("tally_capture", "c1", "h1", "00", "bob", None),  # the whole hold
+            ("tally_reserve", "big", 100 * _C, "00", "", 600),  # insufficient
+            ("tally_capture", "c2", "h2", "00", "alice", _C // 2),  # part of the hold
+            ("tally_release", "rel2", "h2", "00", "bob", None),  # captured just before
+            ("tally_reserve", "old", _C // 2, "00", "alice", 3600),  # a replay
+            ("tally_capture", "top", "h3", "01", "bob", None),  # another request's key
+            ("tally_capture", "c3", "h3", "00", "", 5 * _C),  # more than held
+            ("tally_release", "rel3", "h3", "00", "alice", None),
+            ("tally_reserve", "r2", 3 * _C // 2, "00", "bob", 60),  # into the overdraft
+            ("tally_capture", "c4", "h1", "00", "alice", None),  # captured already
+            ("tally_reserve", "r3", 2 * _C, "00", "", 60),  # past the overdraft
+            ("tally_capture", "c5", "job", "00", "bob", None),  # an open usage job's
+            ("tally_release", "rel5", "job", "00", "", None),
+        ]
+
+        def args(acct: str, f: str, key: str, target: Any, fp: str, extra: Any) -> dict[str, Any]:
+            common = {"request_id": f"{acct}-{key}", "fingerprint": fp}
+            if f == "tally_reserve":
+                return common | {
+                    "account_id": acct,
+                    "amount": target,
+                    "ttl_seconds": extra,
+                    "reference": key,
+                    "metadata": '{"h": 1}' if key == "old" else '{"r": 1}',
+                }
+            common["reservation_id"] = held[acct][target]
+            if f == "tally_capture":
+                return common | {"amount": extra, "description": key, "metadata": '{"c": 1}'}
+            return common
+
+        calls = [
+            {"f": f, "caller": caller, "a": args("set", f, key, target, fp, extra)}
+            for f, key, target, fp, caller, extra in plan
+        ]
+        grouped = json.loads(
+            await conn.fetchval("SELECT tally_apply_group($1::jsonb)::text", json.dumps(calls))
+        )
+        alone = []
+        for f, key, target, fp, caller, extra in plan:
+            a = args("seq", f, key, target, fp, extra)
+            if f == "tally_reserve":
+                alone.append(
+                    await call(
+                        caller,
+                        reserve_sql,
+                        a["request_id"],
+                        fp,
+                        "seq",
+                        a["amount"],
+                        a["ttl_seconds"],
+                        a["reference"],
+                        a["metadata"],
+                    )
+                )
+            elif f == "tally_capture":
+                alone.append(
+                    await call(
+                        caller,
+                        "SELECT tally_capture($1, decode($2, 'hex'), $3::uuid, $4, $5, "
+                        "$6::jsonb)::text",
+                        a["request_id"],
+                        fp,
+                        a["reservation_id"],
+                        a["amount"],
+                        a["description"],
+                        a["metadata"],
+                    )
+                )
+            else:
+                alone.append(
+                    await call(
+                        caller,
+                        "SELECT tally_release($1, decode($2, 'hex'), $3::uuid)::text",
+                        a["request_id"],
+                        fp,
+                        a["reservation_id"],
+                    )
+                )
+
+        ids = {v: k for acct in held for k, v in held[acct].items()}
+
+        def same(value: Any) -> Any:
+            text = json.dumps(value, sort_keys=True).replace('"set', '"seq')
+            for rid, name in ids.items():
+                text = text.replace(rid, name)
+            scrubbed = json.loads(text)
+            response = scrubbed.get("response") or {}
+            for part, volatile in (
+                ("entry", ("entry_id", "created_at")),
+                ("reservation", ("created_at", "expires_at", "finalized_at")),
+            ):
+                row = response.get(part)
+                if row:
+                    for column in volatile:
+                        row.pop(column)
+                    if part == "reservation" and "-" in row["reservation_id"]:
+                        row.pop("reservation_id")  # a hold placed by this plan
+            if "reservation" in response and "entry" in response:
+                response["entry"].pop("reservation_id")
+            return scrubbed
+
+        assert [same(r) for r in grouped] == [same(r) for r in alone]
+        assert [("error" in r) for r in grouped] == [
+            False,
+            False,
+            True,
+            False,
+            True,
+            False,
+            True,
+            True,
+            False,
+            False,
+            True,
+            True,
+            True,
+            True,
+        ]
+        assert grouped[5]["replayed"] is True
+        assert [r["error"]["sqlstate"] for r in grouped if "error" in r] == [
+            "TA402",
+            "TA412",
+            "TA409",
+            "TA422",
+            "TA412",
+            "TA402",
+            "TA423",
+            "TA423",
+        ]
+
+        async def state(acct: str) -> Any:
+            entries = await conn.fetch(
+                "SELECT e.sequence, e.entry_type, e.amount, e.balance_after, e.description, "
+                "e.reference, e.metadata, e.credit_type, e.request_id, h.request_id AS hold "
+                "FROM ledger_entries e LEFT JOIN holds h USING (reservation_id) "
+                "WHERE e.account_id = $1 ORDER BY e.sequence",
+                acct,
+            )
+            holds = await conn.fetch(
+                "SELECT request_id, status, amount, captured, reference, metadata, "
+                "round(extract(epoch FROM expires_at - created_at)) AS ttl, "
+                "finalized_at IS NULL AS open "
+                "FROM holds WHERE account_id = $1 ORDER BY request_id",
+                acct,
+            )
+            grants = await conn.fetch(
+                "SELECT grant_type, amount, remaining FROM grants WHERE account_id = $1 "
+                "ORDER BY priority, created_at",
+                acct,
+            )
+            account = await conn.fetchrow(
+                "SELECT balance, reserved, last_sequence FROM accounts WHERE account_id = $1",
+                acct,
+            )
+            keys = await conn.fetch(
+                "SELECT request_id, method FROM idempotency_keys WHERE request_id LIKE $1 "
+                "ORDER BY request_id",
+                f"{acct}-%",
+            )
+            rows = [
+                [{k: str(v).replace(acct, "acct") for k, v in dict(r).items()} for r in part]
+                for part in (entries, holds, grants, keys)
+            ]
+            return [*rows, dict(account)]
+
+        set_state, seq_state = await state("set"), await state("seq")
+        assert set_state == seq_state
+        assert {e["credit_type"] for e in set_state[0]} >= {"promotional", "purchased"}
+        # The run was applied as a set: its holds and entries share one instant.
+        stamps = await conn.fetchval(
+            "SELECT count(DISTINCT at) FROM ("
+            "SELECT created_at AS at FROM ledger_entries WHERE request_id LIKE 'set-c%' "
+            "UNION ALL SELECT created_at FROM holds WHERE request_id IN ('set-r1', 'set-r2') "
+            "UNION ALL SELECT finalized_at FROM holds WHERE request_id IN ('set-h1', 'set-h3')"
+            ") t"
+        )
+        assert stamps == 1
+    finally:
+        await conn.close()
+
+
+def test_a_run_of_hold_calls_as_a_set_equals_one_by_one(own_database_url: str) -> None:
+    """tally_hold_run gives each Reserve, Capture and Release of a group the outcome,
+    hold, entry and draw it would have alone, in order."""
+    asyncio.run(_hold_run_vs_one_by_one(own_database_url))

@@ -8,35 +8,66 @@ $$;
 -- `remaining`, so a draw that leaves credit in a grant is a HOT update; say `NOT spent`
 -- rather than `remaining > 0` so that the planner can use them.
 --
--- Draws `p_amount` from live grants in the documented order; returns the type of the
--- first grant drawn. The caller passes at most the positive part of the balance,
--- which the grants cover exactly (invariant 5); anything else is a bug.
+-- The one draw of Tally: takes p_draws[k] from the live grants of p_account_ids[k]
+-- (each account once), in the documented order (priority, soonest expiry, oldest,
+-- grant_id), for one movement or a whole group, by one statement. Returns the grants it
+-- drew from, each with the credit ahead of it in its account's draw and what it held
+-- before: the grant holding a given credit of an account's draw (an entry's
+-- credit_type, the type of the grant its first credit comes from) is the one whose
+-- range [ahead, ahead + remaining) holds it. The callers pass at most the positive part
+-- of each balance, which the grants cover exactly (invariant 5); anything else is a bug.
+CREATE OR REPLACE FUNCTION tally_draw(p_account_ids text[], p_draws bigint[])
+RETURNS TABLE (account_id text, ahead bigint, remaining bigint, grant_type text)
+LANGUAGE plpgsql
+-- A plan made once per session (each account's grants by one index scan, whatever the
+-- size of the arrays).
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    v_accounts text[];
+    v_aheads bigint[];
+    v_remainings bigint[];
+    v_types text[];
+    v_taken bigint;
+BEGIN
+    WITH drawn AS (
+        UPDATE grants t SET remaining = t.remaining - l.taken
+        FROM (SELECT n.account_id, g.grant_id, g.grant_type, g.remaining, g.ahead,
+                     least(g.remaining, n.draw - g.ahead) AS taken
+              FROM unnest(p_account_ids, p_draws) AS n (account_id, draw),
+              LATERAL (SELECT x.grant_id, x.grant_type, x.remaining,
+                              (sum(x.remaining) OVER w - x.remaining)::bigint AS ahead
+                       FROM grants x
+                       WHERE x.account_id = n.account_id AND NOT x.spent
+                       WINDOW w AS (ORDER BY x.priority, x.expires_at NULLS LAST,
+                                             x.created_at, x.grant_id)) g
+              WHERE n.draw > 0 AND g.ahead < n.draw) l
+        WHERE t.grant_id = l.grant_id
+        RETURNING l.account_id, l.ahead, l.remaining, l.grant_type, l.taken
+    )
+    SELECT array_agg(d.account_id), array_agg(d.ahead), array_agg(d.remaining),
+           array_agg(d.grant_type), coalesce(sum(d.taken), 0)
+    INTO v_accounts, v_aheads, v_remainings, v_types, v_taken
+    FROM drawn d;
+    -- Each account's draw takes at most its own, so the totals are equal only when
+    -- every account's grants covered it.
+    IF v_taken <> (SELECT coalesce(sum(greatest(u.draw, 0)), 0)
+                   FROM unnest(p_draws) AS u (draw)) THEN
+        RAISE EXCEPTION 'grants of % do not cover their balances', p_account_ids
+            USING ERRCODE = 'TA901';
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_accounts, v_aheads, v_remainings, v_types);
+END $$;
+
+-- Draws `p_amount` of one account (tally_draw); returns the type of the first grant
+-- drawn.
 CREATE OR REPLACE FUNCTION tally_draw_grants(p_account_id text, p_amount bigint) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-    g record;
-    v_left bigint := p_amount;
-    v_take bigint;
     v_first text;
 BEGIN
-    IF v_left <= 0 THEN
-        RETURN NULL;
-    END IF;
-    FOR g IN
-        SELECT grant_id, remaining, grant_type FROM grants
-        WHERE account_id = p_account_id AND NOT spent
-        ORDER BY priority, expires_at NULLS LAST, created_at, grant_id
-    LOOP
-        v_take := least(v_left, g.remaining);
-        UPDATE grants SET remaining = remaining - v_take WHERE grant_id = g.grant_id;
-        v_first := coalesce(v_first, g.grant_type);
-        v_left := v_left - v_take;
-        EXIT WHEN v_left = 0;
-    END LOOP;
-    IF v_left > 0 THEN
-        RAISE EXCEPTION 'grants of % do not cover its balance', p_account_id
-            USING ERRCODE = 'TA901';
-    END IF;
+    SELECT d.grant_type INTO v_first
+    FROM tally_draw(ARRAY[p_account_id], ARRAY[p_amount]) d WHERE d.ahead = 0;
     RETURN v_first;
 END $$;
 

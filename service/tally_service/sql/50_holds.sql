@@ -41,6 +41,7 @@ CREATE OR REPLACE FUNCTION tally_place_hold(
 ) RETURNS holds LANGUAGE plpgsql AS $$
 DECLARE
     h holds;
+    v_available_before bigint;
 BEGIN
     IF NOT tally_fits(a, p_amount) THEN
         PERFORM tally_raise(tally_insufficient(a, p_amount));
@@ -51,9 +52,14 @@ BEGIN
             clock_timestamp() + make_interval(secs => p_ttl_seconds), p_reference,
             p_metadata, p_request_id)
     RETURNING * INTO h;
+    v_available_before := a.balance - a.reserved;
     UPDATE accounts SET reserved = reserved + p_amount, balance_updated_at = h.created_at
-    WHERE account_id = a.account_id;
-    PERFORM tally_check_reload(a.account_id, a.balance - a.reserved);
+    WHERE account_id = a.account_id
+    RETURNING * INTO a;
+    -- The reload rule on the row the update returned (no second read of it).
+    IF a.auto_reload_enabled THEN
+        PERFORM tally_maybe_reload(a, v_available_before);
+    END IF;
     RETURN h;
 END $$;
 
@@ -94,7 +100,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    PERFORM tally_lock_account(v_account_id);
+    -- The hold's account exists (a foreign key): the lock finds it.
+    PERFORM tally_find_account(v_account_id);
     -- Every change of a hold happens under its account's lock, so this read is stable.
     SELECT * INTO h FROM holds WHERE reservation_id = p_reservation_id;
     RETURN h;
@@ -148,9 +155,9 @@ BEGIN
     WHERE reservation_id = p_reservation_id
     RETURNING * INTO h;
     -- The whole hold leaves reserved; only the captured part leaves the balance.
-    e := tally_post(h.account_id, 'debit', -v_amount, -h.amount, p_description,
-                    h.reference, h.metadata || p_metadata, p_request_id,
-                    p_reservation_id);
+    e := tally_post_entry(h.account_id, 'debit', -v_amount, -h.amount, p_description,
+                          h.reference, h.metadata || p_metadata, p_request_id,
+                          p_reservation_id, NULL, NULL, true);
     RETURN tally_remember(p_request_id, 'Capture', p_fingerprint,
                           jsonb_build_object('reservation', to_jsonb(h),
                                              'entry', to_jsonb(e)));

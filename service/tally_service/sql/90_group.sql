@@ -54,9 +54,12 @@ DECLARE
     v_offsets bigint[] := '{}';
     v_shares bigint[] := '{}';
     v_entries jsonb[];
-    v_short boolean;
     v_need_ids text[];
     v_need bigint[];
+    v_d_accounts text[];
+    v_d_aheads bigint[];
+    v_d_remainings bigint[];
+    v_d_types text[];
 BEGIN
     SELECT array_agg(DISTINCT y->'a'->>'account_id') INTO v_ids
     FROM jsonb_array_elements(p_calls) y;
@@ -142,29 +145,20 @@ BEGIN
     FROM unnest(v_rows) r
     WHERE t.account_id = ANY (v_ids)  -- by the key's index, whatever the planner guesses
       AND t.account_id = r.account_id AND r.last_sequence <> t.last_sequence;
-    -- One draw for all: each account's grants in draw order until its draw is covered.
-    -- Each entry's type is that of the grant holding the first credit of its share.
     -- The entries carry their callers already; the trigger then adds nothing.
     PERFORM set_config('tally.caller', '', true);
+    -- One draw for all the accounts (tally_draw); each entry's type is that of the grant
+    -- holding the first credit of its own share.
     SELECT array_agg((v_rows[k]).account_id), array_agg(v_draws[k]) INTO v_need_ids, v_need
     FROM generate_subscripts(v_draws, 1) k
     WHERE v_draws[k] > 0;
-    -- (Each account's grants by one index scan: a join the planner could turn into a
-    -- scan of the whole table is avoided, as for the keys above.)
+    SELECT array_agg(d.account_id), array_agg(d.ahead), array_agg(d.remaining),
+           array_agg(d.grant_type)
+    INTO v_d_accounts, v_d_aheads, v_d_remainings, v_d_types
+    FROM tally_draw(v_need_ids, v_need) d;
     WITH drawn AS (
-        UPDATE grants t SET remaining = t.remaining - l.taken
-        FROM (SELECT n.account_id, g.grant_id, g.grant_type, g.remaining, g.ahead,
-                     least(g.remaining, n.draw - g.ahead) AS taken
-              FROM unnest(v_need_ids, v_need) AS n (account_id, draw),
-              LATERAL (SELECT grant_id, grant_type, remaining,
-                              (sum(remaining) OVER w - remaining)::bigint AS ahead
-                       FROM grants
-                       WHERE account_id = n.account_id AND NOT spent
-                       WINDOW w AS (ORDER BY priority, expires_at NULLS LAST, created_at,
-                                             grant_id)) g
-              WHERE g.ahead < n.draw) l
-        WHERE t.grant_id = l.grant_id
-        RETURNING l.account_id, l.ahead, l.remaining, l.grant_type, l.taken
+        SELECT * FROM unnest(v_d_accounts, v_d_aheads, v_d_remainings, v_d_types)
+                      AS d (account_id, ahead, remaining, grant_type)
     ), written AS (
         INSERT INTO ledger_entries (
             account_id, sequence, entry_type, amount, balance_after, description,
@@ -180,18 +174,9 @@ BEGIN
                    metadata, request_id, created_at, offset_, share)
         RETURNING *
     )
-    -- Each account's draw takes at most its need, so the totals are equal only when
-    -- every account's grants covered it.
-    SELECT (SELECT sum(u.need) FROM unnest(v_need) u (need)) IS DISTINCT FROM
-           (SELECT sum(d.taken) FROM drawn d),
-           (SELECT array_agg(jsonb_build_object('entry', to_jsonb(w))
-                             ORDER BY w.account_id COLLATE "C", w.sequence)
-            FROM written w)
-    INTO v_short, v_entries;
-    IF v_short AND v_need IS NOT NULL THEN
-        RAISE EXCEPTION 'grants do not cover the balances of %', v_need_ids
-            USING ERRCODE = 'TA901';
-    END IF;
+    SELECT array_agg(jsonb_build_object('entry', to_jsonb(w))
+                     ORDER BY w.account_id COLLATE "C", w.sequence)
+    INTO v_entries FROM written w;
     INSERT INTO idempotency_keys (request_id, method, fingerprint, response)
     SELECT * FROM unnest(v_rids, v_methods, v_fps, v_entries);
     SELECT v_answers || jsonb_object_agg(
@@ -205,6 +190,298 @@ BEGIN
     RETURN v_answers;
 END $$;
 
+-- Draws the captures of a hold run from the account's grants at once (tally_draw):
+-- p_shares[j] is what the j-th entry draws (in order); returns each entry's credit type,
+-- the type of the grant holding the first credit of its own share (NULL for a share of
+-- 0), as tally_debit_run's entries get theirs.
+CREATE OR REPLACE FUNCTION tally_draw_shares(p_account_id text, p_shares bigint[])
+RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_types text[];
+BEGIN
+    WITH drawn AS MATERIALIZED (
+        SELECT * FROM tally_draw(
+            ARRAY[p_account_id],
+            ARRAY[(SELECT coalesce(sum(s), 0)::bigint FROM unnest(p_shares) s)])
+    ), shares AS (
+        SELECT s.n, s.share, coalesce(sum(s.share) OVER (ORDER BY s.n ROWS BETWEEN
+                                      UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS offset_
+        FROM unnest(p_shares) WITH ORDINALITY AS s (share, n)
+    )
+    SELECT array_agg(
+        (SELECT d.grant_type FROM drawn d
+         WHERE x.share > 0 AND d.ahead <= x.offset_ AND x.offset_ < d.ahead + d.remaining)
+        ORDER BY x.n)
+    INTO v_types
+    FROM shares x, (SELECT count(*) FROM drawn) AS every_draw_made;
+    RETURN coalesce(v_types, '{}');
+END $$;
+
+-- The Reserves, Captures and Releases of one account in a group, applied as a set (issue
+-- 8), as tally_debit_run does for debits: what the calls would do one after another,
+-- with the account row updated once, the grants drawn once for the run's captures, and
+-- the new holds, the finished holds, the entries and the keys each written by one
+-- statement. Each call keeps exactly its own outcome, in order: replays and refused keys
+-- are answered from the stored key; a Reserve is held to the balance rule over the
+-- running balance and reserved credit; a Capture or Release of a hold that an earlier
+-- call of the run finished is refused as it would be then (no longer pending). Every
+-- new hold, every finished hold and every entry carries the one instant of the run's
+-- account update (a hold expires its TTL after it), as the entries of a debit run do.
+-- p_calls: [{"i": position in the group, "caller": name, "f": function, "a": arguments}],
+-- Reserves of p_account_id and Captures and Releases of its holds, with request ids
+-- distinct in the group. Returns the answers by position, or NULL when it does not
+-- handle this account (nothing written then): none; alerts on available credit or
+-- auto-reload on (decided per movement); or expired credit kept under holds (whose
+-- write-off a capture or release may have to do).
+CREATE OR REPLACE FUNCTION tally_hold_run(p_account_id text, p_calls jsonb)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    a accounts;
+    c jsonb;
+    x jsonb;
+    h holds;
+    v_f text;
+    v_rid text;
+    v_known text[];
+    v_answers jsonb := '{}';
+    v_balance bigint;
+    v_reserved bigint;
+    v_amount bigint;
+    v_k integer;
+    v_stamp timestamptz;
+    v_refusal jsonb;
+    -- The holds the run's Captures and Releases name, and their state as the run goes.
+    v_hids uuid[];
+    v_hamounts bigint[];
+    v_hstatus text[];
+    v_hrows holds[];
+    v_open uuid[];
+    -- Per call that applies, in order: position, kind, key, and what it writes.
+    v_n integer := 0;
+    v_pos text[] := '{}';
+    v_kinds text[] := '{}';
+    v_rids text[] := '{}';
+    v_methods text[] := '{}';
+    v_fps bytea[] := '{}';
+    v_slot integer[] := '{}';      -- the hold's index in v_hids (Captures, Releases)
+    v_res_ids uuid[] := '{}';      -- new holds (Reserves)
+    v_res_amounts bigint[] := '{}';
+    v_res_ttls bigint[] := '{}';
+    v_res_refs text[] := '{}';
+    v_res_metas jsonb[] := '{}';
+    v_res_rids text[] := '{}';
+    v_fin_ids uuid[] := '{}';      -- finished holds (Captures, Releases)
+    v_fin_status text[] := '{}';
+    v_fin_captured bigint[] := '{}';
+    v_e integer := 0;              -- entries (Captures), in order
+    v_e_amounts bigint[] := '{}';
+    v_e_afters bigint[] := '{}';
+    v_e_descs text[] := '{}';
+    v_e_refs text[] := '{}';
+    v_e_metas jsonb[] := '{}';
+    v_e_rids text[] := '{}';
+    v_e_res uuid[] := '{}';
+    v_e_shares bigint[] := '{}';
+    v_e_types text[];
+    v_new holds[];
+    v_done holds[];
+    v_entries ledger_entries[];
+    v_responses jsonb[] := '{}';
+    e ledger_entries;
+    v_j integer;
+BEGIN
+    PERFORM set_config('tally.caller', coalesce(p_calls->0->>'caller', ''), true);
+    a := tally_find_account(p_account_id);
+    IF a.account_id IS NULL OR a.available_alerts OR a.auto_reload_enabled
+       OR EXISTS (SELECT 1 FROM grants
+                  WHERE account_id = p_account_id AND NOT spent AND expired) THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(request_id) INTO v_known FROM idempotency_keys
+    WHERE request_id = ANY (ARRAY(SELECT y->'a'->>'request_id'
+                                  FROM jsonb_array_elements(p_calls) y));
+    -- The holds named, read under the account's lock (every change of a hold is made
+    -- under it), and those still the reservation of an open usage job.
+    SELECT array_agg(h2.reservation_id), array_agg(h2.amount), array_agg(h2.status),
+           array_agg(h2)
+    INTO v_hids, v_hamounts, v_hstatus, v_hrows
+    FROM holds h2
+    WHERE h2.reservation_id = ANY (ARRAY(SELECT (y->'a'->>'reservation_id')::uuid
+                                         FROM jsonb_array_elements(p_calls) y
+                                         WHERE y->'a' ? 'reservation_id'))
+      AND h2.account_id = p_account_id;
+    SELECT array_agg(DISTINCT u.reservation_id) INTO v_open FROM usage_events u
+    WHERE u.reservation_id = ANY (v_hids) AND u.status IN ('pending', 'processing');
+    v_balance := a.balance;
+    v_reserved := a.reserved;
+    FOR c IN SELECT value FROM jsonb_array_elements(p_calls) LOOP
+        x := c->'a';
+        v_f := c->>'f';
+        v_rid := x->>'request_id';
+        IF v_f = 'tally_reserve' THEN
+            IF v_rid = ANY (v_known) THEN
+                v_answers := v_answers || jsonb_build_object(c->>'i', tally_replay(
+                    v_rid, 'Reserve', decode(x->>'fingerprint', 'hex')));
+                CONTINUE;
+            END IF;
+            v_amount := (x->>'amount')::bigint;
+            a.balance := v_balance;
+            a.reserved := v_reserved;
+            IF NOT tally_fits(a, v_amount) THEN
+                v_answers := v_answers || jsonb_build_object(c->>'i',
+                                                             tally_insufficient(a, v_amount));
+                CONTINUE;
+            END IF;
+            v_reserved := v_reserved + v_amount;
+            v_res_ids := v_res_ids || gen_random_uuid();
+            v_res_amounts := v_res_amounts || v_amount;
+            v_res_ttls := v_res_ttls || (x->>'ttl_seconds')::bigint;
+            v_res_refs := v_res_refs || (x->>'reference');
+            v_res_metas := v_res_metas || (x->>'metadata')::jsonb;
+            v_res_rids := v_res_rids || v_rid;
+            v_slot := v_slot || cardinality(v_res_ids);
+            v_methods := v_methods || 'Reserve'::text;
+        ELSE
+            v_k := array_position(v_hids, (x->>'reservation_id')::uuid);
+            IF v_k IS NULL THEN
+                -- Not a hold of this account: the dispatch never sends one.
+                RAISE EXCEPTION 'hold % is not of %', x->>'reservation_id', p_account_id
+                    USING ERRCODE = 'TA999';
+            END IF;
+            h := v_hrows[v_k];
+            h.status := v_hstatus[v_k];
+            v_refusal := CASE WHEN v_rid = ANY (v_known) THEN tally_replay(
+                v_rid, CASE v_f WHEN 'tally_capture' THEN 'Capture' ELSE 'Release' END,
+                decode(x->>'fingerprint', 'hex')) END;
+            IF v_refusal IS NULL AND h.reservation_id = ANY (v_open) THEN
+                v_refusal := tally_refuse_usage_hold(h);
+            END IF;
+            v_refusal := coalesce(v_refusal, tally_require_pending(h));
+            IF v_refusal IS NULL AND v_f = 'tally_capture' THEN
+                v_amount := coalesce((x->>'amount')::bigint, h.amount);
+                IF v_amount > h.amount THEN
+                    v_refusal := tally_refusal('TA422', json_build_object(
+                        'held', h.amount, 'requested', v_amount));
+                END IF;
+            END IF;
+            IF v_refusal IS NOT NULL THEN
+                v_answers := v_answers || jsonb_build_object(c->>'i', v_refusal);
+                CONTINUE;
+            END IF;
+            v_fin_ids := v_fin_ids || h.reservation_id;
+            v_slot := v_slot || cardinality(v_fin_ids);
+            v_reserved := v_reserved - h.amount;
+            IF v_f = 'tally_capture' THEN
+                v_hstatus[v_k] := 'captured';
+                v_fin_status := v_fin_status || 'captured'::text;
+                v_fin_captured := v_fin_captured || v_amount;
+                v_e := v_e + 1;
+                v_e_shares := v_e_shares || least(v_amount, greatest(v_balance, 0));
+                v_balance := v_balance - v_amount;
+                v_e_amounts := v_e_amounts || -v_amount;
+                v_e_afters := v_e_afters || v_balance;
+                v_e_descs := v_e_descs || (x->>'description');
+                v_e_refs := v_e_refs || h.reference;
+                v_e_metas := v_e_metas || CASE WHEN coalesce(c->>'caller', '') <> ''
+                    THEN h.metadata || (x->>'metadata')::jsonb
+                         || jsonb_build_object('caller', c->>'caller')
+                    ELSE h.metadata || (x->>'metadata')::jsonb END;
+                v_e_rids := v_e_rids || v_rid;
+                v_e_res := v_e_res || h.reservation_id;
+                v_methods := v_methods || 'Capture'::text;
+            ELSE
+                v_hstatus[v_k] := 'released';
+                v_fin_status := v_fin_status || 'released'::text;
+                v_fin_captured := v_fin_captured || 0::bigint;
+                v_methods := v_methods || 'Release'::text;
+            END IF;
+        END IF;
+        v_n := v_n + 1;
+        v_pos := v_pos || (c->>'i');
+        v_kinds := v_kinds || v_f;
+        v_rids := v_rids || v_rid;
+        v_fps := v_fps || decode(x->>'fingerprint', 'hex');
+    END LOOP;
+    IF v_n = 0 THEN
+        RETURN v_answers;
+    END IF;
+    -- The one instant of the run: its account update, its holds and its entries.
+    v_stamp := greatest(a.balance_updated_at, clock_timestamp());
+    IF cardinality(v_res_ids) > 0 THEN
+        WITH placed AS (
+            INSERT INTO holds (reservation_id, account_id, status, amount, expires_at,
+                               reference, metadata, request_id, created_at)
+            SELECT id, p_account_id, 'pending', amount,
+                   v_stamp + make_interval(secs => ttl), reference, metadata, request_id,
+                   v_stamp
+            FROM unnest(v_res_ids, v_res_amounts, v_res_ttls, v_res_refs, v_res_metas,
+                        v_res_rids) AS t (id, amount, ttl, reference, metadata, request_id)
+            RETURNING *
+        )
+        SELECT array_agg(p ORDER BY array_position(v_res_ids, p.reservation_id))
+        INTO v_new FROM placed p;
+    END IF;
+    IF cardinality(v_fin_ids) > 0 THEN
+        WITH finished AS (
+            UPDATE holds h2 SET status = t.status, captured = t.captured,
+                                finalized_at = v_stamp
+            FROM unnest(v_fin_ids, v_fin_status, v_fin_captured) AS t (id, status, captured)
+            WHERE h2.reservation_id = t.id
+            RETURNING h2.*
+        )
+        SELECT array_agg(f ORDER BY array_position(v_fin_ids, f.reservation_id))
+        INTO v_done FROM finished f;
+    END IF;
+    IF v_e > 0 THEN
+        v_e_types := tally_draw_shares(p_account_id, v_e_shares);
+    END IF;
+    UPDATE accounts
+    SET balance = v_balance,
+        reserved = v_reserved,
+        last_sequence = last_sequence + v_e,
+        balance_updated_at = v_stamp
+    WHERE account_id = p_account_id
+    RETURNING * INTO a;
+    IF v_e > 0 THEN
+        -- The entries carry their callers already; the trigger then adds nothing.
+        PERFORM set_config('tally.caller', '', true);
+        WITH written AS (
+            INSERT INTO ledger_entries (
+                account_id, sequence, entry_type, amount, balance_after, description,
+                reference, metadata, request_id, reservation_id, created_at, credit_type)
+            SELECT p_account_id, a.last_sequence - v_e + n, 'debit', amount, balance_after,
+                   description, reference, metadata, request_id, reservation_id, v_stamp,
+                   credit_type
+            FROM unnest(v_e_amounts, v_e_afters, v_e_descs, v_e_refs, v_e_metas, v_e_rids,
+                        v_e_res, v_e_types)
+                 WITH ORDINALITY AS t (amount, balance_after, description, reference,
+                                       metadata, request_id, reservation_id, credit_type, n)
+            RETURNING *
+        )
+        SELECT array_agg(w ORDER BY w.sequence) INTO v_entries FROM written w;
+    END IF;
+    v_e := 0;
+    FOR v_j IN 1 .. v_n LOOP
+        IF v_kinds[v_j] = 'tally_reserve' THEN
+            v_responses := v_responses
+                || jsonb_build_object('reservation', to_jsonb(v_new[v_slot[v_j]]));
+        ELSIF v_kinds[v_j] = 'tally_capture' THEN
+            v_e := v_e + 1;
+            v_responses := v_responses
+                || jsonb_build_object('reservation', to_jsonb(v_done[v_slot[v_j]]),
+                                      'entry', to_jsonb(v_entries[v_e]));
+        ELSE
+            v_responses := v_responses
+                || jsonb_build_object('reservation', to_jsonb(v_done[v_slot[v_j]]));
+        END IF;
+        v_answers := v_answers || jsonb_build_object(
+            v_pos[v_j], jsonb_build_object('replayed', false, 'response', v_responses[v_j]));
+    END LOOP;
+    INSERT INTO idempotency_keys (request_id, method, fingerprint, response)
+    SELECT * FROM unnest(v_rids, v_methods, v_fps, v_responses);
+    RETURN v_answers;
+END $$;
+
 -- Group commit: several callers' movements, gathered by one server process, applied by
 -- one call in one transaction (one WAL flush, each account's lock taken once).
 --
@@ -215,9 +492,10 @@ END $$;
 -- {"error": {"sqlstate", "detail"}} for a refusal (sql/15_refusals.sql).
 --
 -- Every account the group touches is locked first, in account_id order, so two groups
--- (of this or another process) never wait on each other in a cycle. An account's debits
--- are then applied as a set where they can be (tally_debit_run, same outcomes), and the
--- other calls run one after another, each exactly as it would alone. A refusal is returned before its
+-- (of this or another process) never wait on each other in a cycle. An account's debits,
+-- or its Reserves, Captures and Releases, are then applied as a set where they can be
+-- (tally_debit_run, tally_hold_run: same outcomes), and the other calls run one after
+-- another, each exactly as it would alone. A refusal is returned before its
 -- call writes anything, so it never undoes or changes a neighbour's work, and no
 -- subtransaction is needed (a subtransaction per call makes every waiter on the hot
 -- account's row pay for each of them: measured 3x slower under contention). Anything
@@ -231,38 +509,60 @@ DECLARE
     a jsonb;
     r jsonb;
     i bigint;
+    v_account text;
+    v_accounts text[];
     v_run jsonb;
+    v_set jsonb;
     v_answers jsonb := '{}';
     v_results jsonb[] := '{}';
 BEGIN
-    PERFORM 1 FROM accounts
-    WHERE account_id IN (
-        SELECT x->'a'->>'account_id' FROM jsonb_array_elements(p_calls) x
-        UNION
-        SELECT h.account_id FROM holds h
-        WHERE h.reservation_id IN (
-            SELECT (x->'a'->>'reservation_id')::uuid FROM jsonb_array_elements(p_calls) x
-            WHERE x->'a' ? 'reservation_id')
-    )
+    -- Each call's account: its own, or its hold's (NULL when there is none).
+    SELECT array_agg(CASE WHEN x.value->'a' ? 'reservation_id'
+                          THEN (SELECT h.account_id FROM holds h
+                                WHERE h.reservation_id
+                                      = (x.value->'a'->>'reservation_id')::uuid)
+                          ELSE x.value->'a'->>'account_id' END ORDER BY x.ordinality)
+    INTO v_accounts
+    FROM jsonb_array_elements(p_calls) WITH ORDINALITY x;
+    PERFORM 1 FROM accounts WHERE account_id = ANY (v_accounts)
     ORDER BY account_id FOR UPDATE;
-    -- Set-based first: in a group of plain movements with distinct keys (so no call of
-    -- the group can see another's key or account), the calls of every account whose
-    -- calls are all debits, as one run (tally_debit_run; a lone debit is cheaper as
-    -- itself). Every other call runs on its own below, in order.
-    IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_calls) x
-                   WHERE x->>'f' IS DISTINCT FROM 'tally_move')
-       AND (SELECT count(DISTINCT x->'a'->>'request_id') = count(*)
-            FROM jsonb_array_elements(p_calls) x) THEN
-        SELECT jsonb_agg(r.c ORDER BY r.i) INTO v_run
+    -- Set-based first, in a group of movements with distinct keys (so no call of the
+    -- group can see another's key or account): the calls of every account whose calls
+    -- are all debits, as one run (tally_debit_run; a lone debit alone in its group is
+    -- cheaper as itself), and each account with two or more calls, all Reserves,
+    -- Captures and Releases of its holds, as one run (tally_hold_run). Every other call
+    -- runs on its own below, in order.
+    IF (SELECT count(DISTINCT x->'a'->>'request_id') = count(*)
+        FROM jsonb_array_elements(p_calls) x) THEN
+        SELECT jsonb_agg(y.c ORDER BY y.i) INTO v_run
         FROM (SELECT x.value || jsonb_build_object('i', x.ordinality) AS c, x.ordinality AS i,
-                     bool_and(x.value->'a'->>'type' = 'debit'
+                     bool_and(x.value->>'f' = 'tally_move'
+                              AND x.value->'a'->>'type' = 'debit'
                               AND (x.value->'a'->>'amount')::bigint < 0)
-                         OVER (PARTITION BY x.value->'a'->>'account_id') AS debits
-              FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) r
-        WHERE r.debits;
+                         OVER (PARTITION BY v_accounts[x.ordinality]) AS debits
+              FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) y
+        WHERE y.debits;
         IF jsonb_array_length(v_run) > 1 THEN
             v_answers := tally_debit_run(v_run);
         END IF;
+        FOR v_account, v_run IN
+            SELECT y.account_id,
+                   jsonb_agg(y.value || jsonb_build_object('i', y.ordinality)
+                             ORDER BY y.ordinality)
+            FROM (SELECT x.value, x.ordinality, x.value->>'f' AS f,
+                         v_accounts[x.ordinality] AS account_id
+                  FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) y
+            WHERE y.account_id IS NOT NULL
+            GROUP BY y.account_id
+            HAVING count(*) > 1
+               AND bool_and(y.f IN ('tally_reserve', 'tally_capture', 'tally_release'))
+            ORDER BY y.account_id
+        LOOP
+            v_set := tally_hold_run(v_account, v_run);
+            IF v_set IS NOT NULL THEN
+                v_answers := v_answers || v_set;
+            END IF;
+        END LOOP;
     END IF;
     FOR c, i IN SELECT value, ordinality FROM jsonb_array_elements(p_calls) WITH ORDINALITY
     LOOP
