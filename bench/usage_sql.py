@@ -169,7 +169,7 @@ _STEPS = (
     "    -- Grants: each",
     "    -- Auto-reload once",
 )
-_WRITES_END = "INTO v_results, v_charged_accounts, v_charged, v_before;"
+_WRITES_END = "INTO v_results, v_charged_accounts, v_charged, v_before, v_counted;"
 _VARIABLES = ("v_items", "v_outcome", "v_winner", "v_available", "v_stamp", "v_at")
 
 
