@@ -160,16 +160,18 @@ class Caller:
 
 
 # The statements of tally_record_usage, as its source marks them (for --explain).
+# (Those no longer in the source are left out.)
 _STEPS = (
     "    -- Lock every account",
     "    -- Each item's outcome",
     "    -- The accounts whose group",
     "    SELECT array_agg(DISTINCT",
     "    -- The writes",
+    "    -- The reports and thresholds",
     "    -- Grants: each",
     "    -- Auto-reload once",
 )
-_WRITES_END = "INTO v_results, v_charged_accounts, v_charged, v_before, v_counted;"
+_WRITES_END = re.compile(r"INTO v_results, v_charged_accounts, v_charged, v_before[^;]*;")
 _VARIABLES = ("v_items", "v_outcome", "v_winner", "v_available", "v_stamp", "v_at")
 
 
@@ -183,12 +185,11 @@ def profiled_copy(source: str) -> str | None:
     source = source.replace(
         "FUNCTION public.tally_record_usage(", "FUNCTION public.tally_record_usage_profiled("
     )
-    if "    WITH new AS (" not in source or _WRITES_END not in source:
-        return None
-    if not all(step in source for step in _STEPS):
+    writes_end = _WRITES_END.search(source)
+    if "    WITH new AS (" not in source or writes_end is None:
         return None
     start = source.index("    WITH new AS (")
-    end = source.index(_WRITES_END)
+    end, after = writes_end.span()
     writes = source[start:end]
     names = [*_VARIABLES, *(v for v in ("v_new_accounts",) if v in writes)]
     for n, name in enumerate(names, 1):
@@ -200,9 +201,9 @@ def profiled_copy(source: str) -> str | None:
         + ", ".join(names)
         + " LOOP RAISE NOTICE '%', v_slow; END LOOP;"
     )
-    source = source[:start] + explained + source[end + len(_WRITES_END) :]
+    source = source[:start] + explained + source[after:]
     source = source.replace("DECLARE\n", "DECLARE\n    t0 timestamptz := clock_timestamp();\n", 1)
-    for step in _STEPS:
+    for step in (s for s in _STEPS if s in source):
         label = step.strip()[:40].replace("'", " ").replace("%", " ")
         source = source.replace(
             step,

@@ -196,7 +196,8 @@ DECLARE
     v_counted tally_rollup_delta[];
     v_stamp jsonb;
     v_at timestamptz;
-    v_now timestamptz;
+    v_due text[];
+    v_reload boolean;
 BEGIN
     -- The events, priced, in (account_id, index) order: pos is the array subscript.
     SELECT array_agg(ROW(
@@ -226,24 +227,27 @@ BEGIN
 
     -- Lock every account of the group once, in account_id order; then catch up (as
     -- tally_lock_account does) on those with something due: the same test as
-    -- tally_balance (a renewal, a pending hold or a live grant past its instant).
-    SELECT array_agg(l.account_id) INTO v_locked
-    FROM (SELECT account_id FROM accounts
+    -- tally_balance (a renewal, a pending hold or a live grant past its instant). One
+    -- statement: each account's test runs once its row is locked (its holds and grants
+    -- change only under that lock), on the clock read after the lock wait, so what
+    -- fell due while waiting counts.
+    SELECT array_agg(l.account_id),
+           array_agg(l.account_id) FILTER (
+               WHERE l.subscription_renews_at <= clock_timestamp()
+                  OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = l.account_id
+                             AND h.status = 'pending' AND h.expires_at <= clock_timestamp())
+                  OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = l.account_id
+                             AND g.remaining > 0 AND NOT g.expired
+                             AND g.expires_at <= clock_timestamp()))
+    INTO v_locked, v_due
+    FROM (SELECT account_id, subscription_renews_at FROM accounts
           WHERE account_id IN (SELECT i.account_id FROM unnest(v_items) i)
           ORDER BY account_id FOR UPDATE) l;
-    v_now := clock_timestamp();  -- after the lock wait: what fell due while waiting
-    FOR v_account IN
-        SELECT a.account_id FROM accounts a
-        WHERE a.account_id = ANY (v_locked)
-          AND (a.subscription_renews_at <= v_now
-               OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id
-                          AND h.status = 'pending' AND h.expires_at <= v_now)
-               OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id
-                          AND g.remaining > 0 AND NOT g.expired AND g.expires_at <= v_now))
-        ORDER BY a.account_id
-    LOOP
-        PERFORM tally_lock_account(v_account);
-    END LOOP;
+    IF v_due IS NOT NULL THEN
+        FOREACH v_account IN ARRAY v_due LOOP
+            PERFORM tally_lock_account(v_account);
+        END LOOP;
+    END IF;
 
     -- Each item's outcome: refused alone (unknown account, recorded before, unknown
     -- product), or a candidate. The candidates of an account whose group fits are
@@ -281,8 +285,10 @@ BEGIN
                           WHEN j.fingerprint = j.first_fingerprint THEN 'dup'
                           ELSE 'reused' END ORDER BY j.pos),
            array_agg(CASE WHEN j.refused IS NULL AND NOT j.slow THEN j.first_pos END
-                     ORDER BY j.pos)
-    INTO v_outcome, v_winner
+                     ORDER BY j.pos),
+           -- the accounts that may have new events (all of them unless refused)
+           array_agg(DISTINCT j.account_id) FILTER (WHERE j.refused IS NULL)
+    INTO v_outcome, v_winner, v_new_accounts
     FROM judged j;
 
     -- The accounts whose group does not fit: one pass each, in order.
@@ -321,8 +327,6 @@ BEGIN
         END LOOP;
     END IF;
 
-    SELECT array_agg(DISTINCT (u.i).account_id) INTO v_new_accounts
-    FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u WHERE u.outcome = 'new';
     -- What the ledger_entries_caller trigger adds to each entry's metadata.
     v_stamp := CASE WHEN coalesce(current_setting('tally.caller', true), '') <> ''
                     THEN jsonb_build_object('caller', current_setting('tally.caller', true))
@@ -467,7 +471,8 @@ BEGIN
                      count(w.entry_id) AS entries, count(*) AS events, max(w.at) AS at
               FROM written w GROUP BY (w.e).account_id) p
         WHERE a.account_id = p.account_id
-        RETURNING a.account_id, a.balance + p.charged AS before, p.charged
+        RETURNING a.account_id, a.balance + p.charged AS before, p.charged,
+                  a.auto_reload_enabled
     ), result AS (
         -- What this call wrote, per event: only what the database decided.
         SELECT (w.e).pos, (w.e).idx, (w.e).charge,
@@ -521,11 +526,19 @@ BEGIN
                               c.requests, c.successful, c.failed, c.credits,
                               c.quantity)::tally_rollup_delta
                           ORDER BY c.account_id, c.bucket_start, c.product_id, c.endpoint)
-         FROM counted c)
-    INTO v_results, v_charged_accounts, v_charged, v_before, v_counted;
+         FROM counted c),
+        (SELECT bool_or(a.auto_reload_enabled) FROM account a WHERE a.charged > 0)
+    INTO v_results, v_charged_accounts, v_charged, v_before, v_counted, v_reload;
     PERFORM set_config('tally.rollups_counted', '', true);
-    -- The reports and thresholds the rollups above touched (the days are written).
-    IF v_counted IS NOT NULL THEN
+    -- The reports and thresholds the rollups above touched (the days are written),
+    -- if any can be: a bucket before the latest end of a report, or an account with a
+    -- live usage threshold (the same tests as tally_rollups_counted's, in one query).
+    IF EXISTS (SELECT 1 FROM unnest(v_counted) c
+               WHERE c.bucket_start < (SELECT max(r.period_end) FROM period_reports r)
+                  OR EXISTS (SELECT 1 FROM thresholds t
+                             WHERE t.account_id = c.account_id
+                               AND t.metric <> 'available_credit' AND t.deleted_at IS NULL))
+    THEN
         PERFORM tally_rollups_counted(v_counted, false);
     END IF;
 
@@ -535,15 +548,18 @@ BEGIN
             PERFORM tally_draw_grants(v_charged_accounts[n], least(v_charged[n], v_before[n]));
         END IF;
     END LOOP;
-    -- Auto-reload once per account, on its available credit before and after the group.
-    FOR v_row IN
-        SELECT * FROM accounts
-        WHERE account_id = ANY (v_charged_accounts) AND auto_reload_enabled
-        ORDER BY account_id
-    LOOP
-        PERFORM tally_maybe_reload(v_row, v_row.balance - v_row.reserved
-            + v_charged[array_position(v_charged_accounts, v_row.account_id)]);
-    END LOOP;
+    -- Auto-reload once per account, on its available credit before and after the group
+    -- (v_reload: a charged account has it enabled).
+    IF v_reload THEN
+        FOR v_row IN
+            SELECT * FROM accounts
+            WHERE account_id = ANY (v_charged_accounts) AND auto_reload_enabled
+            ORDER BY account_id
+        LOOP
+            PERFORM tally_maybe_reload(v_row, v_row.balance - v_row.reserved
+                + v_charged[array_position(v_charged_accounts, v_row.account_id)]);
+        END LOOP;
+    END IF;
     RETURN json_build_object('replayed', false, 'response', coalesce(v_results, '[]'::json));
 END $$;
 
