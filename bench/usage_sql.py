@@ -171,7 +171,10 @@ _STEPS = (
     "    -- Grants: each",
     "    -- Auto-reload once",
 )
-_WRITES_END = re.compile(r"INTO v_results, v_charged_accounts, v_charged, v_before[^;]*;")
+# The end of the statement that writes: its INTO (left out of the copy) and what follows.
+_WRITES_END = re.compile(
+    r"\n *INTO v_results, v_charged_accounts, v_charged, v_before[^\n;]*([^;]*);"
+)
 _VARIABLES = ("v_items", "v_outcome", "v_winner", "v_available", "v_stamp", "v_at")
 
 
@@ -190,7 +193,7 @@ def profiled_copy(source: str) -> str | None:
         return None
     start = source.index("    WITH new AS (")
     end, after = writes_end.span()
-    writes = source[start:end]
+    writes = source[start:end] + writes_end.group(1)
     names = [*_VARIABLES, *(v for v in ("v_new_accounts",) if v in writes)]
     for n, name in enumerate(names, 1):
         writes = re.sub(rf"\b{name}\b", f"${n}", writes)

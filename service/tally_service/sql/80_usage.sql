@@ -518,27 +518,34 @@ BEGIN
              FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome,
                           unnest(v_winner) AS winner, unnest(v_available) AS available) u
              WHERE u.outcome <> 'new') x),
-        (SELECT array_agg(a.account_id ORDER BY a.account_id) FROM account a
-         WHERE a.charged > 0),
-        (SELECT array_agg(a.charged ORDER BY a.account_id) FROM account a WHERE a.charged > 0),
-        (SELECT array_agg(a.before ORDER BY a.account_id) FROM account a WHERE a.charged > 0),
-        (SELECT array_agg(ROW(c.account_id, c.bucket_start, c.product_id, c.endpoint,
-                              c.requests, c.successful, c.failed, c.credits,
-                              c.quantity)::tally_rollup_delta
-                          ORDER BY c.account_id, c.bucket_start, c.product_id, c.endpoint)
-         FROM counted c),
-        (SELECT bool_or(a.auto_reload_enabled) FROM account a WHERE a.charged > 0)
-    INTO v_results, v_charged_accounts, v_charged, v_before, v_counted, v_reload;
+        p.accounts, p.charged, p.before, p.reload,
+        -- The rollup changes, only if a report or a threshold can care: a bucket before
+        -- the latest end of a report, or an account with a live usage threshold (the
+        -- tests of tally_rollups_counted). The days are written above.
+        (SELECT CASE WHEN bool_or(
+                         c.bucket_start < (SELECT max(r.period_end) FROM period_reports r)
+                         OR EXISTS (SELECT 1 FROM thresholds t
+                                    WHERE t.account_id = c.account_id
+                                      AND t.metric <> 'available_credit'
+                                      AND t.deleted_at IS NULL))
+                     THEN array_agg(ROW(c.account_id, c.bucket_start, c.product_id,
+                                        c.endpoint, c.requests, c.successful, c.failed,
+                                        c.credits, c.quantity)::tally_rollup_delta
+                                    ORDER BY c.account_id, c.bucket_start, c.product_id,
+                                             c.endpoint) END
+         FROM counted c)
+    INTO v_results, v_charged_accounts, v_charged, v_before, v_reload, v_counted
+    FROM (SELECT array_agg(a.account_id ORDER BY a.account_id)
+                     FILTER (WHERE a.charged > 0) AS accounts,
+                 array_agg(a.charged ORDER BY a.account_id) FILTER (WHERE a.charged > 0)
+                     AS charged,
+                 array_agg(a.before ORDER BY a.account_id) FILTER (WHERE a.charged > 0)
+                     AS before,
+                 bool_or(a.auto_reload_enabled) FILTER (WHERE a.charged > 0) AS reload
+          FROM account a) p;
     PERFORM set_config('tally.rollups_counted', '', true);
-    -- The reports and thresholds the rollups above touched (the days are written),
-    -- if any can be: a bucket before the latest end of a report, or an account with a
-    -- live usage threshold (the same tests as tally_rollups_counted's, in one query).
-    IF EXISTS (SELECT 1 FROM unnest(v_counted) c
-               WHERE c.bucket_start < (SELECT max(r.period_end) FROM period_reports r)
-                  OR EXISTS (SELECT 1 FROM thresholds t
-                             WHERE t.account_id = c.account_id
-                               AND t.metric <> 'available_credit' AND t.deleted_at IS NULL))
-    THEN
+    -- The reports and thresholds the rollups above touched.
+    IF v_counted IS NOT NULL THEN
         PERFORM tally_rollups_counted(v_counted, false);
     END IF;
 
