@@ -174,7 +174,9 @@ _STEPS = (
     "    -- Auto-reload once",
 )
 # The end of the statement that writes: its INTO (left out of the copy) and what follows.
-_WRITES_END = re.compile(r"\n *INTO v_results, v_charged_accounts, v_charged[^\n;]*([^;]*);")
+_WRITES_END = re.compile(
+    r"\n *INTO v_results, v_charged_accounts, v_charged, v_before[^\n;]*([^;]*);"
+)
 _VARIABLES = ("v_items", "v_outcome", "v_winner", "v_available", "v_stamp", "v_at")
 
 

@@ -191,9 +191,9 @@ DECLARE
     v_results json;
     v_charged_accounts text[];
     v_charged bigint[];
+    v_before bigint[];
     v_new_accounts text[];
     v_counted tally_rollup_delta[];
-    v_uncovered text;
     v_stamp jsonb;
     v_at timestamptz;
     v_due text[];
@@ -355,32 +355,16 @@ BEGIN
         -- tally_draw_grants' order, each grant at the end of its range of the
         -- account's drawable credit (max(balance, 0), invariant 5).
         SELECT n.e, n.before, n.sequence, n.at, n.spent, n.k, (n.e).account_id AS account_id,
-               n.spent - (n.e).charge AS point, 0 AS kind, NULL::text AS grant_type,
-               NULL::uuid AS grant_id, NULL::bigint AS remaining
+               n.spent - (n.e).charge AS point, 0 AS kind, NULL::text AS grant_type
         FROM new n
         UNION ALL
         SELECT NULL::tally_usage_item, NULL, NULL, NULL, NULL, NULL, g.account_id,
                sum(g.remaining) OVER (PARTITION BY g.account_id
                                       ORDER BY g.priority, g.expires_at NULLS LAST,
                                                g.created_at, g.grant_id),
-               1, g.grant_type, g.grant_id, g.remaining
+               1, g.grant_type
         FROM grants g
         WHERE g.account_id = ANY (v_new_accounts) AND g.remaining > 0
-    ), draw AS (
-        -- Each account's draw at once, as tally_draw_grants would make it (what its
-        -- entries drew one by one): when its balance before the group was positive, the
-        -- first least(charged, balance before) credits of its grants in draw order. A
-        -- grant's range of drawable credit is [point - remaining, point).
-        SELECT s.account_id, s.kind, s.grant_id, s.remaining, s.point,
-               least(sum((s.e).charge) OVER a, max(s.before) OVER a) AS amount,
-               coalesce(sum(s.remaining) OVER a, 0) AS grants_total
-        FROM stream s
-        WINDOW a AS (PARTITION BY s.account_id COLLATE "C")
-    ), drawn_grant AS (
-        UPDATE grants g
-        SET remaining = g.remaining - least(d.remaining, d.amount - (d.point - d.remaining))
-        FROM draw d
-        WHERE d.kind = 1 AND d.amount > d.point - d.remaining AND g.grant_id = d.grant_id
     ), drawn AS (
         -- An entry's credit type is the type of the first grant it draws from: the
         -- first grant whose range ends after what the entries before it spent.
@@ -487,7 +471,8 @@ BEGIN
                      count(w.entry_id) AS entries, count(*) AS events, max(w.at) AS at
               FROM written w GROUP BY (w.e).account_id) p
         WHERE a.account_id = p.account_id
-        RETURNING a.account_id, p.charged, a.auto_reload_enabled
+        RETURNING a.account_id, a.balance + p.charged AS before, p.charged,
+                  a.auto_reload_enabled
     ), result AS (
         -- What this call wrote, per event: only what the database decided.
         SELECT (w.e).pos, (w.e).idx, (w.e).charge,
@@ -533,7 +518,7 @@ BEGIN
              FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome,
                           unnest(v_winner) AS winner, unnest(v_available) AS available) u
              WHERE u.outcome <> 'new') x),
-        p.accounts, p.charged, p.reload,
+        p.accounts, p.charged, p.before, p.reload,
         -- The rollup changes, only if a report or a threshold can care: a bucket before
         -- the latest end of a report, or an account with a live usage threshold (the
         -- tests of tally_rollups_counted). The days are written above.
@@ -548,14 +533,14 @@ BEGIN
                                         c.credits, c.quantity)::tally_rollup_delta
                                     ORDER BY c.account_id, c.bucket_start, c.product_id,
                                              c.endpoint) END
-         FROM counted c),
-        -- an account whose grants do not cover what it draws (a broken invariant)
-        (SELECT min(d.account_id) FROM draw d WHERE d.amount > d.grants_total)
-    INTO v_results, v_charged_accounts, v_charged, v_reload, v_counted, v_uncovered
+         FROM counted c)
+    INTO v_results, v_charged_accounts, v_charged, v_before, v_reload, v_counted
     FROM (SELECT array_agg(a.account_id ORDER BY a.account_id)
                      FILTER (WHERE a.charged > 0) AS accounts,
                  array_agg(a.charged ORDER BY a.account_id) FILTER (WHERE a.charged > 0)
                      AS charged,
+                 array_agg(a.before ORDER BY a.account_id) FILTER (WHERE a.charged > 0)
+                     AS before,
                  bool_or(a.auto_reload_enabled) FILTER (WHERE a.charged > 0) AS reload
           FROM account a) p;
     PERFORM set_config('tally.rollups_counted', '', true);
@@ -564,11 +549,12 @@ BEGIN
         PERFORM tally_rollups_counted(v_counted, false);
     END IF;
 
-    -- Grants: drawn by the statement above (drawn_grant), as tally_draw_grants would.
-    IF v_uncovered IS NOT NULL THEN
-        RAISE EXCEPTION 'grants of % do not cover its balance', v_uncovered
-            USING ERRCODE = 'TA901';
-    END IF;
+    -- Grants: each account's draw at once (what its entries drew one by one).
+    FOR n IN 1 .. coalesce(array_length(v_charged_accounts, 1), 0) LOOP
+        IF v_before[n] > 0 THEN
+            PERFORM tally_draw_grants(v_charged_accounts[n], least(v_charged[n], v_before[n]));
+        END IF;
+    END LOOP;
     -- Auto-reload once per account, on its available credit before and after the group
     -- (v_reload: a charged account has it enabled).
     IF v_reload THEN
