@@ -1,17 +1,19 @@
 """Usage recording in PostgreSQL alone: what one event costs inside ``tally_record_usage``,
 with no gRPC and no Python between the calls.
 
-    python -m bench.usage_sql [--groups 100,1000] [--seconds N] [--rounds R]
+    python -m bench.usage_sql [--groups 1,10,100,1000] [--seconds N] [--rounds R]
                               [--explain] [--database-url URL]
 
 Creates a fresh migrated database (the embedded pgserver unless a URL is given), a
 priced product, and funded accounts (each top-up a purchased grant, so every charge
 draws a grant), then calls ``tally_record_usage`` exactly as the server does for a
 RecordUsageBatch (one statement, one transaction, durable commit, ``tally.caller`` set):
-groups of 100 and 1,000 new events of one account each, every event priced and charged,
-so each gets its ledger entry. Reports, per group size, the wall time per event and the
-CPU time of the PostgreSQL backend per event (read from /proc through psutil; the
-backend's own work, so the number barely moves when other jobs share the machine).
+groups of 1, 10, 100 and 1,000 new events of one account each (a group of 1 or 10 is
+what the server's group commit makes of unary RecordUsage calls), every event priced
+and charged, so each gets its ledger entry. Reports, per group size, the wall time per
+event and the CPU time of the PostgreSQL backend per event and per call (read from /proc
+through psutil; the backend's own work, though on a crowded 2-core VM it still moves
+by 20 to 40 % between windows: compare versions alternately).
 
 ``--explain`` then runs one group of each size through a profiled copy of the function
 (the instant each statement starts, and EXPLAIN (ANALYZE, BUFFERS) of the statement that
@@ -38,7 +40,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 from bench.postgres import admin_url, fresh_database
 from bench.probe import plain_url
 
-DESCRIPTION = "tally_record_usage in PostgreSQL alone: µs per event for groups of 100 and 1,000."
+DESCRIPTION = "tally_record_usage in PostgreSQL alone: µs per event and per call, by group size."
 PRODUCT = "bench-call"
 PRICE_MICROS = 1_000  # 0.001 credits per event, as bench.metering's load
 TOP_UP_MICROS = 1_000_000 * 1_000_000
@@ -160,16 +162,21 @@ class Caller:
 
 
 # The statements of tally_record_usage, as its source marks them (for --explain).
+# (Those no longer in the source are left out.)
 _STEPS = (
     "    -- Lock every account",
     "    -- Each item's outcome",
     "    -- The accounts whose group",
     "    SELECT array_agg(DISTINCT",
     "    -- The writes",
+    "    -- The reports and thresholds",
     "    -- Grants: each",
     "    -- Auto-reload once",
 )
-_WRITES_END = "INTO v_results, v_charged_accounts, v_charged, v_before;"
+# The end of the statement that writes: its INTO (left out of the copy) and what follows.
+_WRITES_END = re.compile(
+    r"\n *INTO v_results, v_charged_accounts, v_charged, v_before[^\n;]*([^;]*);"
+)
 _VARIABLES = ("v_items", "v_outcome", "v_winner", "v_available", "v_stamp", "v_at")
 
 
@@ -183,13 +190,12 @@ def profiled_copy(source: str) -> str | None:
     source = source.replace(
         "FUNCTION public.tally_record_usage(", "FUNCTION public.tally_record_usage_profiled("
     )
-    if "    WITH new AS (" not in source or _WRITES_END not in source:
-        return None
-    if not all(step in source for step in _STEPS):
+    writes_end = _WRITES_END.search(source)
+    if "    WITH new AS (" not in source or writes_end is None:
         return None
     start = source.index("    WITH new AS (")
-    end = source.index(_WRITES_END)
-    writes = source[start:end]
+    end, after = writes_end.span()
+    writes = source[start:end] + writes_end.group(1)
     names = [*_VARIABLES, *(v for v in ("v_new_accounts",) if v in writes)]
     for n, name in enumerate(names, 1):
         writes = re.sub(rf"\b{name}\b", f"${n}", writes)
@@ -200,9 +206,9 @@ def profiled_copy(source: str) -> str | None:
         + ", ".join(names)
         + " LOOP RAISE NOTICE '%', v_slow; END LOOP;"
     )
-    source = source[:start] + explained + source[end + len(_WRITES_END) :]
+    source = source[:start] + explained + source[after:]
     source = source.replace("DECLARE\n", "DECLARE\n    t0 timestamptz := clock_timestamp();\n", 1)
-    for step in _STEPS:
+    for step in (s for s in _STEPS if s in source):
         label = step.strip()[:40].replace("'", " ").replace("%", " ")
         source = source.replace(
             step,
@@ -296,7 +302,7 @@ def _positive_ints(value: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.usage_sql", description=DESCRIPTION)
-    parser.add_argument("--groups", type=_positive_ints, default=[100, 1000])
+    parser.add_argument("--groups", type=_positive_ints, default=[1, 10, 100, 1000])
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per group size")
     parser.add_argument("--accounts", type=int, default=50)
@@ -305,18 +311,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with admin_url(args.database_url or None) as admin, fresh_database(admin) as url:
         samples = asyncio.run(run(url, args))
-    print("\n| group | calls | events/s | wall µs/event | backend CPU µs/event |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+    print("\n| group | calls | events/s | wall µs/event | backend CPU µs/event | µs/call |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for group in args.groups:
         mine = [s for s in samples if s.group == group]
         calls = sum(s.calls for s in mine)
         n = sum(s.events for s in mine)
         wall = sum(s.wall_seconds for s in mine)
         cpus = [s.backend_cpu_seconds for s in mine]
-        cpu = "n/a"
+        cpu = per_call = "n/a"
         if all(c is not None for c in cpus):
-            cpu = f"{sum(c for c in cpus if c is not None) / n * 1e6:.1f}"
-        print(f"| {group:,} | {calls} | {n / wall:,.0f} | {wall / n * 1e6:.1f} | {cpu} |")
+            total = sum(c for c in cpus if c is not None)
+            cpu, per_call = f"{total / n * 1e6:.1f}", f"{total / calls * 1e6:.0f}"
+        print(
+            f"| {group:,} | {calls} | {n / wall:,.0f} | {wall / n * 1e6:.1f} | {cpu} | {per_call} |"
+        )
     return 0
 
 

@@ -15,14 +15,11 @@ _TRIGGER_FUNCTIONS = {
     "tally_refuse_change",
     "tally_stamp_caller",
     "tally_accounts_thresholds",  # 0010: pass movements to sql/65_thresholds.sql
-    "tally_rollups_thresholds",
-    "tally_rollups_days",  # 0011: usage_days beside usage_rollups
-    "tally_accounts_usage_days",
-    "tally_rollups_inserted_reports",  # 0012: pass changes to sql/85_reports.sql
-    "tally_rollups_updated_reports",
+    "tally_accounts_usage_days",  # 0011: usage_days beside usage_rollups
     "tally_events_references",  # 0013: the references of usage_events, per statement
     "tally_account_referenced",
     "tally_product_referenced",
+    "tally_rollups_changed",  # 0015: pass rollup changes to sql/80_usage.sql
 }
 
 

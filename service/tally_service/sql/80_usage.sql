@@ -19,6 +19,72 @@ BEGIN
     WHERE account_id = e.account_id;
 END $$;
 
+-- What a change of usage_rollups sets off (p_deltas: signed, per rollup row, in
+-- (account_id, bucket_start, product_id, endpoint) order), from the triggers of
+-- migration 0014 once per statement, or from tally_record_usage for its own rows:
+-- the local days in usage_days (unless p_days is false: the caller upserted them), a
+-- new version of each period report whose period holds a changed bucket, and the usage
+-- thresholds crossed, bucket by bucket. Every writer of the rollups holds the account's
+-- row lock, so the days and thresholds of one account are never written concurrently.
+CREATE OR REPLACE FUNCTION tally_rollups_counted(p_deltas tally_rollup_delta[], p_days boolean)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_until timestamptz;
+    v_reports tally_report_delta[];
+    v_delta tally_rollup_delta;
+BEGIN
+    IF p_days THEN
+        INSERT INTO usage_days AS u (account_id, day, product_id, endpoint, requests,
+                                     successful, failed, credits, quantity)
+        SELECT d.account_id, (d.bucket_start AT TIME ZONE a.time_zone)::date, d.product_id,
+               d.endpoint, sum(d.requests), sum(d.successful), sum(d.failed),
+               sum(d.credits), sum(d.quantity)
+        FROM unnest(p_deltas) d JOIN accounts a ON a.account_id = d.account_id
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (account_id, day, product_id, endpoint) DO UPDATE
+        SET requests = u.requests + excluded.requests,
+            successful = u.successful + excluded.successful,
+            failed = u.failed + excluded.failed,
+            credits = u.credits + excluded.credits,
+            quantity = u.quantity + excluded.quantity;
+    END IF;
+    -- Reports are of closed periods: a change whose buckets all lie at or after the
+    -- latest end of any report (every live write) stops at one index probe. Else each
+    -- changed bucket before it is probed against its account's reports (one index probe
+    -- each, forced by OFFSET 0: joined as sets, a large change would scan every report).
+    v_until := (SELECT max(period_end) FROM period_reports);
+    IF v_until IS NOT NULL
+       AND EXISTS (SELECT 1 FROM unnest(p_deltas) d WHERE d.bucket_start < v_until) THEN
+        SELECT array_agg(ROW(h.report_id, d.product_id, d.endpoint, d.requests, d.successful,
+                             d.failed, d.credits, d.quantity)::tally_report_delta)
+        INTO v_reports
+        FROM unnest(p_deltas) d
+        CROSS JOIN LATERAL (
+            SELECT r.report_id FROM period_reports r
+            WHERE r.account_id = d.account_id AND r.period_end > d.bucket_start
+              AND r.period_start <= d.bucket_start
+            OFFSET 0) h
+        WHERE d.bucket_start < v_until;
+        IF v_reports IS NOT NULL THEN
+            PERFORM tally_reports_changed(v_reports);
+        END IF;
+    END IF;
+    -- Usage thresholds: each changed bucket of an account with a live one, in order.
+    FOR v_delta IN
+        SELECT x.account_id, x.bucket_start, x.product_id, x.endpoint, x.requests,
+               x.successful, x.failed, x.credits, x.quantity
+        FROM unnest(p_deltas) WITH ORDINALITY x
+        WHERE EXISTS (SELECT 1 FROM thresholds t
+                      WHERE t.account_id = x.account_id AND t.metric <> 'available_credit'
+                        AND t.deleted_at IS NULL)
+        ORDER BY x.ordinality
+    LOOP
+        PERFORM tally_usage_counted(v_delta.account_id, v_delta.bucket_start,
+                                    v_delta.requests, v_delta.credits);
+    END LOOP;
+END $$;
+
 -- The charge of an event: the caller's stated credits, else the catalog price. One SQL
 -- expression, so a query that prices many events inlines it.
 CREATE OR REPLACE FUNCTION tally_price(
@@ -127,9 +193,11 @@ DECLARE
     v_charged bigint[];
     v_before bigint[];
     v_new_accounts text[];
+    v_counted tally_rollup_delta[];
     v_stamp jsonb;
     v_at timestamptz;
-    v_now timestamptz;
+    v_due text[];
+    v_reload boolean;
 BEGIN
     -- The events, priced, in (account_id, index) order: pos is the array subscript.
     SELECT array_agg(ROW(
@@ -158,25 +226,22 @@ BEGIN
     END IF;
 
     -- Lock every account of the group once, in account_id order; then catch up (as
-    -- tally_lock_account does) on those with something due: the same test as
-    -- tally_balance (a renewal, a pending hold or a live grant past its instant).
-    SELECT array_agg(l.account_id) INTO v_locked
-    FROM (SELECT account_id FROM accounts
-          WHERE account_id IN (SELECT i.account_id FROM unnest(v_items) i)
-          ORDER BY account_id FOR UPDATE) l;
-    v_now := clock_timestamp();  -- after the lock wait: what fell due while waiting
-    FOR v_account IN
-        SELECT a.account_id FROM accounts a
-        WHERE a.account_id = ANY (v_locked)
-          AND (a.subscription_renews_at <= v_now
-               OR EXISTS (SELECT 1 FROM holds h WHERE h.account_id = a.account_id
-                          AND h.status = 'pending' AND h.expires_at <= v_now)
-               OR EXISTS (SELECT 1 FROM grants g WHERE g.account_id = a.account_id
-                          AND NOT g.spent AND NOT g.expired AND g.expires_at <= v_now))
-        ORDER BY a.account_id
-    LOOP
-        PERFORM tally_lock_account(v_account);
-    END LOOP;
+    -- tally_lock_account does) on those with something due (tally_due_accounts, as
+    -- tally_balance). One statement: the test runs once every row is locked (holds and
+    -- grants change only under that lock), on the clock read after the lock wait, so
+    -- what fell due while waiting counts.
+    SELECT l.ids, (SELECT array_agg(d ORDER BY d)
+                   FROM tally_due_accounts(l.ids, clock_timestamp()) d)
+    INTO v_locked, v_due
+    FROM (SELECT array_agg(x.account_id) AS ids
+          FROM (SELECT account_id FROM accounts
+                WHERE account_id IN (SELECT i.account_id FROM unnest(v_items) i)
+                ORDER BY account_id FOR UPDATE) x) l;
+    IF v_due IS NOT NULL THEN
+        FOREACH v_account IN ARRAY v_due LOOP
+            PERFORM tally_lock_account(v_account);
+        END LOOP;
+    END IF;
 
     -- Each item's outcome: refused alone (unknown account, recorded before, unknown
     -- product), or a candidate. The candidates of an account whose group fits are
@@ -214,8 +279,10 @@ BEGIN
                           WHEN j.fingerprint = j.first_fingerprint THEN 'dup'
                           ELSE 'reused' END ORDER BY j.pos),
            array_agg(CASE WHEN j.refused IS NULL AND NOT j.slow THEN j.first_pos END
-                     ORDER BY j.pos)
-    INTO v_outcome, v_winner
+                     ORDER BY j.pos),
+           -- the accounts that may have new events (all of them unless refused)
+           array_agg(DISTINCT j.account_id) FILTER (WHERE j.refused IS NULL)
+    INTO v_outcome, v_winner, v_new_accounts
     FROM judged j;
 
     -- The accounts whose group does not fit: one pass each, in order.
@@ -254,14 +321,15 @@ BEGIN
         END LOOP;
     END IF;
 
-    SELECT array_agg(DISTINCT (u.i).account_id) INTO v_new_accounts
-    FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome) u WHERE u.outcome = 'new';
     -- What the ledger_entries_caller trigger adds to each entry's metadata.
     v_stamp := CASE WHEN coalesce(current_setting('tally.caller', true), '') <> ''
                     THEN jsonb_build_object('caller', current_setting('tally.caller', true))
                     ELSE '{}' END;
     v_at := clock_timestamp();
 
+    -- The triggers of usage_rollups leave the statement below to this function: it
+    -- counts its own rollups (migration 0014).
+    PERFORM set_config('tally.rollups_counted', 'on', true);
     -- The writes, and every item's result, in one statement. The accepted events flow
     -- through window functions and are written from one materialised set; nothing
     -- joins two computed sets (their sizes are unknown to the planner).
@@ -343,16 +411,24 @@ BEGIN
                w.created_at, w.entry_id, (w.e).fingerprint, (w.e).fingerprint
         FROM written w
         ORDER BY (w.e).account_id, (w.e).pos
+    ), counted AS MATERIALIZED (
+        -- What the group adds to each rollup row: written to the rollups and to the
+        -- local days here, passed on to tally_rollups_counted below.
+        SELECT (w.e).account_id,
+               date_bin('15 minutes', (w.e).started_at, timestamptz '2000-01-01 00:00:00+00')
+                   AS bucket_start,
+               (w.e).product_id, (w.e).endpoint, count(*) AS requests,
+               count(*) FILTER (WHERE (w.e).success) AS successful,
+               count(*) FILTER (WHERE NOT (w.e).success) AS failed,
+               sum((w.e).charge)::bigint AS credits, sum((w.e).quantity)::bigint AS quantity
+        FROM written w
+        GROUP BY 1, 2, 3, 4
     ), rollup AS (
         INSERT INTO usage_rollups AS r (account_id, bucket_start, product_id, endpoint,
                                         requests, successful, failed, credits, quantity)
-        SELECT (w.e).account_id,
-               date_bin('15 minutes', (w.e).started_at, timestamptz '2000-01-01 00:00:00+00'),
-               (w.e).product_id, (w.e).endpoint, count(*), count(*) FILTER (WHERE (w.e).success),
-               count(*) FILTER (WHERE NOT (w.e).success), sum((w.e).charge),
-               sum((w.e).quantity)
-        FROM written w
-        GROUP BY 1, 2, 3, 4
+        SELECT c.account_id, c.bucket_start, c.product_id, c.endpoint, c.requests,
+               c.successful, c.failed, c.credits, c.quantity
+        FROM counted c
         ORDER BY 1, 2, 3, 4
         ON CONFLICT (account_id, bucket_start, product_id, endpoint) DO UPDATE
         SET requests = r.requests + excluded.requests,
@@ -360,6 +436,23 @@ BEGIN
             failed = r.failed + excluded.failed,
             credits = r.credits + excluded.credits,
             quantity = r.quantity + excluded.quantity
+    ), day AS (
+        -- usage_days, as the triggers of usage_rollups keep it for other writers (the
+        -- accounts' time zones as they are: the account CTE below changes no zone).
+        INSERT INTO usage_days AS u (account_id, day, product_id, endpoint, requests,
+                                     successful, failed, credits, quantity)
+        SELECT c.account_id, (c.bucket_start AT TIME ZONE a.time_zone)::date, c.product_id,
+               c.endpoint, sum(c.requests), sum(c.successful), sum(c.failed),
+               sum(c.credits), sum(c.quantity)
+        FROM counted c JOIN accounts a ON a.account_id = c.account_id
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (account_id, day, product_id, endpoint) DO UPDATE
+        SET requests = u.requests + excluded.requests,
+            successful = u.successful + excluded.successful,
+            failed = u.failed + excluded.failed,
+            credits = u.credits + excluded.credits,
+            quantity = u.quantity + excluded.quantity
     ), account AS (
         UPDATE accounts a
         SET balance = a.balance - p.charged,
@@ -372,7 +465,8 @@ BEGIN
                      count(w.entry_id) AS entries, count(*) AS events, max(w.at) AS at
               FROM written w GROUP BY (w.e).account_id) p
         WHERE a.account_id = p.account_id
-        RETURNING a.account_id, a.balance + p.charged AS before, p.charged
+        RETURNING a.account_id, a.balance + p.charged AS before, p.charged,
+                  a.auto_reload_enabled
     ), result AS (
         -- What this call wrote, per event: only what the database decided.
         SELECT (w.e).pos, (w.e).idx, (w.e).charge,
@@ -418,27 +512,58 @@ BEGIN
              FROM (SELECT unnest(v_items) AS i, unnest(v_outcome) AS outcome,
                           unnest(v_winner) AS winner, unnest(v_available) AS available) u
              WHERE u.outcome <> 'new') x),
-        (SELECT array_agg(a.account_id ORDER BY a.account_id) FROM account a
-         WHERE a.charged > 0),
-        (SELECT array_agg(a.charged ORDER BY a.account_id) FROM account a WHERE a.charged > 0),
-        (SELECT array_agg(a.before ORDER BY a.account_id) FROM account a WHERE a.charged > 0)
-    INTO v_results, v_charged_accounts, v_charged, v_before;
+        p.accounts, p.charged, p.before, p.reload,
+        -- The rollup changes, only if a report or a threshold can care: a bucket before
+        -- the latest end of a report, or an account with a live usage threshold (the
+        -- tests of tally_rollups_counted). The days are written above.
+        (SELECT CASE WHEN bool_or(
+                         c.bucket_start < (SELECT max(r.period_end) FROM period_reports r)
+                         OR EXISTS (SELECT 1 FROM thresholds t
+                                    WHERE t.account_id = c.account_id
+                                      AND t.metric <> 'available_credit'
+                                      AND t.deleted_at IS NULL))
+                     THEN array_agg(ROW(c.account_id, c.bucket_start, c.product_id,
+                                        c.endpoint, c.requests, c.successful, c.failed,
+                                        c.credits, c.quantity)::tally_rollup_delta
+                                    ORDER BY c.account_id, c.bucket_start, c.product_id,
+                                             c.endpoint) END
+         FROM counted c)
+    INTO v_results, v_charged_accounts, v_charged, v_before, v_reload, v_counted
+    FROM (SELECT array_agg(a.account_id ORDER BY a.account_id)
+                     FILTER (WHERE a.charged > 0) AS accounts,
+                 array_agg(a.charged ORDER BY a.account_id) FILTER (WHERE a.charged > 0)
+                     AS charged,
+                 array_agg(a.before ORDER BY a.account_id) FILTER (WHERE a.charged > 0)
+                     AS before,
+                 bool_or(a.auto_reload_enabled) FILTER (WHERE a.charged > 0) AS reload
+          FROM account a) p;
+    PERFORM set_config('tally.rollups_counted', '', true);
+    -- The reports and thresholds the rollups above touched.
+    IF v_counted IS NOT NULL THEN
+        PERFORM tally_rollups_counted(v_counted, false);
+    END IF;
 
-    -- Grants: each account's draw at once (what its entries drew one by one).
-    FOR n IN 1 .. coalesce(array_length(v_charged_accounts, 1), 0) LOOP
-        IF v_before[n] > 0 THEN
-            PERFORM tally_draw_grants(v_charged_accounts[n], least(v_charged[n], v_before[n]));
-        END IF;
-    END LOOP;
-    -- Auto-reload once per account, on its available credit before and after the group.
-    FOR v_row IN
-        SELECT * FROM accounts
-        WHERE account_id = ANY (v_charged_accounts) AND auto_reload_enabled
-        ORDER BY account_id
-    LOOP
-        PERFORM tally_maybe_reload(v_row, v_row.balance - v_row.reserved
-            + v_charged[array_position(v_charged_accounts, v_row.account_id)]);
-    END LOOP;
+    -- Grants: every charged account's draw at once, by one call (tally_draw): what its
+    -- entries drew one by one, the charge up to the positive part of its balance.
+    IF v_charged_accounts IS NOT NULL THEN
+        PERFORM count(*) FROM tally_draw(
+            v_charged_accounts,
+            ARRAY(SELECT least(u.charged, greatest(u.before, 0))
+                  FROM unnest(v_charged, v_before) WITH ORDINALITY AS u (charged, before, n)
+                  ORDER BY u.n));
+    END IF;
+    -- Auto-reload once per account, on its available credit before and after the group
+    -- (v_reload: a charged account has it enabled).
+    IF v_reload THEN
+        FOR v_row IN
+            SELECT * FROM accounts
+            WHERE account_id = ANY (v_charged_accounts) AND auto_reload_enabled
+            ORDER BY account_id
+        LOOP
+            PERFORM tally_maybe_reload(v_row, v_row.balance - v_row.reserved
+                + v_charged[array_position(v_charged_accounts, v_row.account_id)]);
+        END LOOP;
+    END IF;
     RETURN json_build_object('replayed', false, 'response', coalesce(v_results, '[]'::json));
 END $$;
 
