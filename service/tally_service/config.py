@@ -197,10 +197,11 @@ class Settings:
     notify_lease_seconds: int = 30
     # Group commit: movements per transaction (1 turns grouping off), how long the first
     # of a group may wait for more (0: a group is what arrived while earlier groups were
-    # in the database), and groups in the database at once per process.
+    # in the database), and groups in the database at once per process (per lane; one:
+    # classic group commit, docs/design.md).
     group_max_items: int = 64
     group_max_wait_ms: float = 0.0
-    group_concurrency: int = 4
+    group_concurrency: int = 1
     # Apply migrations at start-up (convenient on the embedded database; in production
     # run `tally migrate` as its own step).
     migrate_on_start: bool = False
@@ -266,7 +267,7 @@ class Settings:
             notify_lease_seconds=r.integer("TALLY_NOTIFY_LEASE_SECONDS", 30, 1),
             group_max_items=r.integer("TALLY_GROUP_MAX_ITEMS", 64, 1, 1000),
             group_max_wait_ms=r.number("TALLY_GROUP_MAX_WAIT_MS", 0.0, 0),
-            group_concurrency=r.integer("TALLY_GROUP_CONCURRENCY", 4, 1, 64),
+            group_concurrency=r.integer("TALLY_GROUP_CONCURRENCY", 1, 1, 64),
             migrate_on_start=r.boolean("TALLY_MIGRATE_ON_START", False),
             log_level=r.choice("TALLY_LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
             log_format=r.choice("TALLY_LOG_FORMAT", "text", LOG_FORMATS),

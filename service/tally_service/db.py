@@ -274,7 +274,7 @@ class GroupSettings:
 
     max_items: int = 64
     max_wait_seconds: float = 0.0
-    concurrency: int = 4
+    concurrency: int = 1
 
 
 # The movements that group commit carries (`tally_apply_group` dispatches them).
