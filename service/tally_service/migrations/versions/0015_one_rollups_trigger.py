@@ -6,8 +6,8 @@ Every change of `usage_rollups` sets off three things: its local days in `usage_
 usage thresholds it crosses (0010). They were five triggers: two statement-trigger
 pairs with transition tables (days, reports; INSERT and UPDATE, both fired by an
 upsert) and a row trigger (thresholds), each running its own queries, about 0.4 to
-0.6 ms of PostgreSQL per statement whatever its size: most of the fixed cost of a
-small usage group.
+0.6 ms of PostgreSQL per statement whatever its size (instrumented): a large part of
+the fixed cost of a small usage group.
 
 - One pair now (AFTER INSERT, AFTER UPDATE; a trigger with transition tables takes
   one event): `tally_rollups_changed` sums the statement's changes (the new rows, less
@@ -16,11 +16,12 @@ small usage group.
   probes the period reports (one index probe when nothing is reported after the
   earliest bucket, as before) and calls the threshold rule for each changed bucket of
   an account with a live usage threshold, in order (the row trigger's rule, per row).
-- `tally_record_usage` upserts the days of its group in its own write statement and
-  calls `tally_rollups_counted` for the rest itself, with the rollup changes it has
-  already summed; around that statement it sets `tally.rollups_counted` (local to
-  the transaction, reset after the statement), which the triggers' WHEN reads, so
-  they do not count its rows a second time. Every other writer of the rollups (a
+- `tally_record_usage` upserts the days of its group in its own write statement and,
+  when a report or a live usage threshold can care (decided in that statement), calls
+  `tally_rollups_counted` itself with the rollup changes it has already summed; around
+  that statement it sets `tally.rollups_counted` (local to the transaction, reset
+  after the statement), which the triggers' WHEN reads, so they do not count its rows
+  a second time. Every other writer of the rollups (a
   finished or failed job, a hold's expiry, a statement written by hand) is counted by
   the triggers as before.
 
