@@ -36,10 +36,8 @@ SOCKET_DIR_IN_CONTAINER = "/run/tally-db"
 
 def _podman_env() -> dict[str, str]:
     env = dict(os.environ)
-    # runc and explicit ulimits for podman as root on hybrid cgroups (see ../shared/tools).
-    shared = ROOT.parent / "shared" / "tools" / "containers.conf"
-    if "CONTAINERS_CONF" not in env and shared.is_file():
-        env["CONTAINERS_CONF"] = str(shared)
+    # runc and explicit ulimits for podman as root on hybrid cgroups (as check-deploy).
+    env.setdefault("CONTAINERS_CONF", str(ROOT / "deploy" / "containers.conf"))
     return env
 
 
