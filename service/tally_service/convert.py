@@ -1,6 +1,6 @@
-"""Rows to protobuf messages. The money functions answer with rows as JSON; reads answer
-with model objects; both go through `from_json` into models and then one converter per
-message, so a first response and its replay are built by the same code."""
+"""Rows to protobuf messages: one builder per message. The money functions answer with
+rows as JSON (`*_from_row`), reads with model objects; both reach the same builder, so a
+first response and its replay, or a movement's answer and a later read, are alike."""
 
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -73,78 +73,141 @@ def account(row: models.Account) -> account_pb2.Account:
 
 
 def reservation(row: models.Hold) -> credits_pb2.Reservation:
-    return credits_pb2.Reservation(
+    return _reservation(
         reservation_id=str(row.reservation_id),
         account_id=row.account_id,
-        status=RESERVATION_STATUSES[row.status],
-        amount=format_amount(row.amount),
-        captured_amount=format_amount(row.captured),
-        expire_time=timestamp(row.expires_at),
+        status=row.status,
+        amount=row.amount,
+        captured=row.captured,
         reference=row.reference,
-        metadata=struct(row.metadata_),
-        create_time=timestamp(row.created_at),
-        finalize_time=timestamp(row.finalized_at),
         request_id=row.request_id,
+        metadata=row.metadata_,
+        expires_at=row.expires_at,
+        created_at=row.created_at,
+        finalized_at=row.finalized_at,
     )
 
 
+def reservation_from_row(row: dict[str, Any]) -> credits_pb2.Reservation:
+    """`reservation()` of a hold row as PostgreSQL's to_jsonb gives it (Reserve, Capture,
+    Release and StartUsage answer one), without a model object in between."""
+    finalized = row.get("finalized_at")
+    return _reservation(
+        reservation_id=row["reservation_id"],
+        account_id=row["account_id"],
+        status=row["status"],
+        amount=row["amount"],
+        captured=row["captured"],
+        reference=row["reference"],
+        request_id=row["request_id"],
+        metadata=row["metadata"],
+        expires_at=datetime.fromisoformat(row["expires_at"]),
+        created_at=datetime.fromisoformat(row["created_at"]),
+        finalized_at=datetime.fromisoformat(finalized) if finalized is not None else None,
+    )
+
+
+def _reservation(
+    *,
+    reservation_id: str,
+    account_id: str,
+    status: str,
+    amount: int,
+    captured: int,
+    reference: str,
+    request_id: str,
+    metadata: dict[str, Any],
+    expires_at: datetime,
+    created_at: datetime,
+    finalized_at: datetime | None,
+) -> credits_pb2.Reservation:
+    """The one Reservation builder, from a model object or a JSON row."""
+    message = credits_pb2.Reservation(
+        reservation_id=reservation_id,
+        account_id=account_id,
+        status=RESERVATION_STATUSES[status],
+        amount=format_amount(amount),
+        captured_amount=format_amount(captured),
+        reference=reference,
+        request_id=request_id,
+    )
+    message.metadata.SetInParent()  # present even when empty
+    message.metadata.update(metadata)
+    set_time(message.expire_time, expires_at)
+    set_time(message.create_time, created_at)
+    if finalized_at is not None:
+        set_time(message.finalize_time, finalized_at)
+    return message
+
+
 def entry(row: models.LedgerEntry) -> ledger_pb2.LedgerEntry:
-    return ledger_pb2.LedgerEntry(
+    return _entry(
         entry_id=row.entry_id,
         account_id=row.account_id,
         sequence=row.sequence,
-        type=ENTRY_TYPES[row.entry_type],
-        amount=format_amount(row.amount),
-        balance_after=format_amount(row.balance_after),
+        entry_type=row.entry_type,
+        amount=row.amount,
+        balance_after=row.balance_after,
         description=row.description,
         reference=row.reference,
-        metadata=struct(row.metadata_),
-        create_time=timestamp(row.created_at),
         request_id=row.request_id,
         reservation_id=str(row.reservation_id) if row.reservation_id else "",
+        metadata=row.metadata_,
+        created_at=row.created_at,
     )
 
 
 def entry_from_row(row: dict[str, Any]) -> ledger_pb2.LedgerEntry:
-    """`entry(from_json(LedgerEntry, row))` without the model object: a ledger entry
-    row as PostgreSQL's to_jsonb gives it (the usage hot path builds one per event)."""
-    message = ledger_pb2.LedgerEntry(
+    """`entry()` of a ledger entry row as PostgreSQL's to_jsonb gives it (the money
+    functions' answers; the usage hot path builds one per event), without a model
+    object in between."""
+    return _entry(
         entry_id=row["entry_id"],
         account_id=row["account_id"],
         sequence=row["sequence"],
-        type=ENTRY_TYPES[row["entry_type"]],
-        amount=format_amount(row["amount"]),
-        balance_after=format_amount(row["balance_after"]),
+        entry_type=row["entry_type"],
+        amount=row["amount"],
+        balance_after=row["balance_after"],
         description=row["description"],
         reference=row["reference"],
         request_id=row["request_id"],
         reservation_id=row.get("reservation_id") or "",
+        metadata=row["metadata"],
+        created_at=datetime.fromisoformat(row["created_at"]),
     )
-    message.metadata.SetInParent()  # set even when empty, as entry() does
-    message.metadata.update(row["metadata"])
-    set_time(message.create_time, datetime.fromisoformat(row["created_at"]))
-    return message
 
 
-def reservation_from_row(row: dict[str, Any]) -> credits_pb2.Reservation:
-    """`reservation(from_json(Hold, row))` without the model object: a hold row as
-    PostgreSQL's to_jsonb gives it (Reserve, Capture and Release answer one)."""
-    message = credits_pb2.Reservation(
-        reservation_id=row["reservation_id"],
-        account_id=row["account_id"],
-        status=RESERVATION_STATUSES[row["status"]],
-        amount=format_amount(row["amount"]),
-        captured_amount=format_amount(row["captured"]),
-        reference=row["reference"],
-        request_id=row["request_id"],
+def _entry(
+    *,
+    entry_id: int,
+    account_id: str,
+    sequence: int,
+    entry_type: str,
+    amount: int,
+    balance_after: int,
+    description: str,
+    reference: str,
+    request_id: str,
+    reservation_id: str,
+    metadata: dict[str, Any],
+    created_at: datetime,
+) -> ledger_pb2.LedgerEntry:
+    """The one LedgerEntry builder, from a model object or a JSON row."""
+    message = ledger_pb2.LedgerEntry(
+        entry_id=entry_id,
+        account_id=account_id,
+        sequence=sequence,
+        type=ENTRY_TYPES[entry_type],
+        amount=format_amount(amount),
+        balance_after=format_amount(balance_after),
+        description=description,
+        reference=reference,
+        request_id=request_id,
+        reservation_id=reservation_id,
     )
-    message.metadata.SetInParent()  # set even when empty, as reservation() does
-    message.metadata.update(row["metadata"])
-    set_time(message.expire_time, datetime.fromisoformat(row["expires_at"]))
-    set_time(message.create_time, datetime.fromisoformat(row["created_at"]))
-    finalized = row.get("finalized_at")
-    if finalized is not None:
-        set_time(message.finalize_time, datetime.fromisoformat(finalized))
+    message.metadata.SetInParent()  # present even when empty
+    message.metadata.update(metadata)
+    set_time(message.create_time, created_at)
     return message
 
 

@@ -389,9 +389,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             event=convert.usage_event(convert.from_json(models.UsageEvent, response["event"]))
         )
         if response.get("reservation"):
-            message.reservation.CopyFrom(
-                convert.reservation(convert.from_json(models.Hold, response["reservation"]))
-            )
+            message.reservation.CopyFrom(convert.reservation_from_row(response["reservation"]))
         return message
 
     async def _finish(self, request: Any, method: str, outcome: str) -> dict[str, Any]:
