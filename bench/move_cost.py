@@ -208,6 +208,7 @@ DECLARE
         'Capture: INSERT idempotency_keys',
         'whole tally_reserve + tally_capture (same work, for comparison)'];
     a accounts;
+    a2 accounts;
     h holds;
     e ledger_entries;
     g record;
@@ -250,7 +251,9 @@ BEGIN
         UPDATE accounts SET reserved = reserved + $DEBIT$, balance_updated_at = h.created_at
         WHERE account_id = v_id;
         u := clock_timestamp(); acc[6] := acc[6] + extract(epoch FROM u - t); t := u;
-        PERFORM tally_check_reload(v_id, a.balance - a.reserved);
+        -- The reload check as Reserve made it before (a second read of the account).
+        SELECT * INTO a2 FROM accounts WHERE account_id = v_id;
+        PERFORM tally_maybe_reload(a2, a.balance - a.reserved);
         u := clock_timestamp(); acc[7] := acc[7] + extract(epoch FROM u - t); t := u;
         r := jsonb_build_object('reservation', to_jsonb(h));
         u := clock_timestamp(); acc[8] := acc[8] + extract(epoch FROM u - t); t := u;

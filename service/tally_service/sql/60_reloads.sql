@@ -8,15 +8,6 @@ BEGIN
     END IF;
 END $$;
 
-CREATE OR REPLACE FUNCTION tally_check_reload(p_account_id text, p_available_before bigint)
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    a accounts;
-BEGIN
-    SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
-    PERFORM tally_maybe_reload(a, p_available_before);
-END $$;
-
 -- Writes a reload intent if none is in flight: PENDING, or SKIPPED past a cap.
 CREATE OR REPLACE FUNCTION tally_decide_reload(a accounts) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
