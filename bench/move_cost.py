@@ -21,7 +21,10 @@ On a fresh database funded like ``bench.db_only``:
 N pairs spread and on the hot account (``pg_stat_user_functions``), N pairs through
 ``tally_apply_group`` in groups of 16 calls mixed as the server forms them (each group
 the new Reserves of half of its calls and the Captures of the previous group's
-holds), and a statement-by-statement copy of both paths.
+holds), a statement-by-statement copy of both paths, and, as 3. for Debits, up to 400
+pairs with each call its own transaction under ``EXPLAIN (ANALYZE, BUFFERS, WAL)``
+(buffer hits and WAL per pair, the holds' updates that were HOT, and the backend's CPU
+per pair over as many more pairs run plainly).
 """
 
 import argparse
