@@ -21,7 +21,10 @@ On a fresh database funded like ``bench.db_only``:
 N pairs spread and on the hot account (``pg_stat_user_functions``), N pairs through
 ``tally_apply_group`` in groups of 16 calls mixed as the server forms them (each group
 the new Reserves of half of its calls and the Captures of the previous group's
-holds), and a statement-by-statement copy of both paths.
+holds), a statement-by-statement copy of both paths, and, as 3. for Debits, up to 400
+pairs with each call its own transaction under ``EXPLAIN (ANALYZE, BUFFERS, WAL)``
+(buffer hits and WAL per pair, the holds' updates that were HOT, and the backend's CPU
+per pair over as many more pairs run plainly).
 """
 
 import argparse
@@ -517,6 +520,72 @@ async def _work(url: str, n: int, hot_account: bool) -> None:
     )
 
 
+async def _pair_work(url: str, n: int, hot_account: bool, run: int = 0) -> None:
+    """As _work, for n Reserve+Capture pairs: each call its own transaction under
+    EXPLAIN (ANALYZE, BUFFERS, WAL), after n / 4 pairs of warm-up; then the holds'
+    updates that were HOT, and the backend's CPU per pair over n more pairs run
+    plainly (each call its own transaction, no EXPLAIN)."""
+    conn = await asyncpg.connect(plain_url(url), timeout=30)
+    hits = records = wal_bytes = 0
+    tag = f"pw{run}-{int(hot_account)}"
+    try:
+        before = await conn.fetchrow(_HOLD_UPDATES)
+        for i in range(-(n // 4), n):
+            account = f"'bench-{ACCOUNTS if hot_account else (i * 7919) % ACCOUNTS}'"
+            reserve = _reserve(f"'{tag}-r{i}'", account)
+            if i < 0:
+                reserved = await conn.fetchval(f"SELECT {reserve}::text")
+                capture = _capture(f"'{tag}-c{i}'", f"'{reserved}'::jsonb")
+                await conn.execute(f"SELECT {capture}")
+                continue
+            plans = [
+                await conn.fetchval(
+                    f"EXPLAIN (ANALYZE, BUFFERS, WAL, TIMING OFF, FORMAT JSON) SELECT {reserve}"
+                )
+            ]
+            reservation = await conn.fetchval(
+                "SELECT reservation_id::text FROM holds WHERE request_id = $1", f"{tag}-r{i}"
+            )
+            plans.append(
+                await conn.fetchval(
+                    "EXPLAIN (ANALYZE, BUFFERS, WAL, TIMING OFF, FORMAT JSON) SELECT "
+                    f"tally_capture('{tag}-c{i}', '\\x00', '{reservation}', NULL, '', '{{}}')"
+                )
+            )
+            for explained in plans:
+                plan = json.loads(explained)[0]["Plan"]
+                hits += plan["Shared Hit Blocks"]
+                records += plan["WAL Records"]
+                wal_bytes += plan["WAL Bytes"]
+        backend = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()"))
+        cpu = backend.cpu_times()
+        for i in range(n):
+            account = f"'bench-{ACCOUNTS if hot_account else (i * 7919) % ACCOUNTS}'"
+            reserve = _reserve(f"'{tag}-R{i}'", account)
+            reserved = await conn.fetchval(f"SELECT {reserve}::text")
+            capture = _capture(f"'{tag}-C{i}'", f"'{reserved}'::jsonb")
+            await conn.execute(f"SELECT {capture}")
+        cpu_after = backend.cpu_times()
+        await asyncio.sleep(0.7)  # the statistics reach the shared counters
+        after = await conn.fetchrow(_HOLD_UPDATES)
+    finally:
+        await conn.close()
+    where = "hot account" if hot_account else "spread"
+    used = cpu_after.user + cpu_after.system - cpu.user - cpu.system
+    print(
+        f"\nWork per pair, {where}, {n} pairs each call its own transaction: "
+        f"{hits / n:.1f} shared buffer hits, {records / n:.2f} WAL records, "
+        f"{wal_bytes / n:,.0f} WAL bytes; holds {after['hot'] - before['hot']:,} HOT of "
+        f"{after['upd'] - before['upd']:,} updates; backend CPU {used * 1e6 / n:,.0f} µs "
+        f"per pair over {n} more"
+    )
+
+
+_HOLD_UPDATES = (
+    "SELECT n_tup_upd AS upd, n_tup_hot_upd AS hot FROM pg_stat_user_tables WHERE relname = 'holds'"
+)
+
+
 async def _statements(url: str, n: int, function: str, unit: str) -> None:
     for hot_account in (False, True):
         conn = await asyncpg.connect(plain_url(url), timeout=30)
@@ -595,6 +664,8 @@ async def pairs(url: str, n: int) -> None:
             "pair",
         )
     await _statements(url, n, "bench_profiled_pairs", "pair")
+    for hot_account in (False, True):
+        await _pair_work(url, min(n, 400), hot_account)
     conn = await asyncpg.connect(plain_url(url), timeout=30)
     try:
         await asyncio.sleep(0.7)  # the statistics reach the shared counters

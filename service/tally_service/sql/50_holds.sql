@@ -110,21 +110,37 @@ END $$;
 -- NULL unless the hold is the reservation of a usage event still open (StartUsage); then
 -- the refusal: Capture and Release leave such a hold to CompleteUsage / FailUsage. Read
 -- under the account's lock, so the event's state cannot change meanwhile.
+--
+-- This and tally_require_pending are PL/pgSQL, not SQL: an SQL function that is not
+-- inlined is parsed and planned again in every transaction that calls it from a PL/pgSQL
+-- expression (the expression's state lives for the transaction), which cost a Capture
+-- or Release alone in its transaction about 150-190 µs; PL/pgSQL keeps its plans for the
+-- session.
 CREATE OR REPLACE FUNCTION tally_refuse_usage_hold(h holds) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT tally_refusal('TA423', json_build_object(
-        'reservation_id', h.reservation_id, 'event_id', e.event_id))
-    FROM usage_events e
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_event_id text;
+BEGIN
+    SELECT e.event_id INTO v_event_id FROM usage_events e
     WHERE e.reservation_id = h.reservation_id AND e.status IN ('pending', 'processing')
-    LIMIT 1
-$$;
+    LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN tally_refusal('TA423', json_build_object(
+        'reservation_id', h.reservation_id, 'event_id', v_event_id));
+END $$;
 
 -- NULL if the hold is pending, else the refusal to return.
 CREATE OR REPLACE FUNCTION tally_require_pending(h holds) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN h.status <> 'pending' THEN tally_refusal('TA412', json_build_object(
-        'reservation_id', h.reservation_id, 'status', h.status)) END
-$$;
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF h.status <> 'pending' THEN
+        RETURN tally_refusal('TA412', json_build_object(
+            'reservation_id', h.reservation_id, 'status', h.status));
+    END IF;
+    RETURN NULL;
+END $$;
 
 CREATE OR REPLACE FUNCTION tally_capture(
     p_request_id text, p_fingerprint bytea, p_reservation_id uuid, p_amount bigint,
