@@ -392,12 +392,26 @@ def usage_replayed(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
 def usage_written(
     row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any], caller: str
 ) -> metering_pb2.RecordUsageResponse:
-    """The response for an event written by this call, from the event as sent
-    (`event` and its `item`: the one that was written, of which this result may be
+    """The response for an event written by this call (see `fill_usage_written`)."""
+    message = metering_pb2.RecordUsageResponse()
+    fill_usage_written(message, row, event, item, caller)
+    return message
+
+
+def fill_usage_written(
+    message: metering_pb2.RecordUsageResponse,
+    row: list[Any],
+    event: metering_pb2.UsageEvent,
+    item: dict[str, Any],
+    caller: str,
+) -> None:
+    """Fills `message` (empty; in place, e.g. a batch response's result, so nothing is
+    copied) with the response for an event written by this call, from the event as
+    sent (`event` and its `item`: the one that was written, of which this result may be
     a duplicate) and what the database decided (`row`, see `Written`): the same
     message a later replay builds from the stored rows (`usage_replayed`). `caller` is
     the caller the ledger_entries_caller trigger stamped."""
-    message = metering_pb2.RecordUsageResponse(duplicate=row[Written.DUPLICATE])
+    message.duplicate = row[Written.DUPLICATE]
     out = message.event
     out.CopyFrom(event)
     out.DiscardUnknownFields()
@@ -441,7 +455,6 @@ def usage_written(
         if caller:
             fields["caller"].string_value = caller
         set_time(entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT]))
-    return message
 
 
 def period_report_line(line: reads.ReportLine) -> metering_pb2.PeriodReportLine:

@@ -244,54 +244,63 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     def _items(
         self, events: list[metering_pb2.UsageEvent], first_index: int
-    ) -> tuple[list[dict[str, Any]], dict[int, metering_pb2.UsageResult]]:
-        """The group's valid events as items, and a failure result for each invalid one."""
+    ) -> tuple[list[dict[str, Any]], dict[int, errors.DomainError]]:
+        """The group's valid events as items, and the error of each invalid one."""
         items = []
-        invalid: dict[int, metering_pb2.UsageResult] = {}
+        invalid: dict[int, errors.DomainError] = {}
         now = _now()
         for offset, event in enumerate(events):
             index = first_index + offset
             try:
                 items.append(self._event_item(event, index=index, starting=False, now=now))
             except errors.DomainError as error:
-                invalid[index] = metering_pb2.UsageResult(
-                    index=index, event_id=event.event_id, status=error.to_rpc_status()
-                )
+                invalid[index] = error
         return items, invalid
 
-    async def _record_group(
-        self, events: list[metering_pb2.UsageEvent], first_index: int
-    ) -> list[metering_pb2.UsageResult]:
-        """Records a group of events; one result per event, in order."""
-        items, results = self._items(events, first_index)
+    async def _record_batch(
+        self,
+        events: list[metering_pb2.UsageEvent],
+        response: metering_pb2.RecordUsageBatchResponse,
+    ) -> None:
+        """Records a batch; one result per event, in order, each built in place in
+        `response` (no result message is built apart and copied in)."""
+        results = response.results
+        for index, event in enumerate(events):
+            results.add(index=index, event_id=event.event_id)
+        items, invalid = self._items(events, 0)
+        for index, error in invalid.items():
+            results[index].status.CopyFrom(error.to_rpc_status())
         by_index = {item["index"]: item for item in items}
+        caller = current_caller.get()
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
                 index, of = result[convert.Written.INDEX], result[convert.Written.OF]
-                out = metering_pb2.UsageResult(index=index, event_id=by_index[index]["event_id"])
-                out.result.CopyFrom(
-                    convert.usage_written(
-                        result, events[of - first_index], by_index[of], current_caller.get()
-                    )
+                convert.fill_usage_written(
+                    results[index].result, result, events[of], by_index[of], caller
                 )
-                results[index] = out
                 continue
             index = int(result["index"])
-            item = by_index[index]
-            out = metering_pb2.UsageResult(index=index, event_id=item["event_id"])
             if "error" in result:
-                out.status.CopyFrom(self._item_error(result, item).to_rpc_status())
+                results[index].status.CopyFrom(
+                    self._item_error(result, by_index[index]).to_rpc_status()
+                )
             else:
-                out.result.CopyFrom(convert.usage_replayed(result))
-            results[index] = out
-        return [results[first_index + i] for i in range(len(events))]
+                results[index].result.CopyFrom(convert.usage_replayed(result))
 
     async def _count_group(
         self, events: list[metering_pb2.UsageEvent], first_index: int
     ) -> tuple[int, int, list[metering_pb2.UsageResult]]:
         """Records a group of a stream: (recorded, duplicates, failures in index order).
         A stream answers only with counts, so no event's response is built."""
-        items, failures = self._items(events, first_index)
+        items, invalid = self._items(events, first_index)
+        failures = {
+            index: metering_pb2.UsageResult(
+                index=index,
+                event_id=events[index - first_index].event_id,
+                status=error.to_rpc_status(),
+            )
+            for index, error in invalid.items()
+        }
         by_index = {item["index"]: item for item in items}
         recorded = duplicates = 0
         for result in await self._record(items) if items else []:
@@ -318,8 +327,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise errors.InvalidArgument("events", "at least one event is required")
         if len(request.events) > MAX_BATCH:
             raise errors.InvalidArgument("events", f"at most {MAX_BATCH} events per batch")
-        results = await self._record_group(list(request.events), 0)
-        return metering_pb2.RecordUsageBatchResponse(results=results)
+        response = metering_pb2.RecordUsageBatchResponse()
+        await self._record_batch(list(request.events), response)
+        return response
 
     async def StreamUsage(
         self,
