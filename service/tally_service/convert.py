@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 from tally_service import models, ranges, reads
+from tally_service.db import UsageItem
 from tally_service.money import MICROS_PER_CREDIT, format_amount
 from tally_service.ranges import Range
 
@@ -390,7 +391,7 @@ def usage_replayed(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
 
 
 def usage_written(
-    row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any], caller: str
+    row: list[Any], event: metering_pb2.UsageEvent, item: UsageItem, caller: str
 ) -> metering_pb2.RecordUsageResponse:
     """The response for an event written by this call (see `fill_usage_written`)."""
     message = metering_pb2.RecordUsageResponse()
@@ -402,7 +403,7 @@ def fill_usage_written(
     message: metering_pb2.RecordUsageResponse,
     row: list[Any],
     event: metering_pb2.UsageEvent,
-    item: dict[str, Any],
+    item: UsageItem,
     caller: str,
 ) -> None:
     """Fills `message` (empty; in place, e.g. a batch response's result, so nothing is
@@ -417,18 +418,18 @@ def fill_usage_written(
     out.DiscardUnknownFields()
     out.request_metadata.SetInParent()  # present even when empty, as in a replay
     out.result_metadata.SetInParent()
-    out.status = USAGE_STATUSES[item["status"]]
-    out.success = item["success"]
-    out.quantity = item["quantity"]
+    out.status = USAGE_STATUSES[item.status]
+    out.success = item.success
+    out.quantity = item.quantity
     charge: int = row[Written.CREDITS]
     out.credits = format_amount(charge)
     out.credit_type = CREDIT_TYPES[row[Written.CREDIT_TYPE]]
-    set_time(out.start_time, datetime.fromisoformat(item["started_at"]))
-    if item["completed_at"] is None:
+    set_time(out.start_time, item.started_at)
+    if item.completed_at is None:
         out.ClearField("complete_time")
     else:
-        set_time(out.complete_time, datetime.fromisoformat(item["completed_at"]))
-    out.processing_time_ms = item["processing_time_ms"]
+        set_time(out.complete_time, item.completed_at)
+    out.processing_time_ms = item.processing_time_ms
     set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
     entry_id = row[Written.ENTRY_ID]
     out.entry_id = entry_id or 0
@@ -439,18 +440,18 @@ def fill_usage_written(
         # stamps it).
         entry = message.entry
         entry.entry_id = entry_id
-        entry.account_id = item["account_id"]
+        entry.account_id = item.account_id
         entry.sequence = row[Written.SEQUENCE]
         entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
         entry.amount = format_amount(-charge)
         entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
-        endpoint = item["endpoint"]
-        product = item["product_id"]
+        endpoint = item.endpoint
+        product = item.product_id
         entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
-        entry.reference = item["event_id"]
-        entry.request_id = item["event_id"]
+        entry.reference = item.event_id
+        entry.request_id = item.event_id
         fields = entry.metadata.fields
-        fields["event_id"].string_value = item["event_id"]
+        fields["event_id"].string_value = item.event_id
         fields["product_id"].string_value = product
         if caller:
             fields["caller"].string_value = caller

@@ -26,7 +26,7 @@ from tally_service import (
 )
 from tally_service.auth import current_caller
 from tally_service.config import Settings
-from tally_service.db import Database, insufficient_credits
+from tally_service.db import Database, UsageItem, insufficient_credits
 from tally_service.money import parse_amount
 
 MAX_BATCH = 1000
@@ -44,7 +44,6 @@ STATUS_NAMES = {
     metering_pb2.USAGE_STATUS_COMPLETED: "completed",
     metering_pb2.USAGE_STATUS_FAILED: "failed",
 }
-_EMPTY_METADATA: dict[str, Any] = {}
 
 
 def _now() -> datetime:
@@ -65,9 +64,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         index: int,
         starting: bool,
         now: datetime | None = None,
-    ) -> dict[str, Any]:
-        """Checks an event and returns it as the JSON item the SQL functions take
-        (`now`: the instant of the call, read once for a whole batch)."""
+    ) -> UsageItem:
+        """Checks an event and returns it as the item the SQL functions take (`now`: the
+        instant of the call, read once for a whole batch)."""
         now = now or _now()
         status = STATUS_NAMES.get(event.status)
         if starting:
@@ -109,38 +108,38 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         processing_ms = event.processing_time_ms
         if not processing_ms and completed is not None:
             processing_ms = int((completed - started) / timedelta(milliseconds=1))
-        return {
-            "index": index,
-            "account_id": validation.account_id(event.account_id, "event.account_id"),
-            "event_id": validation.event_id(event.event_id),
-            "product_id": validation.product_id(event.product_id, "event.product_id"),
-            "endpoint": validation.text(event.endpoint, "event.endpoint", 256),
-            "status": status,
-            "success": success,
-            "status_code": event.status_code,
-            "message": validation.text(event.message, "event.message", 1024),
-            "quantity": quantity,
-            "credits": (
+        return UsageItem(
+            index,
+            validation.account_id(event.account_id, "event.account_id"),
+            validation.event_id(event.event_id),
+            validation.product_id(event.product_id, "event.product_id"),
+            validation.text(event.endpoint, "event.endpoint", 256),
+            status,
+            success,
+            event.status_code,
+            validation.text(event.message, "event.message", 1024),
+            quantity,
+            (
                 parse_amount("event.credits", event.credits, allow_zero=True)
                 if event.credits
                 else None
             ),
-            "started_at": started.isoformat(),
-            "completed_at": completed.isoformat() if completed else None,
-            "processing_time_ms": processing_ms,
-            "request_metadata": (
-                json.loads(validation.metadata(event.request_metadata, "event.request_metadata"))
+            started,
+            completed,
+            processing_ms,
+            (
+                validation.metadata(event.request_metadata, "event.request_metadata")
                 if event.request_metadata.fields
-                else _EMPTY_METADATA
+                else "{}"
             ),
-            "result_metadata": (
-                json.loads(validation.metadata(event.result_metadata, "event.result_metadata"))
+            (
+                validation.metadata(event.result_metadata, "event.result_metadata")
                 if event.result_metadata.fields
-                else _EMPTY_METADATA
+                else "{}"
             ),
-            "webhook_url": validation.text(event.webhook_url, "event.webhook_url", 2048),
-            "fingerprint": fingerprint.of("StartUsage" if starting else "RecordUsage", event).hex(),
-        }
+            validation.text(event.webhook_url, "event.webhook_url", 2048),
+            fingerprint.of("StartUsage" if starting else "RecordUsage", event),
+        )
 
     # -- catalog ------------------------------------------------------------------
 
@@ -184,7 +183,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     # -- recording ----------------------------------------------------------------
 
-    async def _record(self, items: list[dict[str, Any]]) -> list[Any]:
+    async def _record(self, items: list[UsageItem]) -> list[Any]:
         """Records items in transactions of at most COMMIT_GROUP events (a whole batch:
         `tally_record_usage` applies them with set operations, well inside the statement
         timeout). A failure between groups is safe: a retry replays the committed events
@@ -205,31 +204,31 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             results.extend(answered)
         return results
 
-    async def _record_alone(self, item: dict[str, Any]) -> Any:
+    async def _record_alone(self, item: UsageItem) -> Any:
         try:
             (answered,) = await self.db.record_usage([item])
         except errors.BalanceLimit:
-            return {"index": item["index"], "error": "BALANCE_LIMIT"}
+            return {"index": item.idx, "error": "BALANCE_LIMIT"}
         return answered
 
     @staticmethod
-    def _item_error(result: dict[str, Any], item: dict[str, Any]) -> errors.DomainError:
+    def _item_error(result: dict[str, Any], item: UsageItem) -> errors.DomainError:
         reason = result["error"]
         if reason == "ACCOUNT_NOT_FOUND":
-            return errors.NotFound("account", item["account_id"])
+            return errors.NotFound("account", item.account_id)
         if reason == "PRODUCT_NOT_FOUND":
-            return errors.NotFound("product", item["product_id"])
+            return errors.NotFound("product", item.product_id)
         if reason == "BALANCE_LIMIT":
             return errors.BalanceLimit(
                 "the event's charge would take the balance out of range",
-                metadata={"account_id": item["account_id"], "event_id": item["event_id"]},
+                metadata={"account_id": item.account_id, "event_id": item.event_id},
             )
         if reason == "EVENT_ID_REUSED":
             return errors.EventIdReused(
-                f"event_id {item['event_id']!r} was already recorded with another payload",
-                metadata={"account_id": item["account_id"], "event_id": item["event_id"]},
+                f"event_id {item.event_id!r} was already recorded with another payload",
+                metadata={"account_id": item.account_id, "event_id": item.event_id},
             )
-        return insufficient_credits({**result, "account_id": item["account_id"]})
+        return insufficient_credits({**result, "account_id": item.account_id})
 
     async def RecordUsage(
         self, request: metering_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
@@ -244,7 +243,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     def _items(
         self, events: list[metering_pb2.UsageEvent], first_index: int
-    ) -> tuple[list[dict[str, Any]], dict[int, errors.DomainError]]:
+    ) -> tuple[list[UsageItem], dict[int, errors.DomainError]]:
         """The group's valid events as items, and the error of each invalid one."""
         items = []
         invalid: dict[int, errors.DomainError] = {}
@@ -270,7 +269,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         items, invalid = self._items(events, 0)
         for index, error in invalid.items():
             results[index].status.CopyFrom(error.to_rpc_status())
-        by_index = {item["index"]: item for item in items}
+        by_index = {item.idx: item for item in items}
         caller = current_caller.get()
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
@@ -301,7 +300,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             )
             for index, error in invalid.items()
         }
-        by_index = {item["index"]: item for item in items}
+        by_index = {item.idx: item for item in items}
         recorded = duplicates = 0
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
@@ -311,9 +310,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                     recorded += 1
             elif "error" in result:
                 item = by_index[int(result["index"])]
-                failures[item["index"]] = metering_pb2.UsageResult(
-                    index=item["index"],
-                    event_id=item["event_id"],
+                failures[item.idx] = metering_pb2.UsageResult(
+                    index=item.idx,
+                    event_id=item.event_id,
                     status=self._item_error(result, item).to_rpc_status(),
                 )
             else:
@@ -393,7 +392,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         ttl = request.ttl_seconds or DEFAULT_JOB_TTL_SECONDS
         response, _ = await self.db.call(
             "tally_start_usage",
-            {"item": json.dumps(item), "ttl_seconds": validation.ttl_seconds(ttl)},
+            {"item": _item_json(item), "ttl_seconds": validation.ttl_seconds(ttl)},
         )
         message = metering_pb2.StartUsageResponse(
             event=convert.usage_event(convert.from_json(models.UsageEvent, response["event"]))
@@ -623,6 +622,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         )
         report = await period_reports.get(self.db, account, p, request.version, _now())
         return metering_pb2.GetPeriodReportResponse(report=convert.period_report(report))
+
+
+def _item_json(item: UsageItem) -> str:
+    """The item as the JSON document `tally_start_usage` takes."""
+    return json.dumps(
+        {
+            **item._asdict(),
+            "started_at": item.started_at.isoformat(),
+            "completed_at": item.completed_at.isoformat() if item.completed_at else None,
+            "request_metadata": json.loads(item.request_metadata),
+            "result_metadata": json.loads(item.result_metadata),
+            "fingerprint": item.fingerprint.hex(),
+        }
+    )
 
 
 # How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told

@@ -140,9 +140,10 @@ BEGIN
 END $$;
 
 -- Records finished events (a batch, a stream's group, or one event) in one transaction,
--- with set operations: the events are expanded from the JSON once and priced by one join
--- with the catalog; the accounts are locked once each, in account_id order (so
--- concurrent groups cannot deadlock); duplicates are found by one join on
+-- with set operations: the events come as one typed array per field (p_idx[i],
+-- p_account_id[i], ... are event i, idx its index in the caller's call; the metadata as
+-- JSON text), are expanded once and priced by one join with the catalog; the accounts
+-- are locked once each, in account_id order (so concurrent groups cannot deadlock); duplicates are found by one join on
 -- (account_id, event_id); and each table is written once: one INSERT of the ledger
 -- entries (one per charged event, numbered and chained per account), one of the events,
 -- one upsert of pre-aggregated rollups, one UPDATE of the accounts; grants are drawn once
@@ -170,7 +171,13 @@ END $$;
 -- accepted occurrence of an event id wins: later ones with the same payload are its
 -- duplicates, with another payload EVENT_ID_REUSED; an occurrence refused before it
 -- (unknown product, no credit) does not count, as if the items had come one by one.
-CREATE OR REPLACE FUNCTION tally_record_usage(p_events jsonb) RETURNS json
+CREATE OR REPLACE FUNCTION tally_record_usage(
+    p_idx integer[], p_account_id text[], p_event_id text[], p_product_id text[],
+    p_endpoint text[], p_status text[], p_success boolean[], p_status_code integer[],
+    p_message text[], p_quantity bigint[], p_credits bigint[], p_started_at timestamptz[],
+    p_completed_at timestamptz[], p_processing_time_ms bigint[], p_request_metadata text[],
+    p_result_metadata text[], p_webhook_url text[], p_fingerprint bytea[]
+) RETURNS json
 LANGUAGE plpgsql
 -- Plans made once per session and kept: the statements are written so that any group
 -- size runs in linear time whatever the planner guesses (no join of two computed
@@ -201,7 +208,7 @@ DECLARE
 BEGIN
     -- The events, priced, in (account_id, index) order: pos is the array subscript.
     SELECT array_agg(ROW(
-               x.pos, x.index, x.account_id, x.event_id, x.product_id, x.endpoint, x.status,
+               x.pos, x.idx, x.account_id, x.event_id, x.product_id, x.endpoint, x.status,
                x.success, x.status_code, x.message, x.quantity,
                CASE WHEN p.product_id IS NULL THEN NULL
                     -- a price out of BIGINT's range: -1, refused alone (BALANCE_LIMIT)
@@ -209,17 +216,19 @@ BEGIN
                          AND p.credits_per_unit::numeric * x.quantity
                              > 9223372036854775807 THEN -1
                     ELSE tally_price(p, x.quantity, x.status, x.credits) END,
-               x.started_at, x.completed_at, x.processing_time_ms, x.request_metadata,
-               x.result_metadata, x.webhook_url, decode(x.fingerprint, 'hex')
+               x.started_at, x.completed_at, x.processing_time_ms, x.request_metadata::jsonb,
+               x.result_metadata::jsonb, x.webhook_url, x.fingerprint
            )::tally_usage_item ORDER BY x.pos)
     INTO v_items
-    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.index) AS pos
-          FROM jsonb_to_recordset(p_events) AS e(
-              index integer, account_id text, event_id text, product_id text, endpoint text,
-              status text, success boolean, status_code integer, message text,
-              quantity bigint, credits bigint, started_at timestamptz,
-              completed_at timestamptz, processing_time_ms bigint, request_metadata jsonb,
-              result_metadata jsonb, webhook_url text, fingerprint text)) x
+    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.idx) AS pos
+          FROM unnest(p_idx, p_account_id, p_event_id, p_product_id, p_endpoint, p_status,
+                      p_success, p_status_code, p_message, p_quantity, p_credits,
+                      p_started_at, p_completed_at, p_processing_time_ms,
+                      p_request_metadata, p_result_metadata, p_webhook_url, p_fingerprint)
+               AS e(idx, account_id, event_id, product_id, endpoint, status, success,
+                    status_code, message, quantity, credits, started_at, completed_at,
+                    processing_time_ms, request_metadata, result_metadata, webhook_url,
+                    fingerprint)) x
     LEFT JOIN products p ON p.product_id = x.product_id;
     IF v_items IS NULL THEN
         RETURN json_build_object('replayed', false, 'response', '[]'::json);
