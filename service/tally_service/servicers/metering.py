@@ -38,6 +38,7 @@ MAX_STREAM_FAILURES = 1000
 MAX_QUANTITY = 10**9
 DEFAULT_JOB_TTL_SECONDS = 3600
 FUTURE_SKEW = timedelta(minutes=5)
+_NO_TIME = timedelta(0)
 STATUS_NAMES = {
     metering_pb2.USAGE_STATUS_PENDING: "pending",
     metering_pb2.USAGE_STATUS_PROCESSING: "processing",
@@ -85,29 +86,36 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         quantity = event.quantity if event.HasField("quantity") else 1
         if not 0 <= quantity <= MAX_QUANTITY:
             raise errors.InvalidArgument("event.quantity", f"must be 0 to {MAX_QUANTITY}")
-        started = (
-            validation.optional_time(event, "start_time", event.start_time, name="event.start_time")
-            or now
-        )
-        if started < now - timedelta(days=self.settings.usage_backdate_days):
-            raise errors.InvalidArgument(
-                "event.start_time",
-                f"more than {self.settings.usage_backdate_days} days in the past",
+        # The times: `now` unless given (their fields are read only when set).
+        started: datetime = now
+        if event.HasField("start_time"):
+            started = (
+                validation.optional_time(
+                    event, "start_time", event.start_time, name="event.start_time"
+                )
+                or now
             )
-        if started > now + FUTURE_SKEW:
-            raise errors.InvalidArgument("event.start_time", "in the future")
-        completed = validation.optional_time(
-            event, "complete_time", event.complete_time, name="event.complete_time"
-        )
-        if not starting and completed is None:
-            completed = now
-        if completed is not None and completed < started:
+            if started < now - timedelta(days=self.settings.usage_backdate_days):
+                raise errors.InvalidArgument(
+                    "event.start_time",
+                    f"more than {self.settings.usage_backdate_days} days in the past",
+                )
+            if started > now + FUTURE_SKEW:
+                raise errors.InvalidArgument("event.start_time", "in the future")
+        completed: datetime | None = None if starting else now
+        if event.HasField("complete_time"):
+            completed = validation.optional_time(
+                event, "complete_time", event.complete_time, name="event.complete_time"
+            )
+        # (Both `now`, the usual event: in order, and 0 ms apart.)
+        elapsed = None if completed is None or completed is started else completed - started
+        if elapsed is not None and elapsed < _NO_TIME:
             raise errors.InvalidArgument("event.complete_time", "before start_time")
         if event.processing_time_ms < 0:
             raise errors.InvalidArgument("event.processing_time_ms", "must not be negative")
         processing_ms = event.processing_time_ms
-        if not processing_ms and completed is not None:
-            processing_ms = int((completed - started) / timedelta(milliseconds=1))
+        if not processing_ms and elapsed is not None:
+            processing_ms = int(elapsed / timedelta(milliseconds=1))
         return UsageItem(
             index,
             validation.account_id(event.account_id, "event.account_id"),
