@@ -52,6 +52,13 @@ def set_time(message: timestamp_pb2.Timestamp, value: datetime) -> None:
     message.nanos = delta.microseconds * 1000
 
 
+def set_micros(message: timestamp_pb2.Timestamp, micros: int) -> None:
+    """Sets an instant given as integer microseconds since the Unix epoch."""
+    seconds, micros = divmod(micros, 1_000_000)
+    message.seconds = seconds
+    message.nanos = micros * 1000
+
+
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     if value:
@@ -373,7 +380,8 @@ def usage_event(
 class Written:
     """Positions in a result row of an event `tally_record_usage` wrote (sql/80_usage.sql):
     [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
-    balance_after, entry_created_at, product_id, status]."""
+    balance_after, entry_created_at, product_id, status]; the instants are integer
+    microseconds since the Unix epoch."""
 
     INDEX, OF, DUPLICATE, CREDITS, CREDIT_TYPE, CREATED_AT = range(6)
     ENTRY_ID, SEQUENCE, BALANCE_AFTER, ENTRY_CREATED_AT, PRODUCT_ID, STATUS = range(6, 12)
@@ -422,7 +430,7 @@ def fill_usage_written(
     out.success = item.success
     out.quantity = item.quantity
     charge: int = row[Written.CREDITS]
-    out.credits = format_amount(charge)
+    credits = out.credits = format_amount(charge)
     out.credit_type = CREDIT_TYPES[row[Written.CREDIT_TYPE]]
     set_time(out.start_time, item.started_at)
     if item.completed_at is None:
@@ -430,7 +438,7 @@ def fill_usage_written(
     else:
         set_time(out.complete_time, item.completed_at)
     out.processing_time_ms = item.processing_time_ms
-    set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
+    set_micros(out.create_time, row[Written.CREATED_AT])
     entry_id = row[Written.ENTRY_ID]
     out.entry_id = entry_id or 0
     out.reservation_id = ""
@@ -443,7 +451,7 @@ def fill_usage_written(
         entry.account_id = item.account_id
         entry.sequence = row[Written.SEQUENCE]
         entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
-        entry.amount = format_amount(-charge)
+        entry.amount = f"-{credits}" if charge > 0 else format_amount(-charge)
         entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
         endpoint = item.endpoint
         product = item.product_id
@@ -455,7 +463,7 @@ def fill_usage_written(
         fields["product_id"].string_value = product
         if caller:
             fields["caller"].string_value = caller
-        set_time(entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT]))
+        set_micros(entry.create_time, row[Written.ENTRY_CREATED_AT])
 
 
 def period_report_line(line: reads.ReportLine) -> metering_pb2.PeriodReportLine:

@@ -158,7 +158,8 @@ END $$;
 --   [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
 --    balance_after, entry_created_at, product_id, status]: written by this call, by
 --    the item "of" (whose duplicate this one is when they differ); only what the
---    database decided (entry_id and what follows it are null for an uncharged event).
+--    database decided (entry_id and what follows it are null for an uncharged event;
+--    the two instants as microseconds since the Unix epoch, exact integers).
 --    The rest is the item "of" as sent, and the entry is the debit of its charge with
 --    the description, reference and metadata tally_record_usage gives it (below); the
 --    server builds the response from both (tally_service.servicers.metering).
@@ -481,10 +482,11 @@ BEGIN
         SELECT (w.e).pos, (w.e).idx, (w.e).charge,
                CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
                     ELSE 'purchased' END AS credit_type,
-               w.created_at, w.entry_id,
+               (extract(epoch FROM w.created_at) * 1000000)::bigint AS created_at, w.entry_id,
                CASE WHEN w.entry_id IS NOT NULL THEN w.sequence END AS sequence,
                CASE WHEN w.entry_id IS NOT NULL THEN w.before - w.spent END AS balance_after,
-               CASE WHEN w.entry_id IS NOT NULL THEN w.at END AS entry_created_at,
+               CASE WHEN w.entry_id IS NOT NULL
+                    THEN (extract(epoch FROM w.at) * 1000000)::bigint END AS entry_created_at,
                (w.e).product_id, (w.e).status
         FROM written w
     )
