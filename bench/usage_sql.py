@@ -39,7 +39,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.postgres import admin_url, fresh_database
 from bench.probe import plain_url
-from tally_service.db import UsageItem, usage_columns
+from tally_service.db import UsageItem
 
 DESCRIPTION = "tally_record_usage in PostgreSQL alone: µs per event and per call, by group size."
 PRODUCT = "bench-call"
@@ -48,9 +48,8 @@ TOP_UP_MICROS = 1_000_000 * 1_000_000
 ENDPOINTS = ("/v1/pan/verify", "/v2/pan/verify", "/v1/pan/bulk", "/v1/gst/verify")
 CALLER = "bench-caller"
 RECORD = (
-    "SELECT tally_record_usage("
-    + ", ".join(f"p_{name} => ${n}" for n, name in enumerate(UsageItem._fields, 1))
-    + f") FROM (SELECT set_config('tally.caller', ${len(UsageItem._fields) + 1}, true)) AS audit"
+    "SELECT tally_record_usage(p_events => $1) "
+    "FROM (SELECT set_config('tally.caller', $2, true)) AS audit"
 )
 TIMEOUT = 120.0
 
@@ -68,9 +67,8 @@ FROM generate_series(0, {accounts - 1}) AS i;
 """
 
 
-def events(account: str, prefix: str, n: int) -> list[Any]:
-    """``n`` completed events of one account as the servicer sends them: the arguments
-    of ``RECORD`` before the caller."""
+def events(account: str, prefix: str, n: int) -> list[UsageItem]:
+    """``n`` completed events of one account as the servicer sends them."""
     now = datetime.now(UTC)
     items = [
         UsageItem(
@@ -95,7 +93,7 @@ def events(account: str, prefix: str, n: int) -> list[Any]:
         )
         for i in range(n)
     ]
-    return list(usage_columns(items).values())
+    return items
 
 
 @dataclass
@@ -143,7 +141,7 @@ class Caller:
         account = f"usage-{self.n % self.accounts}"
         self.n += 1
         payload = events(account, f"{os.getpid()}-{self.n}-{secrets.token_hex(4)}", group)
-        raw = await self.conn.fetchval(RECORD, *payload, CALLER, timeout=TIMEOUT)
+        raw = await self.conn.fetchval(RECORD, payload, CALLER, timeout=TIMEOUT)
         answer = json.loads(raw)
         response = answer["response"]
         if len(response) != group or not all(isinstance(r, list) for r in response):
@@ -239,14 +237,14 @@ async def explain(conn: asyncpg.Connection, caller: Caller, group: int) -> None:
     profiled = RECORD.replace("tally_record_usage(", "tally_record_usage_profiled(")
     for _ in range(3):  # plans made and cached, as in a long-lived session
         payload = events(f"usage-{caller.n % caller.accounts}", secrets.token_hex(6), group)
-        await conn.fetchval(profiled, *payload, CALLER, timeout=TIMEOUT)
+        await conn.fetchval(profiled, payload, CALLER, timeout=TIMEOUT)
     notices.clear()
     await conn.execute("SET track_functions = 'all'")
     await conn.execute("SELECT pg_stat_reset()")
     payload = events(
         f"usage-{caller.n % caller.accounts}", f"explain-{secrets.token_hex(4)}", group
     )
-    await conn.fetchval(profiled, *payload, CALLER, timeout=TIMEOUT)
+    await conn.fetchval(profiled, payload, CALLER, timeout=TIMEOUT)
     await asyncio.sleep(0.7)  # the statistics of the call reach the shared counters
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     functions = await conn.fetch(

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from tally_service.db import UsageItem, usage_columns
+from tally_service.db import UsageItem
 
 
 async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
@@ -54,9 +54,7 @@ async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
         webhook_url="",
         fingerprint=b"\x00",
     )
-    arguments = usage_columns([event])
-    named = ", ".join(f"p_{name} => ${n}" for n, name in enumerate(arguments, 1))
-    raw = await conn.fetchval(f"SELECT tally_record_usage({named})", *arguments.values())
+    raw = await conn.fetchval("SELECT tally_record_usage($1)", [event])
     (result,) = json.loads(raw)["response"]
     assert isinstance(result, list), result
     entry_id = await conn.fetchval(

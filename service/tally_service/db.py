@@ -283,8 +283,9 @@ GROUPED = frozenset({"tally_move", "tally_reserve", "tally_capture", "tally_rele
 
 
 class UsageItem(NamedTuple):
-    """One finished event as `tally_record_usage` takes it: the fields are its parameters
-    (without `p_`), in order; a group goes as one typed array per field (`columns`)."""
+    """One finished event as `tally_record_usage` takes it: a `tally_usage_event` record
+    (migration 0017), whose attributes are these fields in this order; a group goes as
+    one array of them, encoded by the driver in binary."""
 
     idx: int  # the event's index in the caller's call (results are keyed by it)
     account_id: str
@@ -304,13 +305,6 @@ class UsageItem(NamedTuple):
     result_metadata: str  # JSON text
     webhook_url: str
     fingerprint: bytes
-
-
-def usage_columns(items: list[UsageItem]) -> dict[str, Any]:
-    """The items as `tally_record_usage`'s arguments: one array per field (a transpose in
-    C, no per-event encoding in Python: the driver sends the arrays in binary)."""
-    columns = list(zip(*items, strict=True)) or [()] * len(UsageItem._fields)
-    return dict(zip(UsageItem._fields, columns, strict=True))
 
 
 @dataclass
@@ -567,7 +561,7 @@ class Database:
         return results
 
     async def _record_usage_now(self, items: list[UsageItem], caller: str) -> list[Any]:
-        answered, _ = await self._call_alone("tally_record_usage", usage_columns(items), caller)
+        answered, _ = await self._call_alone("tally_record_usage", {"events": items}, caller)
         results: list[Any] = answered
         return results
 

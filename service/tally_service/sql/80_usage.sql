@@ -140,10 +140,10 @@ BEGIN
 END $$;
 
 -- Records finished events (a batch, a stream's group, or one event) in one transaction,
--- with set operations: the events come as one typed array per field (p_idx[i],
--- p_account_id[i], ... are event i, idx its index in the caller's call; the metadata as
--- JSON text), are expanded once and priced by one join with the catalog; the accounts
--- are locked once each, in account_id order (so concurrent groups cannot deadlock); duplicates are found by one join on
+-- with set operations: the events come as one array of records (tally_usage_event,
+-- migration 0017: sent in binary, no text built per event), are expanded once and
+-- priced by one join with the catalog; the accounts are locked once each, in
+-- account_id order (so concurrent groups cannot deadlock); duplicates are found by one join on
 -- (account_id, event_id); and each table is written once: one INSERT of the ledger
 -- entries (one per charged event, numbered and chained per account), one of the events,
 -- one upsert of pre-aggregated rollups, one UPDATE of the accounts; grants are drawn once
@@ -172,13 +172,7 @@ END $$;
 -- accepted occurrence of an event id wins: later ones with the same payload are its
 -- duplicates, with another payload EVENT_ID_REUSED; an occurrence refused before it
 -- (unknown product, no credit) does not count, as if the items had come one by one.
-CREATE OR REPLACE FUNCTION tally_record_usage(
-    p_idx integer[], p_account_id text[], p_event_id text[], p_product_id text[],
-    p_endpoint text[], p_status text[], p_success boolean[], p_status_code integer[],
-    p_message text[], p_quantity bigint[], p_credits bigint[], p_started_at timestamptz[],
-    p_completed_at timestamptz[], p_processing_time_ms bigint[], p_request_metadata text[],
-    p_result_metadata text[], p_webhook_url text[], p_fingerprint bytea[]
-) RETURNS json
+CREATE OR REPLACE FUNCTION tally_record_usage(p_events tally_usage_event[]) RETURNS json
 LANGUAGE plpgsql
 -- Plans made once per session and kept: the statements are written so that any group
 -- size runs in linear time whatever the planner guesses (no join of two computed
@@ -222,14 +216,7 @@ BEGIN
            )::tally_usage_item ORDER BY x.pos)
     INTO v_items
     FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.idx) AS pos
-          FROM unnest(p_idx, p_account_id, p_event_id, p_product_id, p_endpoint, p_status,
-                      p_success, p_status_code, p_message, p_quantity, p_credits,
-                      p_started_at, p_completed_at, p_processing_time_ms,
-                      p_request_metadata, p_result_metadata, p_webhook_url, p_fingerprint)
-               AS e(idx, account_id, event_id, product_id, endpoint, status, success,
-                    status_code, message, quantity, credits, started_at, completed_at,
-                    processing_time_ms, request_metadata, result_metadata, webhook_url,
-                    fingerprint)) x
+          FROM unnest(p_events) e) x
     LEFT JOIN products p ON p.product_id = x.product_id;
     IF v_items IS NULL THEN
         RETURN json_build_object('replayed', false, 'response', '[]'::json);
