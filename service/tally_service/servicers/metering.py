@@ -278,13 +278,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         for index, error in invalid.items():
             results[index].status.CopyFrom(error.to_rpc_status())
         by_index = {item.idx: item for item in items}
-        caller = current_caller.get()
+        written = convert.WrittenUsage(current_caller.get())
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
                 index, of = result[convert.Written.INDEX], result[convert.Written.OF]
-                convert.fill_usage_written(
-                    results[index].result, result, events[of], by_index[of], caller
-                )
+                written.fill(results[index].result, result, events[of], by_index[of])
                 continue
             index = int(result["index"])
             if "error" in result:
