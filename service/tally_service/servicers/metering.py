@@ -137,12 +137,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             processing_ms,
             (
                 validation.metadata(event.request_metadata, "event.request_metadata")
-                if event.request_metadata.fields
+                if event.HasField("request_metadata")
                 else "{}"
             ),
             (
                 validation.metadata(event.result_metadata, "event.result_metadata")
-                if event.result_metadata.fields
+                if event.HasField("result_metadata")
                 else "{}"
             ),
             validation.text(event.webhook_url, "event.webhook_url", 2048),
