@@ -39,6 +39,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.postgres import admin_url, fresh_database
 from bench.probe import plain_url
+from tally_service.db import UsageItem
 
 DESCRIPTION = "tally_record_usage in PostgreSQL alone: µs per event and per call, by group size."
 PRODUCT = "bench-call"
@@ -66,33 +67,33 @@ FROM generate_series(0, {accounts - 1}) AS i;
 """
 
 
-def events(account: str, prefix: str, n: int) -> str:
+def events(account: str, prefix: str, n: int) -> list[UsageItem]:
     """``n`` completed events of one account as the servicer sends them."""
-    now = datetime.now(UTC).isoformat()
-    items: list[dict[str, Any]] = [
-        {
-            "index": i,
-            "account_id": account,
-            "event_id": f"{prefix}.{i}",
-            "product_id": PRODUCT,
-            "endpoint": ENDPOINTS[i % len(ENDPOINTS)],
-            "status": "completed",
-            "success": True,
-            "status_code": 200,
-            "message": "",
-            "quantity": 1,
-            "credits": None,
-            "started_at": now,
-            "completed_at": now,
-            "processing_time_ms": 40 + i % 200,
-            "request_metadata": {},
-            "result_metadata": {},
-            "webhook_url": "",
-            "fingerprint": secrets.token_hex(32),
-        }
+    now = datetime.now(UTC)
+    items = [
+        UsageItem(
+            idx=i,
+            account_id=account,
+            event_id=f"{prefix}.{i}",
+            product_id=PRODUCT,
+            endpoint=ENDPOINTS[i % len(ENDPOINTS)],
+            status="completed",
+            success=True,
+            status_code=200,
+            message="",
+            quantity=1,
+            credits=None,
+            started_at=now,
+            completed_at=now,
+            processing_time_ms=40 + i % 200,
+            request_metadata="{}",
+            result_metadata="{}",
+            webhook_url="",
+            fingerprint=secrets.token_bytes(32),
+        )
         for i in range(n)
     ]
-    return json.dumps(items, separators=(",", ":"))
+    return items
 
 
 @dataclass
@@ -221,9 +222,7 @@ def profiled_copy(source: str) -> str | None:
 
 async def explain(conn: asyncpg.Connection, caller: Caller, group: int) -> None:
     """One group through the profiled copy of the function, with track_functions."""
-    source = await conn.fetchval(
-        "SELECT pg_get_functiondef('tally_record_usage(jsonb)'::regprocedure)"
-    )
+    source = await conn.fetchval("SELECT pg_get_functiondef('tally_record_usage'::regproc)")
     copy = profiled_copy(str(source))
     if copy is None:
         print("usage_sql: tally_record_usage changed shape; --explain needs updating")

@@ -153,21 +153,23 @@ def test_record_usage_counts_events_credits_and_entries_but_not_duplicates() -> 
     assert _value(registry, "tally_ledger_entries_total", type="debit") == 1
 
 
-def test_batch_counts_each_item_and_insufficient_credit_items() -> None:
+def test_batch_rows_count_each_item_and_insufficient_credit_items() -> None:
+    """A batch is counted from the rows tally_record_usage answers, as a stream's group:
+    per (product, status) and per entry type, summed over the group."""
     registry, m = _fresh()
-    ok = metering_pb2.RecordUsageResponse(
-        event=metering_pb2.UsageEvent(
-            product_id="ocr", status=metering_pb2.USAGE_STATUS_FAILED, credits="0"
-        )
-    )
-    results = [
-        metering_pb2.UsageResult(index=0, result=ok),
-        metering_pb2.UsageResult(index=1, status=errors.InsufficientCredits("no").to_rpc_status()),
-        metering_pb2.UsageResult(index=2, status=errors.NotFound("account", "x").to_rpc_status()),
+    rows: list[Any] = [
+        [0, 0, False, 0, "purchased", "", None, None, None, None, "ocr", "failed"],
+        [1, 1, False, 1_250_000, "purchased", "", 7, 3, 0, "", "ocr", "completed"],
+        [2, 2, False, 250_000, "purchased", "", 8, 4, 0, "", "ocr", "completed"],
+        [3, 1, True, 1_250_000, "purchased", "", 7, 3, 0, "", "ocr", "completed"],
+        {"index": 4, "error": "INSUFFICIENT_CREDITS", "available": 0, "requested": 1},
+        {"index": 5, "error": "ACCOUNT_NOT_FOUND"},
     ]
-    _observe(m, "RecordUsageBatch", metering_pb2.RecordUsageBatchResponse(results=results))
+    metrics._observe_record_usage_rows(m, "RecordUsageBatch", rows)
     assert _value(registry, "tally_usage_events_total", product="ocr", status="failed") == 1
-    assert _value(registry, "tally_credits_consumed_total", product="ocr") == 0
+    assert _value(registry, "tally_usage_events_total", product="ocr", status="completed") == 2
+    assert _value(registry, "tally_credits_consumed_total", product="ocr") == 1.5
+    assert _value(registry, "tally_ledger_entries_total", type="debit") == 2
     assert (
         _value(registry, "tally_insufficient_credit_rejections_total", method="RecordUsageBatch")
         == 1

@@ -5,9 +5,12 @@ keys they replace guaranteed. Checked on the database directly (no server)."""
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+
+from tally_service.db import UsageItem
 
 
 async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
@@ -30,27 +33,28 @@ async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
         f"product-{suffix}",
         product,
     )
-    event = {
-        "index": 0,
-        "account_id": account,
-        "event_id": "e1",
-        "product_id": product,
-        "endpoint": "",
-        "status": "completed",
-        "success": True,
-        "status_code": 200,
-        "message": "",
-        "quantity": 1,
-        "credits": None,
-        "started_at": "2026-01-01T00:00:00+00:00",
-        "completed_at": "2026-01-01T00:00:00+00:00",
-        "processing_time_ms": 0,
-        "request_metadata": {},
-        "result_metadata": {},
-        "webhook_url": "",
-        "fingerprint": "00",
-    }
-    raw = await conn.fetchval("SELECT tally_record_usage($1)", json.dumps([event]))
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    event = UsageItem(
+        idx=0,
+        account_id=account,
+        event_id="e1",
+        product_id=product,
+        endpoint="",
+        status="completed",
+        success=True,
+        status_code=200,
+        message="",
+        quantity=1,
+        credits=None,
+        started_at=at,
+        completed_at=at,
+        processing_time_ms=0,
+        request_metadata="{}",
+        result_metadata="{}",
+        webhook_url="",
+        fingerprint=b"\x00",
+    )
+    raw = await conn.fetchval("SELECT tally_record_usage($1)", [event])
     (result,) = json.loads(raw)["response"]
     assert isinstance(result, list), result
     entry_id = await conn.fetchval(

@@ -81,3 +81,25 @@ def test_changed_files_are_applied_again(admin_url: str) -> None:
     assert "tally_stale" not in functions
     assert functions["tally_default_priority"] == _file_bodies()["tally_default_priority"]
     assert checksum == sqlfiles.checksum()
+
+
+async def _type_attributes(url: str, name: str) -> list[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT a.attname FROM pg_attribute a JOIN pg_type t ON t.typrelid = a.attrelid "
+            "WHERE t.typname = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            name,
+        )
+    finally:
+        await conn.close()
+    return [r["attname"] for r in rows]
+
+
+def test_usage_items_are_the_records_tally_record_usage_takes(database_url: str) -> None:
+    """The driver sends a UsageItem as a tally_usage_event record, field by position."""
+    from tally_service.db import UsageItem
+
+    attributes = asyncio.run(_type_attributes(database_url, "tally_usage_event"))
+    assert attributes == list(UsageItem._fields)
+    assert sqlfiles.signatures()["tally_record_usage"] == ("p_events",)

@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from tally.v1 import account_pb2, accounts_pb2, credits_pb2, ledger_pb2, metering_pb2
 from tally_service import models, ranges, reads
+from tally_service.db import UsageItem
 from tally_service.money import MICROS_PER_CREDIT, format_amount
 from tally_service.ranges import Range
 
@@ -49,6 +50,13 @@ def set_time(message: timestamp_pb2.Timestamp, value: datetime) -> None:
     delta = value - _EPOCH
     message.seconds = delta.days * 86400 + delta.seconds
     message.nanos = delta.microseconds * 1000
+
+
+def set_micros(message: timestamp_pb2.Timestamp, micros: int) -> None:
+    """Sets an instant given as integer microseconds since the Unix epoch."""
+    seconds, micros = divmod(micros, 1_000_000)
+    message.seconds = seconds
+    message.nanos = micros * 1000
 
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -435,7 +443,8 @@ def usage_event(
 class Written:
     """Positions in a result row of an event `tally_record_usage` wrote (sql/80_usage.sql):
     [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
-    balance_after, entry_created_at, product_id, status]."""
+    balance_after, entry_created_at, product_id, status]; the instants are integer
+    microseconds since the Unix epoch."""
 
     INDEX, OF, DUPLICATE, CREDITS, CREDIT_TYPE, CREATED_AT = range(6)
     ENTRY_ID, SEQUENCE, BALANCE_AFTER, ENTRY_CREATED_AT, PRODUCT_ID, STATUS = range(6, 12)
@@ -453,58 +462,93 @@ def usage_replayed(result: dict[str, Any]) -> metering_pb2.RecordUsageResponse:
 
 
 def usage_written(
-    row: list[Any], event: metering_pb2.UsageEvent, item: dict[str, Any], caller: str
+    row: list[Any], event: metering_pb2.UsageEvent, item: UsageItem, caller: str
 ) -> metering_pb2.RecordUsageResponse:
-    """The response for an event written by this call, from the event as sent
-    (`event` and its `item`: the one that was written, of which this result may be
-    a duplicate) and what the database decided (`row`, see `Written`): the same
-    message a later replay builds from the stored rows (`usage_replayed`). `caller` is
-    the caller the ledger_entries_caller trigger stamped."""
-    message = metering_pb2.RecordUsageResponse(duplicate=row[Written.DUPLICATE])
-    out = message.event
-    out.CopyFrom(event)
-    out.DiscardUnknownFields()
-    out.request_metadata.SetInParent()  # present even when empty, as in a replay
-    out.result_metadata.SetInParent()
-    out.status = USAGE_STATUSES[item["status"]]
-    out.success = item["success"]
-    out.quantity = item["quantity"]
-    charge: int = row[Written.CREDITS]
-    out.credits = format_amount(charge)
-    out.credit_type = CREDIT_TYPES[row[Written.CREDIT_TYPE]]
-    set_time(out.start_time, datetime.fromisoformat(item["started_at"]))
-    if item["completed_at"] is None:
-        out.ClearField("complete_time")
-    else:
-        set_time(out.complete_time, datetime.fromisoformat(item["completed_at"]))
-    out.processing_time_ms = item["processing_time_ms"]
-    set_time(out.create_time, datetime.fromisoformat(row[Written.CREATED_AT]))
-    entry_id = row[Written.ENTRY_ID]
-    out.entry_id = entry_id or 0
-    out.reservation_id = ""
-    if entry_id:
-        # The debit tally_record_usage wrote for this charge (same description,
-        # reference and metadata; the caller as the ledger_entries_caller trigger
-        # stamps it).
-        entry = message.entry
-        entry.entry_id = entry_id
-        entry.account_id = item["account_id"]
-        entry.sequence = row[Written.SEQUENCE]
-        entry.type = ledger_pb2.ENTRY_TYPE_DEBIT
-        entry.amount = format_amount(-charge)
-        entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
-        endpoint = item["endpoint"]
-        product = item["product_id"]
-        entry.description = f"usage {product} {endpoint}" if endpoint else f"usage {product}"
-        entry.reference = item["event_id"]
-        entry.request_id = item["event_id"]
-        fields = entry.metadata.fields
-        fields["event_id"].string_value = item["event_id"]
-        fields["product_id"].string_value = product
-        if caller:
-            fields["caller"].string_value = caller
-        set_time(entry.create_time, datetime.fromisoformat(row[Written.ENTRY_CREATED_AT]))
+    """The response for an event written by this call (see `WrittenUsage.fill`)."""
+    message = metering_pb2.RecordUsageResponse()
+    WrittenUsage(caller).fill(message, row, event, item)
     return message
+
+
+class WrittenUsage:
+    """Builds the responses of the events one call wrote: the same messages a later replay
+    builds from the stored rows (`usage_replayed`). What the call's events share is made
+    once per call: each entry starts as a copy of its (account, product, endpoint)'s
+    template (type, account, description, metadata but the event id), and each charge's
+    decimal text is formatted once. `caller` is the caller the ledger_entries_caller
+    trigger stamped."""
+
+    def __init__(self, caller: str) -> None:
+        self.caller = caller
+        self._entries: dict[tuple[str, str, str], ledger_pb2.LedgerEntry] = {}
+        self._credits: dict[int, str] = {}
+
+    def _entry(self, item: UsageItem) -> ledger_pb2.LedgerEntry:
+        key = (item.account_id, item.product_id, item.endpoint)
+        template = self._entries.get(key)
+        if template is None:
+            product, endpoint = item.product_id, item.endpoint
+            # The debit tally_record_usage writes (same description, reference and
+            # metadata; the caller as the ledger_entries_caller trigger stamps it).
+            template = self._entries[key] = ledger_pb2.LedgerEntry(
+                account_id=item.account_id,
+                type=ledger_pb2.ENTRY_TYPE_DEBIT,
+                description=f"usage {product} {endpoint}" if endpoint else f"usage {product}",
+            )
+            fields = template.metadata.fields
+            fields["event_id"].string_value = ""
+            fields["product_id"].string_value = product
+            if self.caller:
+                fields["caller"].string_value = self.caller
+        return template
+
+    def fill(
+        self,
+        message: metering_pb2.RecordUsageResponse,
+        row: list[Any],
+        event: metering_pb2.UsageEvent,
+        item: UsageItem,
+    ) -> None:
+        """Fills `message` (empty; in place, e.g. a batch response's result, so nothing
+        is copied) with the response for an event written by this call, from the event
+        as sent (`event` and its `item`: the one that was written, of which this result
+        may be a duplicate) and what the database decided (`row`, see `Written`)."""
+        message.duplicate = row[Written.DUPLICATE]
+        out = message.event
+        out.CopyFrom(event)
+        out.DiscardUnknownFields()
+        out.request_metadata.SetInParent()  # present even when empty, as in a replay
+        out.result_metadata.SetInParent()
+        out.status = USAGE_STATUSES[item.status]
+        out.success = item.success
+        out.quantity = item.quantity
+        charge: int = row[Written.CREDITS]
+        credits = self._credits.get(charge)
+        if credits is None:
+            credits = self._credits[charge] = format_amount(charge)
+        out.credits = credits
+        out.credit_type = CREDIT_TYPES[row[Written.CREDIT_TYPE]]
+        set_time(out.start_time, item.started_at)
+        if item.completed_at is None:
+            out.ClearField("complete_time")
+        else:
+            set_time(out.complete_time, item.completed_at)
+        out.processing_time_ms = item.processing_time_ms
+        set_micros(out.create_time, row[Written.CREATED_AT])
+        entry_id = row[Written.ENTRY_ID]
+        out.entry_id = entry_id or 0
+        out.reservation_id = ""
+        if entry_id:
+            entry = message.entry
+            entry.CopyFrom(self._entry(item))
+            entry.entry_id = entry_id
+            entry.sequence = row[Written.SEQUENCE]
+            entry.amount = f"-{credits}" if charge > 0 else format_amount(-charge)
+            entry.balance_after = format_amount(row[Written.BALANCE_AFTER])
+            entry.reference = item.event_id
+            entry.request_id = item.event_id
+            entry.metadata.fields["event_id"].string_value = item.event_id
+            set_micros(entry.create_time, row[Written.ENTRY_CREATED_AT])
 
 
 def period_report_line(line: reads.ReportLine) -> metering_pb2.PeriodReportLine:

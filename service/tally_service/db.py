@@ -9,8 +9,9 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -281,6 +282,31 @@ class GroupSettings:
 GROUPED = frozenset({"tally_move", "tally_reserve", "tally_capture", "tally_release"})
 
 
+class UsageItem(NamedTuple):
+    """One finished event as `tally_record_usage` takes it: a `tally_usage_event` record
+    (migration 0016), whose attributes are these fields in this order; a group goes as
+    one array of them, encoded by the driver in binary."""
+
+    idx: int  # the event's index in the caller's call (results are keyed by it)
+    account_id: str
+    event_id: str
+    product_id: str
+    endpoint: str
+    status: str
+    success: bool
+    status_code: int
+    message: str
+    quantity: int
+    credits: int | None
+    started_at: datetime
+    completed_at: datetime | None
+    processing_time_ms: int
+    request_metadata: str  # JSON text
+    result_metadata: str  # JSON text
+    webhook_url: str
+    fingerprint: bytes
+
+
 @dataclass
 class _Pending:
     function: str
@@ -288,6 +314,7 @@ class _Pending:
     caller: str
     future: asyncio.Future[Any]
     key: Any = None  # items with equal non-None keys never share a group
+    item: Any = None  # the usage lane's event (a UsageItem; params are then empty)
 
 
 class _GroupQueue:
@@ -511,7 +538,7 @@ class Database:
             except Exception as exc:
                 p.future.set_exception(exc)
 
-    async def record_usage(self, items: list[dict[str, Any]]) -> list[Any]:
+    async def record_usage(self, items: list[UsageItem]) -> list[Any]:
         """`tally_record_usage` over these items (the events of one call); one result per
         item. A call of one event (unary RecordUsage) joins the usage lane of group
         commit: concurrent calls' events are recorded by one call of the set-based
@@ -522,19 +549,19 @@ class Database:
             (item,) = items
             pending = _Pending(
                 "tally_record_usage",
-                item,
+                {},
                 current_caller.get(),
                 asyncio.get_running_loop().create_future(),
-                key=(item["account_id"], item["event_id"]),
+                key=(item.account_id, item.event_id),
+                item=item,
             )
             results = [await self._usage.submit(pending)]
         # In the caller's context, with its own results only (as in `call`).
         metrics.note_call("tally_record_usage", results, False)
         return results
 
-    async def _record_usage_now(self, items: list[dict[str, Any]], caller: str) -> list[Any]:
-        events = json.dumps(items, separators=(",", ":"))
-        answered, _ = await self._call_alone("tally_record_usage", {"events": events}, caller)
+    async def _record_usage_now(self, items: list[UsageItem], caller: str) -> list[Any]:
+        answered, _ = await self._call_alone("tally_record_usage", {"events": items}, caller)
         results: list[Any] = answered
         return results
 
@@ -547,7 +574,7 @@ class Database:
             for p in group:
                 await _settle(p, self._first_result(p))
             return
-        items = [{**p.params, "index": position} for position, p in enumerate(group)]
+        items = [p.item._replace(idx=position) for position, p in enumerate(group)]
         try:
             results = await self._record_usage_now(items, group[0].caller)
         except errors.DatabaseUnavailable as exc:
@@ -562,16 +589,16 @@ class Database:
         for result in results:
             if isinstance(result, list):
                 p = group[result[0]]
-                own = [p.params["index"], p.params["index"], *result[2:]]
+                own = [p.item.idx, p.item.idx, *result[2:]]
                 answer: Any = own
             else:
                 p = group[int(result["index"])]
-                answer = {**result, "index": p.params["index"]}
+                answer = {**result, "index": p.item.idx}
             if not p.future.done():
                 p.future.set_result(answer)
 
     async def _first_result(self, p: _Pending) -> Any:
-        (result,) = await self._record_usage_now([dict(p.params)], p.caller)
+        (result,) = await self._record_usage_now([p.item], p.caller)
         return result
 
     async def ping(self) -> bool:

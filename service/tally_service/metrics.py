@@ -12,7 +12,9 @@ makes its own and serves it on TALLY_METRICS_ADDRESS; tests use a fresh one).
   answered with); no servicer knows about metrics. Replays of a stored response
   (idempotent retries, reported by ``Database.call``) and duplicate usage events are not
   counted again. StreamUsage answers only with counts, so its events are counted from the
-  rows ``tally_record_usage`` returns for each group (``note_call``), as they are written.
+  rows ``tally_record_usage`` returns for each group (``note_call``), as they are written;
+  so are RecordUsageBatch's (the same counts as its response, summed per label set
+  instead of read back from up to 1,000 result messages).
   Usage events are counted once, at their final status (completed or failed): RecordUsage
   and its batch and stream forms, CompleteUsage and FailUsage; StartUsage counts in
   ``tally_usage_jobs_started_total``.
@@ -44,7 +46,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor, descriptor_pool
-from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -285,9 +286,9 @@ class Metrics:
         self.usage_events.labels(product, status).inc()
         self.credits_consumed.labels(product).inc(max(credits, 0.0))
 
-    def ledger_entry(self, entry_type: str) -> None:
+    def ledger_entry(self, entry_type: str, count: int = 1) -> None:
         child = self._entries.get(entry_type)
-        (child or self.ledger_entries.labels(entry_type)).inc()
+        (child or self.ledger_entries.labels(entry_type)).inc(count)
 
     def hold(self, outcome: str, count: int = 1) -> None:
         if count > 0:
@@ -424,7 +425,12 @@ def _split(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-_STREAM_USAGE = "/tally.v1.MeteringService/StreamUsage"
+# Counted from the rows `tally_record_usage` answers (`note_call`), group by group, not
+# from the response: a stream answers only with counts, and a batch's rows tell the
+# same as its response for a fraction of reading every result message back.
+_COUNTED_BY_ROWS = frozenset(
+    ("/tally.v1.MeteringService/StreamUsage", "/tally.v1.MeteringService/RecordUsageBatch")
+)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -485,8 +491,8 @@ class _Rpc:
 
     def _begin(self) -> RpcNotes:
         notes = RpcNotes()
-        if self.full_method == _STREAM_USAGE:
-            # The response only counts; each group's results are counted as written.
+        if self.full_method in _COUNTED_BY_ROWS:
+            # Each group's results are counted as written (not from the response).
             notes.on_call = self._record_usage_results
         _current.set(notes)
         self.started.inc()
@@ -596,27 +602,6 @@ def _observe_finished(
         metrics.hold("released")
 
 
-def _item_reason(status: status_pb2.Status) -> str:
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
-
-
-def _observe_batch(
-    metrics: Metrics, method: str, response: metering_pb2.RecordUsageBatchResponse
-) -> None:
-    rejected = 0
-    for item in response.results:
-        if item.HasField("result"):
-            _observe_usage(metrics, item.result)
-        elif _item_reason(item.status) == INSUFFICIENT_CREDITS:
-            rejected += 1
-    metrics.rejected_for_credits(method, rejected)
-
-
 def _observe_started(metrics: Metrics, response: metering_pb2.StartUsageResponse) -> None:
     metrics.usage_jobs_started.labels(response.event.product_id).inc()
     if response.HasField("reservation"):
@@ -631,7 +616,6 @@ def _observe_capture(metrics: Metrics, response: credits_pb2.CaptureResponse) ->
 # What each response type tells; other responses (reads, catalog, accounts) tell nothing.
 _OBSERVERS: dict[type, Callable[[Metrics, str, Any], None]] = {
     metering_pb2.RecordUsageResponse: lambda m, _, r: _observe_usage(m, r),
-    metering_pb2.RecordUsageBatchResponse: _observe_batch,
     metering_pb2.StartUsageResponse: lambda m, _, r: _observe_started(m, r),
     metering_pb2.CompleteUsageResponse: lambda m, _, r: _observe_finished(m, r),
     metering_pb2.FailUsageResponse: lambda m, _, r: _observe_finished(m, r),
@@ -652,28 +636,41 @@ def _observe_response(metrics: Metrics, method: str, response: Any) -> None:
 
 
 def _observe_record_usage_rows(metrics: Metrics, method: str, rows: Any) -> None:
-    """Counts the rows ``tally_record_usage`` answered (StreamUsage, group by group)."""
+    """Counts the rows ``tally_record_usage`` answered (a batch, a stream's group): the
+    events written per (product, status) summed first, so a group costs one increment
+    per label set, not one per event."""
     rejected = 0
+    events: dict[tuple[str, str], list[int]] = {}
+    entries = 0
     for row in rows:
         if isinstance(row, list):
             # An event written by this call: [index, of, duplicate, credits,
             # credit_type, created_at, entry_id, ..., product_id, status].
-            if not row[2]:
-                metrics.usage_event(str(row[10]), str(row[11]), _micros_value(row[3]))
-                if row[6]:
-                    metrics.ledger_entry("debit")
-            continue
-        if "error" in row:
+            if row[2]:
+                continue
+            key, micros = (row[10], row[11]), row[3]
+            entries += bool(row[6])
+        elif "error" in row:
             rejected += row["error"] == INSUFFICIENT_CREDITS
             continue
-        if row.get("duplicate"):
+        elif row.get("duplicate"):
             continue
-        event = row["event"]
-        metrics.usage_event(
-            str(event["product_id"]), str(event["status"]), _micros_value(event.get("credits"))
-        )
-        if row.get("entry"):
-            metrics.ledger_entry(str(row["entry"]["entry_type"]))
+        else:
+            event = row["event"]
+            key, micros = (event["product_id"], event["status"]), event.get("credits")
+            if row.get("entry"):
+                metrics.ledger_entry(str(row["entry"]["entry_type"]))
+        counted = events.get(key)
+        if counted is None:
+            events[key] = [1, int(micros or 0)]
+        else:
+            counted[0] += 1
+            counted[1] += int(micros or 0)
+    for (product, status), (count, micros) in events.items():
+        metrics.usage_events.labels(str(product), str(status)).inc(count)
+        metrics.credits_consumed.labels(str(product)).inc(max(_micros_value(micros), 0.0))
+    if entries:
+        metrics.ledger_entry("debit", entries)
     metrics.rejected_for_credits(method, rejected)
 
 

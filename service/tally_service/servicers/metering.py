@@ -26,7 +26,7 @@ from tally_service import (
 )
 from tally_service.auth import current_caller
 from tally_service.config import Settings
-from tally_service.db import Database, insufficient_credits
+from tally_service.db import Database, UsageItem, insufficient_credits
 from tally_service.money import parse_amount
 
 MAX_BATCH = 1000
@@ -38,13 +38,13 @@ MAX_STREAM_FAILURES = 1000
 MAX_QUANTITY = 10**9
 DEFAULT_JOB_TTL_SECONDS = 3600
 FUTURE_SKEW = timedelta(minutes=5)
+_NO_TIME = timedelta(0)
 STATUS_NAMES = {
     metering_pb2.USAGE_STATUS_PENDING: "pending",
     metering_pb2.USAGE_STATUS_PROCESSING: "processing",
     metering_pb2.USAGE_STATUS_COMPLETED: "completed",
     metering_pb2.USAGE_STATUS_FAILED: "failed",
 }
-_EMPTY_METADATA: dict[str, Any] = {}
 
 
 def _now() -> datetime:
@@ -65,9 +65,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         index: int,
         starting: bool,
         now: datetime | None = None,
-    ) -> dict[str, Any]:
-        """Checks an event and returns it as the JSON item the SQL functions take
-        (`now`: the instant of the call, read once for a whole batch)."""
+    ) -> UsageItem:
+        """Checks an event and returns it as the item the SQL functions take (`now`: the
+        instant of the call, read once for a whole batch)."""
         now = now or _now()
         status = STATUS_NAMES.get(event.status)
         if starting:
@@ -86,61 +86,68 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         quantity = event.quantity if event.HasField("quantity") else 1
         if not 0 <= quantity <= MAX_QUANTITY:
             raise errors.InvalidArgument("event.quantity", f"must be 0 to {MAX_QUANTITY}")
-        started = (
-            validation.optional_time(event, "start_time", event.start_time, name="event.start_time")
-            or now
-        )
-        if started < now - timedelta(days=self.settings.usage_backdate_days):
-            raise errors.InvalidArgument(
-                "event.start_time",
-                f"more than {self.settings.usage_backdate_days} days in the past",
+        # The times: `now` unless given (their fields are read only when set).
+        started: datetime = now
+        if event.HasField("start_time"):
+            started = (
+                validation.optional_time(
+                    event, "start_time", event.start_time, name="event.start_time"
+                )
+                or now
             )
-        if started > now + FUTURE_SKEW:
-            raise errors.InvalidArgument("event.start_time", "in the future")
-        completed = validation.optional_time(
-            event, "complete_time", event.complete_time, name="event.complete_time"
-        )
-        if not starting and completed is None:
-            completed = now
-        if completed is not None and completed < started:
+            if started < now - timedelta(days=self.settings.usage_backdate_days):
+                raise errors.InvalidArgument(
+                    "event.start_time",
+                    f"more than {self.settings.usage_backdate_days} days in the past",
+                )
+            if started > now + FUTURE_SKEW:
+                raise errors.InvalidArgument("event.start_time", "in the future")
+        completed: datetime | None = None if starting else now
+        if event.HasField("complete_time"):
+            completed = validation.optional_time(
+                event, "complete_time", event.complete_time, name="event.complete_time"
+            )
+        # (Both `now`, the usual event: in order, and 0 ms apart.)
+        elapsed = None if completed is None or completed is started else completed - started
+        if elapsed is not None and elapsed < _NO_TIME:
             raise errors.InvalidArgument("event.complete_time", "before start_time")
         if event.processing_time_ms < 0:
             raise errors.InvalidArgument("event.processing_time_ms", "must not be negative")
         processing_ms = event.processing_time_ms
-        if not processing_ms and completed is not None:
-            processing_ms = int((completed - started) / timedelta(milliseconds=1))
-        return {
-            "index": index,
-            "account_id": validation.account_id(event.account_id, "event.account_id"),
-            "event_id": validation.event_id(event.event_id),
-            "product_id": validation.product_id(event.product_id, "event.product_id"),
-            "endpoint": validation.text(event.endpoint, "event.endpoint", 256),
-            "status": status,
-            "success": success,
-            "status_code": event.status_code,
-            "message": validation.text(event.message, "event.message", 1024),
-            "quantity": quantity,
-            "credits": (
+        if not processing_ms and elapsed is not None:
+            processing_ms = int(elapsed / timedelta(milliseconds=1))
+        return UsageItem(
+            index,
+            validation.account_id(event.account_id, "event.account_id"),
+            validation.event_id(event.event_id),
+            validation.product_id(event.product_id, "event.product_id"),
+            validation.text(event.endpoint, "event.endpoint", 256),
+            status,
+            success,
+            event.status_code,
+            validation.text(event.message, "event.message", 1024),
+            quantity,
+            (
                 parse_amount("event.credits", event.credits, allow_zero=True)
                 if event.credits
                 else None
             ),
-            "started_at": started.isoformat(),
-            "completed_at": completed.isoformat() if completed else None,
-            "processing_time_ms": processing_ms,
-            "request_metadata": (
-                json.loads(validation.metadata(event.request_metadata, "event.request_metadata"))
-                if event.request_metadata.fields
-                else _EMPTY_METADATA
+            started,
+            completed,
+            processing_ms,
+            (
+                validation.metadata(event.request_metadata, "event.request_metadata")
+                if event.HasField("request_metadata")
+                else "{}"
             ),
-            "result_metadata": (
-                json.loads(validation.metadata(event.result_metadata, "event.result_metadata"))
-                if event.result_metadata.fields
-                else _EMPTY_METADATA
+            (
+                validation.metadata(event.result_metadata, "event.result_metadata")
+                if event.HasField("result_metadata")
+                else "{}"
             ),
-            "webhook_url": validation.text(event.webhook_url, "event.webhook_url", 2048),
-            "fingerprint": fingerprint.of("StartUsage" if starting else "RecordUsage", event).hex(),
-        }
+            validation.text(event.webhook_url, "event.webhook_url", 2048),
+            fingerprint.of("StartUsage" if starting else "RecordUsage", event),
+        )
 
     # -- catalog ------------------------------------------------------------------
 
@@ -184,7 +191,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     # -- recording ----------------------------------------------------------------
 
-    async def _record(self, items: list[dict[str, Any]]) -> list[Any]:
+    async def _record(self, items: list[UsageItem]) -> list[Any]:
         """Records items in transactions of at most COMMIT_GROUP events (a whole batch:
         `tally_record_usage` applies them with set operations, well inside the statement
         timeout). A failure between groups is safe: a retry replays the committed events
@@ -205,31 +212,31 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             results.extend(answered)
         return results
 
-    async def _record_alone(self, item: dict[str, Any]) -> Any:
+    async def _record_alone(self, item: UsageItem) -> Any:
         try:
             (answered,) = await self.db.record_usage([item])
         except errors.BalanceLimit:
-            return {"index": item["index"], "error": "BALANCE_LIMIT"}
+            return {"index": item.idx, "error": "BALANCE_LIMIT"}
         return answered
 
     @staticmethod
-    def _item_error(result: dict[str, Any], item: dict[str, Any]) -> errors.DomainError:
+    def _item_error(result: dict[str, Any], item: UsageItem) -> errors.DomainError:
         reason = result["error"]
         if reason == "ACCOUNT_NOT_FOUND":
-            return errors.NotFound("account", item["account_id"])
+            return errors.NotFound("account", item.account_id)
         if reason == "PRODUCT_NOT_FOUND":
-            return errors.NotFound("product", item["product_id"])
+            return errors.NotFound("product", item.product_id)
         if reason == "BALANCE_LIMIT":
             return errors.BalanceLimit(
                 "the event's charge would take the balance out of range",
-                metadata={"account_id": item["account_id"], "event_id": item["event_id"]},
+                metadata={"account_id": item.account_id, "event_id": item.event_id},
             )
         if reason == "EVENT_ID_REUSED":
             return errors.EventIdReused(
-                f"event_id {item['event_id']!r} was already recorded with another payload",
-                metadata={"account_id": item["account_id"], "event_id": item["event_id"]},
+                f"event_id {item.event_id!r} was already recorded with another payload",
+                metadata={"account_id": item.account_id, "event_id": item.event_id},
             )
-        return insufficient_credits({**result, "account_id": item["account_id"]})
+        return insufficient_credits({**result, "account_id": item.account_id})
 
     async def RecordUsage(
         self, request: metering_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
@@ -244,55 +251,62 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     def _items(
         self, events: list[metering_pb2.UsageEvent], first_index: int
-    ) -> tuple[list[dict[str, Any]], dict[int, metering_pb2.UsageResult]]:
-        """The group's valid events as items, and a failure result for each invalid one."""
+    ) -> tuple[list[UsageItem], dict[int, errors.DomainError]]:
+        """The group's valid events as items, and the error of each invalid one."""
         items = []
-        invalid: dict[int, metering_pb2.UsageResult] = {}
+        invalid: dict[int, errors.DomainError] = {}
         now = _now()
         for offset, event in enumerate(events):
             index = first_index + offset
             try:
                 items.append(self._event_item(event, index=index, starting=False, now=now))
             except errors.DomainError as error:
-                invalid[index] = metering_pb2.UsageResult(
-                    index=index, event_id=event.event_id, status=error.to_rpc_status()
-                )
+                invalid[index] = error
         return items, invalid
 
-    async def _record_group(
-        self, events: list[metering_pb2.UsageEvent], first_index: int
-    ) -> list[metering_pb2.UsageResult]:
-        """Records a group of events; one result per event, in order."""
-        items, results = self._items(events, first_index)
-        by_index = {item["index"]: item for item in items}
+    async def _record_batch(
+        self,
+        events: list[metering_pb2.UsageEvent],
+        response: metering_pb2.RecordUsageBatchResponse,
+    ) -> None:
+        """Records a batch; one result per event, in order, each built in place in
+        `response` (no result message is built apart and copied in)."""
+        results = response.results
+        for index, event in enumerate(events):
+            results.add(index=index, event_id=event.event_id)
+        items, invalid = self._items(events, 0)
+        for index, error in invalid.items():
+            results[index].status.CopyFrom(error.to_rpc_status())
+        by_index = {item.idx: item for item in items}
+        written = convert.WrittenUsage(current_caller.get())
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
                 index, of = result[convert.Written.INDEX], result[convert.Written.OF]
-                out = metering_pb2.UsageResult(index=index, event_id=by_index[index]["event_id"])
-                out.result.CopyFrom(
-                    convert.usage_written(
-                        result, events[of - first_index], by_index[of], current_caller.get()
-                    )
-                )
-                results[index] = out
+                written.fill(results[index].result, result, events[of], by_index[of])
                 continue
             index = int(result["index"])
-            item = by_index[index]
-            out = metering_pb2.UsageResult(index=index, event_id=item["event_id"])
             if "error" in result:
-                out.status.CopyFrom(self._item_error(result, item).to_rpc_status())
+                results[index].status.CopyFrom(
+                    self._item_error(result, by_index[index]).to_rpc_status()
+                )
             else:
-                out.result.CopyFrom(convert.usage_replayed(result))
-            results[index] = out
-        return [results[first_index + i] for i in range(len(events))]
+                results[index].result.CopyFrom(convert.usage_replayed(result))
 
     async def _count_group(
         self, events: list[metering_pb2.UsageEvent], first_index: int
     ) -> tuple[int, int, list[metering_pb2.UsageResult]]:
         """Records a group of a stream: (recorded, duplicates, failures in index order).
         A stream answers only with counts, so no event's response is built."""
-        items, failures = self._items(events, first_index)
-        by_index = {item["index"]: item for item in items}
+        items, invalid = self._items(events, first_index)
+        failures = {
+            index: metering_pb2.UsageResult(
+                index=index,
+                event_id=events[index - first_index].event_id,
+                status=error.to_rpc_status(),
+            )
+            for index, error in invalid.items()
+        }
+        by_index = {item.idx: item for item in items}
         recorded = duplicates = 0
         for result in await self._record(items) if items else []:
             if isinstance(result, list):
@@ -302,9 +316,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                     recorded += 1
             elif "error" in result:
                 item = by_index[int(result["index"])]
-                failures[item["index"]] = metering_pb2.UsageResult(
-                    index=item["index"],
-                    event_id=item["event_id"],
+                failures[item.idx] = metering_pb2.UsageResult(
+                    index=item.idx,
+                    event_id=item.event_id,
                     status=self._item_error(result, item).to_rpc_status(),
                 )
             else:
@@ -318,8 +332,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise errors.InvalidArgument("events", "at least one event is required")
         if len(request.events) > MAX_BATCH:
             raise errors.InvalidArgument("events", f"at most {MAX_BATCH} events per batch")
-        results = await self._record_group(list(request.events), 0)
-        return metering_pb2.RecordUsageBatchResponse(results=results)
+        response = metering_pb2.RecordUsageBatchResponse()
+        await self._record_batch(list(request.events), response)
+        return response
 
     async def StreamUsage(
         self,
@@ -383,7 +398,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         ttl = request.ttl_seconds or DEFAULT_JOB_TTL_SECONDS
         response, _ = await self.db.call(
             "tally_start_usage",
-            {"item": json.dumps(item), "ttl_seconds": validation.ttl_seconds(ttl)},
+            {"item": _item_json(item), "ttl_seconds": validation.ttl_seconds(ttl)},
         )
         message = metering_pb2.StartUsageResponse(
             event=convert.usage_event(convert.from_json(models.UsageEvent, response["event"]))
@@ -611,6 +626,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         )
         report = await period_reports.get(self.db, account, p, request.version, _now())
         return metering_pb2.GetPeriodReportResponse(report=convert.period_report(report))
+
+
+def _item_json(item: UsageItem) -> str:
+    """The item as the JSON document `tally_start_usage` takes."""
+    return json.dumps(
+        {
+            **item._asdict(),
+            "started_at": item.started_at.isoformat(),
+            "completed_at": item.completed_at.isoformat() if item.completed_at else None,
+            "request_metadata": json.loads(item.request_metadata),
+            "result_metadata": json.loads(item.result_metadata),
+            "fingerprint": item.fingerprint.hex(),
+        }
+    )
 
 
 # How a caller asks for a gzip-compressed reply stream. A grpc.aio server is not told

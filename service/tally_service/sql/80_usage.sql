@@ -140,9 +140,10 @@ BEGIN
 END $$;
 
 -- Records finished events (a batch, a stream's group, or one event) in one transaction,
--- with set operations: the events are expanded from the JSON once and priced by one join
--- with the catalog; the accounts are locked once each, in account_id order (so
--- concurrent groups cannot deadlock); duplicates are found by one join on
+-- with set operations: the events come as one array of records (tally_usage_event,
+-- migration 0016: sent in binary, no text built per event), are expanded once and
+-- priced by one join with the catalog; the accounts are locked once each, in
+-- account_id order (so concurrent groups cannot deadlock); duplicates are found by one join on
 -- (account_id, event_id); and each table is written once: one INSERT of the ledger
 -- entries (one per charged event, numbered and chained per account), one of the events,
 -- one upsert of pre-aggregated rollups, one UPDATE of the accounts; grants are drawn once
@@ -157,7 +158,8 @@ END $$;
 --   [index, of, duplicate, credits, credit_type, created_at, entry_id, sequence,
 --    balance_after, entry_created_at, product_id, status]: written by this call, by
 --    the item "of" (whose duplicate this one is when they differ); only what the
---    database decided (entry_id and what follows it are null for an uncharged event).
+--    database decided (entry_id and what follows it are null for an uncharged event;
+--    the two instants as microseconds since the Unix epoch, exact integers).
 --    The rest is the item "of" as sent, and the entry is the debit of its charge with
 --    the description, reference and metadata tally_record_usage gives it (below); the
 --    server builds the response from both (tally_service.servicers.metering).
@@ -170,7 +172,7 @@ END $$;
 -- accepted occurrence of an event id wins: later ones with the same payload are its
 -- duplicates, with another payload EVENT_ID_REUSED; an occurrence refused before it
 -- (unknown product, no credit) does not count, as if the items had come one by one.
-CREATE OR REPLACE FUNCTION tally_record_usage(p_events jsonb) RETURNS json
+CREATE OR REPLACE FUNCTION tally_record_usage(p_events tally_usage_event[]) RETURNS json
 LANGUAGE plpgsql
 -- Plans made once per session and kept: the statements are written so that any group
 -- size runs in linear time whatever the planner guesses (no join of two computed
@@ -201,7 +203,7 @@ DECLARE
 BEGIN
     -- The events, priced, in (account_id, index) order: pos is the array subscript.
     SELECT array_agg(ROW(
-               x.pos, x.index, x.account_id, x.event_id, x.product_id, x.endpoint, x.status,
+               x.pos, x.idx, x.account_id, x.event_id, x.product_id, x.endpoint, x.status,
                x.success, x.status_code, x.message, x.quantity,
                CASE WHEN p.product_id IS NULL THEN NULL
                     -- a price out of BIGINT's range: -1, refused alone (BALANCE_LIMIT)
@@ -209,17 +211,12 @@ BEGIN
                          AND p.credits_per_unit::numeric * x.quantity
                              > 9223372036854775807 THEN -1
                     ELSE tally_price(p, x.quantity, x.status, x.credits) END,
-               x.started_at, x.completed_at, x.processing_time_ms, x.request_metadata,
-               x.result_metadata, x.webhook_url, decode(x.fingerprint, 'hex')
+               x.started_at, x.completed_at, x.processing_time_ms, x.request_metadata::jsonb,
+               x.result_metadata::jsonb, x.webhook_url, x.fingerprint
            )::tally_usage_item ORDER BY x.pos)
     INTO v_items
-    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.index) AS pos
-          FROM jsonb_to_recordset(p_events) AS e(
-              index integer, account_id text, event_id text, product_id text, endpoint text,
-              status text, success boolean, status_code integer, message text,
-              quantity bigint, credits bigint, started_at timestamptz,
-              completed_at timestamptz, processing_time_ms bigint, request_metadata jsonb,
-              result_metadata jsonb, webhook_url text, fingerprint text)) x
+    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.idx) AS pos
+          FROM unnest(p_events) e) x
     LEFT JOIN products p ON p.product_id = x.product_id;
     IF v_items IS NULL THEN
         RETURN json_build_object('replayed', false, 'response', '[]'::json);
@@ -472,10 +469,11 @@ BEGIN
         SELECT (w.e).pos, (w.e).idx, (w.e).charge,
                CASE WHEN w.entry_credit_type = 'subscription' THEN 'subscription'
                     ELSE 'purchased' END AS credit_type,
-               w.created_at, w.entry_id,
+               (extract(epoch FROM w.created_at) * 1000000)::bigint AS created_at, w.entry_id,
                CASE WHEN w.entry_id IS NOT NULL THEN w.sequence END AS sequence,
                CASE WHEN w.entry_id IS NOT NULL THEN w.before - w.spent END AS balance_after,
-               CASE WHEN w.entry_id IS NOT NULL THEN w.at END AS entry_created_at,
+               CASE WHEN w.entry_id IS NOT NULL
+                    THEN (extract(epoch FROM w.at) * 1000000)::bigint END AS entry_created_at,
                (w.e).product_id, (w.e).status
         FROM written w
     )
