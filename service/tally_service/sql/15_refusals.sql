@@ -5,11 +5,16 @@
 -- one call's refusal from undoing its neighbours. Python maps the SQLSTATE (class TA)
 -- to the error catalog exactly as it maps a raised one. Exceptions remain for what
 -- must abort the transaction (assertions paired with invariants, overflow).
+--
+-- The refusal builders below are PL/pgSQL: an SQL function that PostgreSQL cannot
+-- inline (jsonb_build_object is not immutable) is parsed and planned again in every
+-- transaction that calls it (design.md).
 CREATE OR REPLACE FUNCTION tally_refusal(p_sqlstate text, p_detail json) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT jsonb_build_object('error', jsonb_build_object(
-        'sqlstate', p_sqlstate, 'detail', p_detail::text))
-$$;
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN jsonb_build_object('error', jsonb_build_object(
+        'sqlstate', p_sqlstate, 'detail', p_detail::text));
+END $$;
 
 -- Raises a refusal, where the caller cannot return it (a helper returning a row).
 CREATE OR REPLACE FUNCTION tally_raise(p_refusal jsonb) RETURNS void LANGUAGE plpgsql AS $$
@@ -19,9 +24,10 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION tally_not_found(p_resource text, p_id text) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT tally_refusal('TA404', json_build_object('resource', p_resource, 'id', p_id))
-$$;
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN tally_refusal('TA404', json_build_object('resource', p_resource, 'id', p_id));
+END $$;
 
 -- The balance rule, the one place it is written: may `p_amount` more leave the account
 -- (a reserve, a debit, a usage charge) without taking available credit below
@@ -32,10 +38,11 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION tally_insufficient(a accounts, p_requested bigint) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT tally_refusal('TA402', json_build_object(
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN tally_refusal('TA402', json_build_object(
         'account_id', a.account_id,
         'available', a.balance - a.reserved,
         'requested', p_requested,
-        'overdraft_limit', a.overdraft_limit))
-$$;
+        'overdraft_limit', a.overdraft_limit));
+END $$;

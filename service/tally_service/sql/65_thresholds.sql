@@ -51,11 +51,14 @@ $$;
 -- month starts on a bucket boundary in every zone in use).
 CREATE OR REPLACE FUNCTION tally_period_usage(
     p_account_id text, p_metric text, p_start timestamptz, p_end timestamptz
-) RETURNS bigint LANGUAGE sql STABLE AS $$
-    SELECT coalesce(sum(CASE p_metric WHEN 'usage_requests' THEN requests ELSE credits END), 0)
-    FROM usage_rollups
-    WHERE account_id = p_account_id AND bucket_start >= p_start AND bucket_start < p_end
-$$;
+) RETURNS bigint LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(sum(CASE p_metric WHEN 'usage_requests' THEN requests
+                                              ELSE credits END), 0)
+            FROM usage_rollups
+            WHERE account_id = p_account_id AND bucket_start >= p_start
+              AND bucket_start < p_end);
+END $$;
 
 -- A rollup bucket of the account grew by p_requests / p_credits. For each live usage
 -- threshold whose current period holds the bucket: before < fire_at <= after is a
@@ -104,12 +107,13 @@ END $$;
 -- Keeps `accounts.available_alerts` (the trigger's gate) equal to "has a live threshold
 -- on available credit"; called under the account's lock.
 CREATE OR REPLACE FUNCTION tally_arm_available_alerts(p_account_id text) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
     UPDATE accounts SET available_alerts = EXISTS (
         SELECT 1 FROM thresholds
         WHERE account_id = p_account_id AND metric = 'available_credit' AND deleted_at IS NULL)
-    WHERE account_id = p_account_id
-$$;
+    WHERE account_id = p_account_id;
+END $$;
 
 CREATE OR REPLACE FUNCTION tally_create_threshold(
     p_request_id text, p_fingerprint bytea, p_account_id text, p_metric text,

@@ -124,13 +124,16 @@ BEGIN
                           jsonb_build_object('product', to_jsonb(p)));
 END $$;
 
+-- PL/pgSQL, so its plan lasts the session (an SQL function with a sub-select is not
+-- inlined, and would be planned again in every transaction).
 CREATE OR REPLACE FUNCTION tally_event_result(ev usage_events, p_duplicate boolean) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-    SELECT jsonb_build_object(
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN jsonb_build_object(
         'event', to_jsonb(ev),
         'entry', (SELECT to_jsonb(l) FROM ledger_entries l WHERE l.entry_id = ev.entry_id),
-        'duplicate', p_duplicate)
-$$;
+        'duplicate', p_duplicate);
+END $$;
 
 CREATE OR REPLACE FUNCTION tally_event_reused(p_account_id text, p_event_id text) RETURNS void
 LANGUAGE plpgsql AS $$
