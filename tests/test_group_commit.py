@@ -227,6 +227,20 @@ def test_unary_usage_calls_share_one_transaction(
 _C = 1_000_000
 
 
+async def _grants_and_account(conn: Any, acct: str) -> tuple[list[Any], Any]:
+    """An account's grants in draw order and its row, as the set-vs-one-by-one tests
+    compare them."""
+    grants = await conn.fetch(
+        "SELECT grant_type, amount, remaining FROM grants WHERE account_id = $1 "
+        "ORDER BY priority, created_at",
+        acct,
+    )
+    account = await conn.fetchrow(
+        "SELECT balance, reserved, last_sequence FROM accounts WHERE account_id = $1", acct
+    )
+    return list(grants), account
+
+
 async def _debit_run_vs_one_by_one(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
@@ -352,15 +366,7 @@ async def _debit_run_vs_one_by_one(url: str) -> None:
                 "credit_type FROM ledger_entries WHERE account_id = $1 ORDER BY sequence",
                 acct,
             )
-            grants = await conn.fetch(
-                "SELECT grant_type, amount, remaining FROM grants WHERE account_id = $1 "
-                "ORDER BY priority, created_at",
-                acct,
-            )
-            account = await conn.fetchrow(
-                "SELECT balance, reserved, last_sequence FROM accounts WHERE account_id = $1",
-                acct,
-            )
+            grants, account = await _grants_and_account(conn, acct)
             reloads = await conn.fetchval(
                 "SELECT count(*) FROM reload_intents WHERE account_id = $1", acct
             )
@@ -652,15 +658,7 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
                 "FROM holds WHERE account_id = $1 ORDER BY request_id",
                 acct,
             )
-            grants = await conn.fetch(
-                "SELECT grant_type, amount, remaining FROM grants WHERE account_id = $1 "
-                "ORDER BY priority, created_at",
-                acct,
-            )
-            account = await conn.fetchrow(
-                "SELECT balance, reserved, last_sequence FROM accounts WHERE account_id = $1",
-                acct,
-            )
+            grants, account = await _grants_and_account(conn, acct)
             keys = await conn.fetch(
                 "SELECT request_id, method FROM idempotency_keys WHERE request_id LIKE $1 "
                 "ORDER BY request_id",

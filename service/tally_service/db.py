@@ -314,7 +314,14 @@ class _Pending:
     caller: str
     future: asyncio.Future[Any]
     key: Any = None  # items with equal non-None keys never share a group
-    item: Any = None  # the usage lane's event (a UsageItem; params are then empty)
+    item: UsageItem | None = None  # the usage lane's event (params are then empty)
+
+    @property
+    def event(self) -> UsageItem:
+        """The usage lane's event; every item that lane queues carries one."""
+        if self.item is None:
+            raise TypeError(f"{self.function}: a money call has no usage event")
+        return self.item
 
 
 class _GroupQueue:
@@ -574,7 +581,7 @@ class Database:
             for p in group:
                 await _settle(p, self._first_result(p))
             return
-        items = [p.item._replace(idx=position) for position, p in enumerate(group)]
+        items = [p.event._replace(idx=position) for position, p in enumerate(group)]
         try:
             results = await self._record_usage_now(items, group[0].caller)
         except errors.DatabaseUnavailable as exc:
@@ -589,16 +596,16 @@ class Database:
         for result in results:
             if isinstance(result, list):
                 p = group[result[0]]
-                own = [p.item.idx, p.item.idx, *result[2:]]
+                own = [p.event.idx, p.event.idx, *result[2:]]
                 answer: Any = own
             else:
                 p = group[int(result["index"])]
-                answer = {**result, "index": p.item.idx}
+                answer = {**result, "index": p.event.idx}
             if not p.future.done():
                 p.future.set_result(answer)
 
     async def _first_result(self, p: _Pending) -> Any:
-        (result,) = await self._record_usage_now([p.item], p.caller)
+        (result,) = await self._record_usage_now([p.event], p.caller)
         return result
 
     async def ping(self) -> bool:
