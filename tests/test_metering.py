@@ -495,6 +495,42 @@ def test_summary_months_and_account_summary(
     assert overview.HasField("last_activity_time") and overview.HasField("account_create_time")
 
 
+def test_list_usage_events_pages_through_events_of_one_instant(
+    metering: metering_pb2_grpc.MeteringServiceStub, funded: str
+) -> None:
+    """Pages split between events that share a start time (the keyset's tie on event_id),
+    with and without a product filter, return every event once, newest first."""
+    pan = product(metering, "1")
+    ocr = product(metering, "1")
+    base = datetime.now(UTC) - timedelta(hours=2)
+    instants = [base, base + timedelta(minutes=1), base + timedelta(minutes=1), base]
+    expected: list[tuple[datetime, str]] = []
+    for i in range(12):
+        at = instants[i % 4] + timedelta(minutes=2 * (i // 8))
+        record(
+            metering,
+            event(funded, pan if i % 3 else ocr, event_id=f"tie-{i:02d}", start_time=ts(at)),
+        )
+        expected.append((at, f"tie-{i:02d}"))
+    expected.sort(reverse=True)
+    for product_id in ("", pan):
+        want = [event_id for at, event_id in expected if not product_id or int(event_id[4:]) % 3]
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = call(
+                metering.ListUsageEvents,
+                m.ListUsageEventsRequest(
+                    account_id=funded, product_id=product_id, page_size=2, page_token=token
+                ),
+            )
+            seen += [e.event_id for e in page.events]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == want
+
+
 def test_list_usage_events_report_rows(
     client: TallyClient, metering: metering_pb2_grpc.MeteringServiceStub, funded: str
 ) -> None:

@@ -510,6 +510,10 @@ async def list_usage_events(
     if product_id:
         conditions.append(e.product_id == product_id)
     if before is not None:
+        # `started_at <= before` is implied by the keyset condition after it, but only it
+        # is an index condition: without it a page's index scan starts at the top of the
+        # range and filters out every newer row (a deep page read the whole range above it).
+        conditions.append(e.started_at <= before[0])
         conditions.append(
             or_(e.started_at < before[0], and_(e.started_at == before[0], e.event_id < before[1]))
         )
