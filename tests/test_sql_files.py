@@ -20,6 +20,7 @@ _TRIGGER_FUNCTIONS = {
     "tally_account_referenced",
     "tally_product_referenced",
     "tally_rollups_changed",  # 0015: pass rollup changes to sql/80_usage.sql
+    "tally_entries_account",  # 0017: entries' accounts, unless their writer checked them
 }
 
 

@@ -184,6 +184,7 @@ SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_items tally_usage_item[];
     v_locked text[];
+    v_mark text;
     v_account text;
     v_outcome text[];
     v_winner integer[];
@@ -330,6 +331,9 @@ BEGIN
     -- The triggers of usage_rollups leave the statement below to this function: it
     -- counts its own rollups (migration 0014).
     PERFORM set_config('tally.rollups_counted', 'on', true);
+    -- Every account of the entries below is locked (v_locked): ledger_entries_account
+    -- (migration 0017) need not look.
+    v_mark := set_config('tally.entries_checked', 'on', true);
     -- The writes, and every item's result, in one statement. The accepted events flow
     -- through window functions and are written from one materialised set; nothing
     -- joins two computed sets (their sizes are unknown to the planner).
@@ -539,6 +543,7 @@ BEGIN
                  bool_or(a.auto_reload_enabled) FILTER (WHERE a.charged > 0) AS reload
           FROM account a) p;
     PERFORM set_config('tally.rollups_counted', '', true);
+    v_mark := set_config('tally.entries_checked', '', true);
     -- The reports and thresholds the rollups above touched.
     IF v_counted IS NOT NULL THEN
         PERFORM tally_rollups_counted(v_counted, false);
