@@ -301,8 +301,10 @@ BEGIN
     END LOOP;
     SELECT array_agg(t ORDER BY t.account_id COLLATE "C") INTO v_rows FROM accounts t
     WHERE t.account_id = ANY (v_ids) AND NOT t.available_alerts AND NOT t.auto_reload_enabled
-      AND NOT EXISTS (SELECT 1 FROM grants g
-                      WHERE g.account_id = t.account_id AND NOT g.spent AND g.expired);
+      -- A subquery, not NOT EXISTS: an anti join's generic plan scanned all of grants.
+      AND NOT coalesce((SELECT true FROM grants g
+                        WHERE g.account_id = t.account_id AND NOT g.spent AND g.expired
+                        LIMIT 1), false);
     IF v_rows IS NULL THEN
         RETURN v_answers;
     END IF;
