@@ -19,35 +19,12 @@ BEGIN
     WHERE account_id = e.account_id;
 END $$;
 
--- The local days of rollup changes (p_deltas, as tally_rollups_counted takes them): one
--- upsert of usage_days, in the accounts' time zones as they are. The one writer of
--- usage_days: from tally_rollups_counted for the triggers' writers, and from the write
--- statement of tally_record_usage for its own rows (a NULL or empty array writes nothing).
-CREATE OR REPLACE FUNCTION tally_days_counted(p_deltas tally_rollup_delta[])
-RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO usage_days AS u (account_id, day, product_id, endpoint, requests,
-                                 successful, failed, credits, quantity)
-    SELECT d.account_id, (d.bucket_start AT TIME ZONE a.time_zone)::date, d.product_id,
-           d.endpoint, sum(d.requests), sum(d.successful), sum(d.failed),
-           sum(d.credits), sum(d.quantity)
-    FROM unnest(p_deltas) d JOIN accounts a ON a.account_id = d.account_id
-    GROUP BY 1, 2, 3, 4
-    ORDER BY 1, 2, 3, 4
-    ON CONFLICT (account_id, day, product_id, endpoint) DO UPDATE
-    SET requests = u.requests + excluded.requests,
-        successful = u.successful + excluded.successful,
-        failed = u.failed + excluded.failed,
-        credits = u.credits + excluded.credits,
-        quantity = u.quantity + excluded.quantity;
-END $$;
-
 -- What a change of usage_rollups sets off (p_deltas: signed, per rollup row, in
 -- (account_id, bucket_start, product_id, endpoint) order), from the triggers of
 -- migration 0014 once per statement, or from tally_record_usage for its own rows:
--- the local days in usage_days (tally_days_counted; unless p_days is false: the caller
--- had them written), a new version of each period report whose period holds a changed
--- bucket, and the usage thresholds crossed, bucket by bucket. Every writer of the rollups holds the account's
+-- the local days in usage_days (unless p_days is false: the caller upserted them), a
+-- new version of each period report whose period holds a changed bucket, and the usage
+-- thresholds crossed, bucket by bucket. Every writer of the rollups holds the account's
 -- row lock, so the days and thresholds of one account are never written concurrently.
 CREATE OR REPLACE FUNCTION tally_rollups_counted(p_deltas tally_rollup_delta[], p_days boolean)
 RETURNS void LANGUAGE plpgsql AS $$
@@ -57,7 +34,20 @@ DECLARE
     v_delta tally_rollup_delta;
 BEGIN
     IF p_days THEN
-        PERFORM tally_days_counted(p_deltas);
+        INSERT INTO usage_days AS u (account_id, day, product_id, endpoint, requests,
+                                     successful, failed, credits, quantity)
+        SELECT d.account_id, (d.bucket_start AT TIME ZONE a.time_zone)::date, d.product_id,
+               d.endpoint, sum(d.requests), sum(d.successful), sum(d.failed),
+               sum(d.credits), sum(d.quantity)
+        FROM unnest(p_deltas) d JOIN accounts a ON a.account_id = d.account_id
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (account_id, day, product_id, endpoint) DO UPDATE
+        SET requests = u.requests + excluded.requests,
+            successful = u.successful + excluded.successful,
+            failed = u.failed + excluded.failed,
+            credits = u.credits + excluded.credits,
+            quantity = u.quantity + excluded.quantity;
     END IF;
     -- Reports are of closed periods: a change whose buckets all lie at or after the
     -- latest end of any report (every live write) stops at one index probe. Else each
@@ -212,6 +202,7 @@ DECLARE
     v_stamp jsonb;
     v_at timestamptz;
     v_due text[];
+    v_products bigint;
     v_reload boolean;
 BEGIN
     -- Lock every account of the group once, in account_id order; then catch up (as
@@ -221,9 +212,15 @@ BEGIN
     -- aggregate, once it has every locked row), so what fell due while waiting counts.
     -- The clock comes in as a column, not as clock_timestamp() in the call: a volatile
     -- argument would keep the SQL function from being inlined, and it would be planned
-    -- again in every call (about 0.5 ms).
-    SELECT l.ids, (SELECT array_agg(d ORDER BY d) FROM tally_due_accounts(l.ids, l.now) d)
-    INTO v_locked, v_due
+    -- again in every call (about 0.5 ms). The group's products are locked FOR KEY SHARE
+    -- before they are read, as usage_events_references would lock them after the write
+    -- (the write statement below skips it), so none is deleted under the group.
+    SELECT l.ids, (SELECT array_agg(d ORDER BY d) FROM tally_due_accounts(l.ids, l.now) d),
+           (SELECT count(*) FROM (SELECT 1 FROM products p
+                                  WHERE p.product_id IN (SELECT e.product_id
+                                                         FROM unnest(p_events) e)
+                                  FOR KEY SHARE) k)
+    INTO v_locked, v_due, v_products
     FROM (SELECT array_agg(x.account_id) AS ids, clock_timestamp() AS now
           FROM (SELECT account_id FROM accounts
                 WHERE account_id IN (SELECT e.account_id FROM unnest(p_events) e)
@@ -234,37 +231,49 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- The events, priced, in (account_id, index) order (pos is the array subscript), and
-    -- each one's outcome: refused alone (unknown account, recorded before, unknown
+    -- The events, priced, in (account_id, index) order: pos is the array subscript.
+    SELECT array_agg(ROW(
+               x.pos, x.idx, x.account_id, x.event_id, x.product_id, x.endpoint, x.status,
+               x.success, x.status_code, x.message, x.quantity,
+               CASE WHEN p.product_id IS NULL THEN NULL
+                    -- a price out of BIGINT's range: -1, refused alone (BALANCE_LIMIT)
+                    WHEN x.credits IS NULL AND (x.status <> 'failed' OR p.charge_failed)
+                         AND p.credits_per_unit::numeric * x.quantity
+                             > 9223372036854775807 THEN -1
+                    ELSE tally_price(p, x.quantity, x.status, x.credits) END,
+               x.started_at, x.completed_at, x.processing_time_ms, x.request_metadata::jsonb,
+               x.result_metadata::jsonb, x.webhook_url, x.fingerprint
+           )::tally_usage_item ORDER BY x.pos)
+    INTO v_items
+    FROM (SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.idx) AS pos
+          FROM unnest(p_events) e) x
+    LEFT JOIN products p ON p.product_id = x.product_id;
+    IF v_items IS NULL THEN
+        RETURN json_build_object('replayed', false, 'response', '[]'::json);
+    END IF;
+
+    -- Each item's outcome: refused alone (unknown account, recorded before, unknown
     -- product), or a candidate. The candidates of an account whose group fits are
     -- accepted: the first occurrence of each event id is new, the later ones are its
     -- duplicates or reuse it. The others ('slow') are decided in order below. (Window
-    -- functions over one scan, and one index probe per event for a stored one (a LATERAL
-    -- subquery, OFFSET 0: a generic plan made while usage_events was small would
-    -- otherwise hash all of it): linear in the group whatever the planner guesses.)
-    WITH x AS (
-        SELECT e.*, row_number() OVER (ORDER BY e.account_id COLLATE "C", e.idx) AS pos,
-               CASE WHEN p.product_id IS NULL THEN NULL
-                    -- a price out of BIGINT's range: -1, refused alone (BALANCE_LIMIT)
-                    WHEN e.credits IS NULL AND (e.status <> 'failed' OR p.charge_failed)
-                         AND p.credits_per_unit::numeric * e.quantity
-                             > 9223372036854775807 THEN -1
-                    ELSE tally_price(p, e.quantity, e.status, e.credits) END AS charge
-        FROM unnest(p_events) e
-        LEFT JOIN products p ON p.product_id = e.product_id
-    ), base AS (
-        SELECT x.*, a.balance - a.reserved AS available, a.overdraft_limit,
+    -- functions over one scan, no join of two computed sets, and one index probe per
+    -- event for a stored one: a LATERAL subquery with OFFSET 0, since a generic plan made
+    -- while usage_events was small hashed all of it, 15-25 ms a call once it held 50,000
+    -- rows. Linear in the group whatever the planner guesses.)
+    WITH base AS (
+        SELECT i.pos, i.account_id, i.event_id, i.fingerprint, i.charge,
+               a.balance - a.reserved AS available, a.overdraft_limit,
                CASE WHEN a.account_id IS NULL THEN 'account'
-                    WHEN s.fingerprint = x.fingerprint THEN 'stored'
-                    WHEN s.fingerprint IS NOT NULL THEN 'reused'
-                    WHEN x.charge IS NULL THEN 'product'
-                    WHEN x.charge < 0 THEN 'limit' END AS refused
-        FROM x
-        LEFT JOIN accounts a ON a.account_id = x.account_id AND a.account_id = ANY (v_locked)
+                    WHEN e.fingerprint = i.fingerprint THEN 'stored'
+                    WHEN e.fingerprint IS NOT NULL THEN 'reused'
+                    WHEN i.charge IS NULL THEN 'product'
+                    WHEN i.charge < 0 THEN 'limit' END AS refused
+        FROM unnest(v_items) i
+        LEFT JOIN accounts a ON a.account_id = i.account_id AND a.account_id = ANY (v_locked)
         LEFT JOIN LATERAL (
-            SELECT s.fingerprint FROM usage_events s
-            WHERE s.account_id = x.account_id AND s.event_id = x.event_id
-            OFFSET 0) s ON true
+            SELECT e.fingerprint FROM usage_events e
+            WHERE e.account_id = i.account_id AND e.event_id = i.event_id
+            OFFSET 0) e ON true
     ), keyed AS (
         SELECT b.*, first_value(b.pos) OVER k AS first_pos,
                first_value(b.fingerprint) OVER k AS first_fingerprint
@@ -279,13 +288,7 @@ BEGIN
                    AS slow
         FROM keyed k
     )
-    SELECT array_agg(ROW(
-               j.pos, j.idx, j.account_id, j.event_id, j.product_id, j.endpoint, j.status,
-               j.success, j.status_code, j.message, j.quantity, j.charge, j.started_at,
-               j.completed_at, j.processing_time_ms, j.request_metadata::jsonb,
-               j.result_metadata::jsonb, j.webhook_url, j.fingerprint
-           )::tally_usage_item ORDER BY j.pos),
-           array_agg(CASE WHEN j.refused IS NOT NULL THEN j.refused
+    SELECT array_agg(CASE WHEN j.refused IS NOT NULL THEN j.refused
                           WHEN j.slow THEN 'slow'
                           WHEN j.pos = j.first_pos THEN 'new'
                           WHEN j.fingerprint = j.first_fingerprint THEN 'dup'
@@ -294,11 +297,8 @@ BEGIN
                      ORDER BY j.pos),
            -- the accounts that may have new events (all of them unless refused)
            array_agg(DISTINCT j.account_id) FILTER (WHERE j.refused IS NULL)
-    INTO v_items, v_outcome, v_winner, v_new_accounts
+    INTO v_outcome, v_winner, v_new_accounts
     FROM judged j;
-    IF v_items IS NULL THEN
-        RETURN json_build_object('replayed', false, 'response', '[]'::json);
-    END IF;
 
     -- The accounts whose group does not fit: one pass each, in order.
     v_available := array_fill(NULL::bigint, ARRAY[array_length(v_items, 1)]);
@@ -343,8 +343,11 @@ BEGIN
     v_at := clock_timestamp();
 
     -- The triggers of usage_rollups leave the statement below to this function: it
-    -- counts its own rollups (migration 0014).
-    PERFORM set_config('tally.rollups_counted', 'on', true);
+    -- counts its own rollups (migration 0015); and usage_events_references too
+    -- (migration 0019): its accounts are locked FOR UPDATE and its products FOR KEY
+    -- SHARE (above), and it inserts the entries its events refer to.
+    PERFORM set_config('tally.rollups_counted', 'on', true),
+            set_config('tally.references_checked', 'on', true);
     -- The writes, and every item's result, in one statement. The accepted events flow
     -- through window functions and are written from one materialised set; nothing
     -- joins two computed sets (their sizes are unknown to the planner).
@@ -451,6 +454,23 @@ BEGIN
             failed = r.failed + excluded.failed,
             credits = r.credits + excluded.credits,
             quantity = r.quantity + excluded.quantity
+    ), day AS (
+        -- usage_days, as the triggers of usage_rollups keep it for other writers (the
+        -- accounts' time zones as they are: the account CTE below changes no zone).
+        INSERT INTO usage_days AS u (account_id, day, product_id, endpoint, requests,
+                                     successful, failed, credits, quantity)
+        SELECT c.account_id, (c.bucket_start AT TIME ZONE a.time_zone)::date, c.product_id,
+               c.endpoint, sum(c.requests), sum(c.successful), sum(c.failed),
+               sum(c.credits), sum(c.quantity)
+        FROM counted c JOIN accounts a ON a.account_id = c.account_id
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (account_id, day, product_id, endpoint) DO UPDATE
+        SET requests = u.requests + excluded.requests,
+            successful = u.successful + excluded.successful,
+            failed = u.failed + excluded.failed,
+            credits = u.credits + excluded.credits,
+            quantity = u.quantity + excluded.quantity
     ), account AS (
         UPDATE accounts a
         SET balance = a.balance - p.charged,
@@ -512,25 +532,21 @@ BEGIN
                           unnest(v_winner) AS winner, unnest(v_available) AS available) u
              WHERE u.outcome <> 'new') x),
         p.accounts, p.charged, p.before, p.reload,
-        -- The local days of the rollup changes, written by tally_days_counted (called
-        -- once, here, as the triggers of usage_rollups have it called for other writers);
-        -- and the changes themselves, only if a report or a threshold can care: a bucket
-        -- before the latest end of a report, or an account with a live usage threshold
-        -- (the tests of tally_rollups_counted).
-        (SELECT CASE WHEN c.care THEN c.deltas END
-         FROM (SELECT array_agg(ROW(c.account_id, c.bucket_start, c.product_id, c.endpoint,
-                                    c.requests, c.successful, c.failed, c.credits,
-                                    c.quantity)::tally_rollup_delta
-                                ORDER BY c.account_id, c.bucket_start, c.product_id,
-                                         c.endpoint) AS deltas,
-                      bool_or(c.bucket_start < (SELECT max(r.period_end) FROM period_reports r)
-                              OR EXISTS (SELECT 1 FROM thresholds t
-                                         WHERE t.account_id = c.account_id
-                                           AND t.metric <> 'available_credit'
-                                           AND t.deleted_at IS NULL)) AS care
-               FROM counted c) c
-         CROSS JOIN LATERAL tally_days_counted(c.deltas)
-         WHERE c.deltas IS NOT NULL)
+        -- The rollup changes, only if a report or a threshold can care: a bucket before
+        -- the latest end of a report, or an account with a live usage threshold (the
+        -- tests of tally_rollups_counted). The days are written above.
+        (SELECT CASE WHEN bool_or(
+                         c.bucket_start < (SELECT max(r.period_end) FROM period_reports r)
+                         OR EXISTS (SELECT 1 FROM thresholds t
+                                    WHERE t.account_id = c.account_id
+                                      AND t.metric <> 'available_credit'
+                                      AND t.deleted_at IS NULL))
+                     THEN array_agg(ROW(c.account_id, c.bucket_start, c.product_id,
+                                        c.endpoint, c.requests, c.successful, c.failed,
+                                        c.credits, c.quantity)::tally_rollup_delta
+                                    ORDER BY c.account_id, c.bucket_start, c.product_id,
+                                             c.endpoint) END
+         FROM counted c)
     INTO v_results, v_charged_accounts, v_charged, v_before, v_reload, v_counted
     FROM (SELECT array_agg(a.account_id ORDER BY a.account_id)
                      FILTER (WHERE a.charged > 0) AS accounts,
@@ -540,7 +556,8 @@ BEGIN
                      AS before,
                  bool_or(a.auto_reload_enabled) FILTER (WHERE a.charged > 0) AS reload
           FROM account a) p;
-    PERFORM set_config('tally.rollups_counted', '', true);
+    PERFORM set_config('tally.rollups_counted', '', true),
+            set_config('tally.references_checked', '', true);
     -- The reports and thresholds the rollups above touched.
     IF v_counted IS NOT NULL THEN
         PERFORM tally_rollups_counted(v_counted, false);
