@@ -209,7 +209,7 @@ def _debit(account: str, key: str) -> dict[str, object]:
 
 def test_entries_of_writers_that_checked_leave_no_gap(database_url: str) -> None:
     """Each function that writes entries tells the ledger_entries_account trigger that it
-    checked their accounts (tally.entries_checked) for its own INSERT only: a raw insert
+    checked their accounts (tally.references_checked) for its own INSERT only: a raw insert
     later in the same transaction is checked as the foreign key checked it."""
 
     async def scenario() -> None:
@@ -265,7 +265,7 @@ def test_entries_of_writers_that_checked_leave_no_gap(database_url: str) -> None
                 # tally_hold_run (two captures of one account in a group)
                 ("SELECT tally_apply_group($1::jsonb)", (json.dumps(captures),)),
             ]
-            mark = "SELECT current_setting('tally.entries_checked', true)"
+            mark = "SELECT current_setting('tally.references_checked', true)"
             for statement, args in writers:
                 before = await conn.fetchval("SELECT count(*) FROM ledger_entries")
                 async with conn.transaction():
@@ -324,7 +324,7 @@ def test_entries_of_writers_that_checked_leave_no_gap(database_url: str) -> None
 
 
 def test_a_failed_writer_leaves_the_check_on(database_url: str) -> None:
-    """A writer whose INSERT fails after it set tally.entries_checked: rolling back to
+    """A writer whose INSERT fails after it set tally.references_checked: rolling back to
     the savepoint takes the marker back too, so the next raw insert is checked."""
 
     async def scenario() -> None:
@@ -386,6 +386,68 @@ def test_an_account_named_by_entries_stays(database_url: str) -> None:
                     raise _RolledBack
             except _RolledBack:
                 pass
+        finally:
+            await other.close()
+            await conn.close()
+
+    asyncio.run(scenario())
+
+
+def test_recorded_usage_holds_its_products_and_leaves_the_check_on(database_url: str) -> None:
+    """tally_record_usage skips usage_events_references for its own write (migration 0018):
+    it holds its products FOR KEY SHARE until it commits, so a product it is recording
+    against cannot be deleted under it, and every later insert of the transaction is
+    checked again."""
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(database_url)
+        other = await asyncpg.connect(database_url)
+        try:
+            account, product, _ = await _setup(conn)
+            fresh = f"{product}-fresh"
+            await conn.execute(
+                "SELECT tally_upsert_product($1, '\\x00', $2, '', 1000, false, 0)",
+                f"product-{fresh}",
+                fresh,
+            )
+            at = datetime(2026, 1, 1, tzinfo=UTC)
+            event = UsageItem(
+                idx=0,
+                account_id=account,
+                event_id="e2",
+                product_id=fresh,
+                endpoint="",
+                status="completed",
+                success=True,
+                status_code=200,
+                message="",
+                quantity=1,
+                credits=None,
+                started_at=at,
+                completed_at=at,
+                processing_time_ms=0,
+                request_metadata="{}",
+                result_metadata="{}",
+                webhook_url="",
+                fingerprint=b"\x00",
+            )
+            async with conn.transaction():
+                raw = await conn.fetchval("SELECT tally_record_usage($1)", [event])
+                (result,) = json.loads(raw)["response"]
+                assert isinstance(result, list), result
+                # Still checked after the function, in the same transaction.
+                assert await _refused(conn, _EVENT, account, "x", "no-such", 0, None) == "23503"
+                # The product is held: a delete waits for the recording transaction.
+                await other.execute("SET lock_timeout = '100ms'")
+                assert (
+                    await _refused(other, "DELETE FROM products WHERE product_id = $1", fresh)
+                    == "55P03"
+                )
+            # Committed: the product is referenced and stays.
+            assert (
+                await _refused(other, "DELETE FROM products WHERE product_id = $1", fresh)
+                == "23503"
+            )
         finally:
             await other.close()
             await conn.close()

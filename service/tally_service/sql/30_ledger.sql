@@ -31,7 +31,7 @@ BEGIN
     -- (had it found no row, the sequence would be NULL and the INSERT refused). The
     -- mark is on for this INSERT only. (An assignment, not PERFORM: a simple expression,
     -- where PERFORM runs the executor, about 3,000 against 10,000 instructions.)
-    v_mark := set_config('tally.entries_checked', 'on', true);
+    v_mark := set_config('tally.references_checked', 'on', true);
     INSERT INTO ledger_entries (
         account_id, sequence, entry_type, amount, balance_after, description,
         reference, metadata, request_id, reservation_id, created_at, credit_type
@@ -40,7 +40,7 @@ BEGIN
         p_reference, p_metadata, p_request_id, p_reservation_id, a.balance_updated_at,
         v_credit_type
     ) RETURNING * INTO e;
-    v_mark := set_config('tally.entries_checked', '', true);
+    v_mark := set_config('tally.references_checked', '', true);
     IF p_amount > 0 THEN
         v_grant_type := coalesce(p_grant ->> 'type',
                                  CASE p_type WHEN 'adjustment' THEN 'promotional'

@@ -96,7 +96,7 @@ BEGIN
     SELECT * INTO a FROM accounts WHERE account_id = p_account_id;
     -- Every caller holds the account's row lock (tally_find_account, or an UPDATE of
     -- the account before it): ledger_entries_account (migration 0017) need not look.
-    v_mark := set_config('tally.entries_checked', 'on', true);
+    v_mark := set_config('tally.references_checked', 'on', true);
     WITH ordered AS (
         SELECT grant_id, grant_type, expires_at, expired, remaining,
                coalesce(sum(remaining) OVER (
@@ -131,7 +131,7 @@ BEGIN
     )
     SELECT coalesce(-sum(amount), 0), count(*), max(created_at)
     INTO v_total, v_count, v_last FROM written;
-    v_mark := set_config('tally.entries_checked', '', true);
+    v_mark := set_config('tally.references_checked', '', true);
     IF v_count > 0 THEN
         UPDATE accounts
         SET balance = balance - v_total,

@@ -159,7 +159,7 @@ BEGIN
     FROM tally_draw(v_need_ids, v_need) d;
     -- Every entry's account is a locked row of v_rows: ledger_entries_account (migration
     -- 0017) need not look.
-    v_mark := set_config('tally.entries_checked', 'on', true);
+    v_mark := set_config('tally.references_checked', 'on', true);
     WITH drawn AS (
         SELECT * FROM unnest(v_d_accounts, v_d_aheads, v_d_remainings, v_d_types)
                       AS d (account_id, ahead, remaining, grant_type)
@@ -181,7 +181,7 @@ BEGIN
     SELECT array_agg(jsonb_build_object('entry', to_jsonb(w))
                      ORDER BY w.account_id COLLATE "C", w.sequence)
     INTO v_entries FROM written w;
-    v_mark := set_config('tally.entries_checked', '', true);
+    v_mark := set_config('tally.references_checked', '', true);
     INSERT INTO idempotency_keys (request_id, method, fingerprint, response)
     SELECT * FROM unnest(v_rids, v_methods, v_fps, v_entries);
     SELECT v_answers || jsonb_object_agg(
@@ -493,7 +493,7 @@ BEGIN
         PERFORM set_config('tally.caller', '', true);
         -- Every entry's account is locked (by tally_apply_group, and updated just
         -- above): ledger_entries_account (migration 0017) need not look.
-        v_mark := set_config('tally.entries_checked', 'on', true);
+        v_mark := set_config('tally.references_checked', 'on', true);
         WITH drawn AS (
             SELECT * FROM unnest(v_d_accounts, v_d_aheads, v_d_remainings, v_d_types)
                           AS d (account_id, ahead, remaining, grant_type)
@@ -515,7 +515,7 @@ BEGIN
         )
         SELECT array_agg(w ORDER BY w.account_id COLLATE "C", w.sequence)
         INTO v_entries FROM written w;
-        v_mark := set_config('tally.entries_checked', '', true);
+        v_mark := set_config('tally.references_checked', '', true);
     END IF;
     -- The answers, in the loop's order (the entries' order too).
     v_e := 0;

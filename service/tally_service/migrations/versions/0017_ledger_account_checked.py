@@ -6,7 +6,7 @@ Every function that writes entries (`tally_post_entry`, `tally_write_off`,
 `tally_record_usage`, `tally_debit_run`, `tally_hold_run`) holds the lock of each
 account it writes for (`tally_lock_account`'s FOR UPDATE, or the account's UPDATE)
 before its INSERT, so the account exists and stays until the commit. Around that one
-INSERT it sets the transaction-local `tally.entries_checked` to 'on' and back to ''
+INSERT it sets the transaction-local `tally.references_checked` to 'on' and back to ''
 (sql/30, 40, 80, 90). Any other insert (by hand, by another tool, or later in the same
 transaction) finds the marker off, and a statement trigger over the inserted rows checks
 their accounts as the foreign key did: each exists (SQLSTATE 23503 otherwise), locked
@@ -43,7 +43,7 @@ CREATE FUNCTION tally_entries_account() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     v_missing text;
 BEGIN
-    IF current_setting('tally.entries_checked', true) = 'on' THEN
+    IF current_setting('tally.references_checked', true) = 'on' THEN
         RETURN NULL;
     END IF;
     SELECT d.account_id INTO v_missing
