@@ -13,6 +13,31 @@ import pytest
 from tally_service.db import UsageItem
 
 
+def _completed(account: str, event_id: str, product: str) -> UsageItem:
+    """One completed event of quantity 1, as the servicer sends it."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return UsageItem(
+        idx=0,
+        account_id=account,
+        event_id=event_id,
+        product_id=product,
+        endpoint="",
+        status="completed",
+        success=True,
+        status_code=200,
+        message="",
+        quantity=1,
+        credits=None,
+        started_at=at,
+        completed_at=at,
+        processing_time_ms=0,
+        request_metadata="{}",
+        result_metadata="{}",
+        webhook_url="",
+        fingerprint=b"\x00",
+    )
+
+
 async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
     """An account with a charged usage event: (account, product, its entry id)."""
     suffix = uuid.uuid4().hex[:10]
@@ -33,27 +58,7 @@ async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
         f"product-{suffix}",
         product,
     )
-    at = datetime(2026, 1, 1, tzinfo=UTC)
-    event = UsageItem(
-        idx=0,
-        account_id=account,
-        event_id="e1",
-        product_id=product,
-        endpoint="",
-        status="completed",
-        success=True,
-        status_code=200,
-        message="",
-        quantity=1,
-        credits=None,
-        started_at=at,
-        completed_at=at,
-        processing_time_ms=0,
-        request_metadata="{}",
-        result_metadata="{}",
-        webhook_url="",
-        fingerprint=b"\x00",
-    )
+    event = _completed(account, "e1", product)
     raw = await conn.fetchval("SELECT tally_record_usage($1)", [event])
     (result,) = json.loads(raw)["response"]
     assert isinstance(result, list), result
@@ -277,28 +282,7 @@ def test_entries_of_writers_that_checked_leave_no_gap(database_url: str) -> None
             async with conn.transaction():
                 raw = await conn.fetchval(
                     "SELECT tally_record_usage($1)",
-                    [
-                        UsageItem(
-                            idx=0,
-                            account_id=account,
-                            event_id="e2",
-                            product_id=product,
-                            endpoint="",
-                            status="completed",
-                            success=True,
-                            status_code=200,
-                            message="",
-                            quantity=1,
-                            credits=None,
-                            started_at=datetime(2026, 1, 1, tzinfo=UTC),
-                            completed_at=None,
-                            processing_time_ms=0,
-                            request_metadata="{}",
-                            result_metadata="{}",
-                            webhook_url="",
-                            fingerprint=b"\x00",
-                        )
-                    ],
+                    [_completed(account, "e2", product)],
                 )
                 assert isinstance(json.loads(raw)["response"][0], list), raw
                 assert await conn.fetchval(mark) == ""
@@ -410,27 +394,7 @@ def test_recorded_usage_holds_its_products_and_leaves_the_check_on(database_url:
                 f"product-{fresh}",
                 fresh,
             )
-            at = datetime(2026, 1, 1, tzinfo=UTC)
-            event = UsageItem(
-                idx=0,
-                account_id=account,
-                event_id="e2",
-                product_id=fresh,
-                endpoint="",
-                status="completed",
-                success=True,
-                status_code=200,
-                message="",
-                quantity=1,
-                credits=None,
-                started_at=at,
-                completed_at=at,
-                processing_time_ms=0,
-                request_metadata="{}",
-                result_metadata="{}",
-                webhook_url="",
-                fingerprint=b"\x00",
-            )
+            event = _completed(account, "e2", fresh)
             async with conn.transaction():
                 raw = await conn.fetchval("SELECT tally_record_usage($1)", [event])
                 (result,) = json.loads(raw)["response"]

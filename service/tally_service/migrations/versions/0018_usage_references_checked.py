@@ -25,129 +25,35 @@ down_revision = "0017"
 branch_labels = None
 depends_on = None
 
-SCHEMA = r"""
-CREATE OR REPLACE FUNCTION tally_events_references() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    v_column text;
-    v_missing text;
-BEGIN
-    -- The statement of a writer that checked its references itself (the mark of
-    -- migration 0017, set by tally_record_usage around its write only).
+# The function of migration 0013 with one test put first. It is rewritten from its own
+# definition (pg_get_functiondef keeps the body as written), not copied here again.
+_ANCHOR = "    IF TG_LEVEL = 'ROW' THEN"
+_MARK = """    -- The statement of a writer that checked its references itself (the mark of
+    -- migration 0017, set by tally_record_usage around its write statement only).
     IF TG_LEVEL = 'STATEMENT' AND current_setting('tally.references_checked', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    IF TG_LEVEL = 'ROW' THEN
-        -- an update that changed a reference (the WHEN of the trigger): that row
-        IF NOT EXISTS (SELECT 1 FROM accounts WHERE account_id = NEW.account_id
-                       FOR KEY SHARE) THEN
-            v_column := 'account_id';
-            v_missing := NEW.account_id;
-        ELSIF NOT EXISTS (SELECT 1 FROM products WHERE product_id = NEW.product_id
-                          FOR KEY SHARE) THEN
-            v_column := 'product_id';
-            v_missing := NEW.product_id;
-        ELSIF NEW.entry_id IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM ledger_entries WHERE entry_id = NEW.entry_id) THEN
-            v_column := 'entry_id';
-            v_missing := NEW.entry_id::text;
-        END IF;
-    ELSE
-        SELECT 'account_id', d.account_id INTO v_column, v_missing
-        FROM (SELECT DISTINCT account_id FROM new_events) d
-        LEFT JOIN LATERAL (SELECT 1 AS found FROM accounts a
-                           WHERE a.account_id = d.account_id FOR KEY SHARE) a ON true
-        WHERE a.found IS NULL
-        LIMIT 1;
-        IF NOT FOUND THEN
-            SELECT 'product_id', d.product_id INTO v_column, v_missing
-            FROM (SELECT DISTINCT product_id FROM new_events) d
-            LEFT JOIN LATERAL (SELECT 1 AS found FROM products p
-                               WHERE p.product_id = d.product_id FOR KEY SHARE) p ON true
-            WHERE p.found IS NULL
-            LIMIT 1;
-        END IF;
-        IF NOT FOUND THEN
-            -- one probe of the primary key per event (a scalar subquery: never a scan
-            -- of the whole ledger, whatever the planner guesses)
-            SELECT 'entry_id', n.entry_id::text INTO v_column, v_missing
-            FROM new_events n
-            WHERE n.entry_id IS NOT NULL
-              AND (SELECT l.entry_id FROM ledger_entries l WHERE l.entry_id = n.entry_id)
-                  IS NULL
-            LIMIT 1;
-        END IF;
-    END IF;
-    IF v_column IS NOT NULL THEN
-        RAISE EXCEPTION 'insert or update on table "usage_events" violates its reference %',
-                        v_column
-            USING ERRCODE = 'foreign_key_violation',
-                  DETAIL = format('Key (%s)=(%s) is not present.', v_column, v_missing);
-    END IF;
-    RETURN NULL;
-END $$;
 """
 
-DROP = r"""
-CREATE OR REPLACE FUNCTION tally_events_references() RETURNS trigger LANGUAGE plpgsql AS $$
+
+def _rewrite(old: str, new: str) -> str:
+    """A script that replaces ``old`` by ``new`` (once) in tally_events_references."""
+    return f"""
+DO $migration$
 DECLARE
-    v_column text;
-    v_missing text;
+    v_def text := pg_get_functiondef('tally_events_references()'::regprocedure);
 BEGIN
-    IF TG_LEVEL = 'ROW' THEN
-        -- an update that changed a reference (the WHEN of the trigger): that row
-        IF NOT EXISTS (SELECT 1 FROM accounts WHERE account_id = NEW.account_id
-                       FOR KEY SHARE) THEN
-            v_column := 'account_id';
-            v_missing := NEW.account_id;
-        ELSIF NOT EXISTS (SELECT 1 FROM products WHERE product_id = NEW.product_id
-                          FOR KEY SHARE) THEN
-            v_column := 'product_id';
-            v_missing := NEW.product_id;
-        ELSIF NEW.entry_id IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM ledger_entries WHERE entry_id = NEW.entry_id) THEN
-            v_column := 'entry_id';
-            v_missing := NEW.entry_id::text;
-        END IF;
-    ELSE
-        SELECT 'account_id', d.account_id INTO v_column, v_missing
-        FROM (SELECT DISTINCT account_id FROM new_events) d
-        LEFT JOIN LATERAL (SELECT 1 AS found FROM accounts a
-                           WHERE a.account_id = d.account_id FOR KEY SHARE) a ON true
-        WHERE a.found IS NULL
-        LIMIT 1;
-        IF NOT FOUND THEN
-            SELECT 'product_id', d.product_id INTO v_column, v_missing
-            FROM (SELECT DISTINCT product_id FROM new_events) d
-            LEFT JOIN LATERAL (SELECT 1 AS found FROM products p
-                               WHERE p.product_id = d.product_id FOR KEY SHARE) p ON true
-            WHERE p.found IS NULL
-            LIMIT 1;
-        END IF;
-        IF NOT FOUND THEN
-            -- one probe of the primary key per event (a scalar subquery: never a scan
-            -- of the whole ledger, whatever the planner guesses)
-            SELECT 'entry_id', n.entry_id::text INTO v_column, v_missing
-            FROM new_events n
-            WHERE n.entry_id IS NOT NULL
-              AND (SELECT l.entry_id FROM ledger_entries l WHERE l.entry_id = n.entry_id)
-                  IS NULL
-            LIMIT 1;
-        END IF;
+    IF position($old${old}$old$ IN v_def) = 0 THEN
+        RAISE EXCEPTION 'tally_events_references is not the function this migration expects';
     END IF;
-    IF v_column IS NOT NULL THEN
-        RAISE EXCEPTION 'insert or update on table "usage_events" violates its reference %',
-                        v_column
-            USING ERRCODE = 'foreign_key_violation',
-                  DETAIL = format('Key (%s)=(%s) is not present.', v_column, v_missing);
-    END IF;
-    RETURN NULL;
-END $$;
+    EXECUTE replace(v_def, $old${old}$old$, $new${new}$new$);
+END $migration$;
 """
 
 
 def upgrade() -> None:
-    run_script(SCHEMA)
+    run_script(_rewrite(_ANCHOR, _MARK + _ANCHOR))
 
 
 def downgrade() -> None:
-    run_script(DROP)
+    run_script(_rewrite(_MARK + _ANCHOR, _ANCHOR))
