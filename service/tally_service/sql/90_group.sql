@@ -307,15 +307,18 @@ BEGIN
     WHERE request_id = ANY (ARRAY(SELECT y->'a'->>'request_id'
                                   FROM jsonb_array_elements(p_calls) y));
     -- The holds named, read under the account's lock (every change of a hold is made
-    -- under it), and those still the reservation of an open usage job.
-    SELECT array_agg(h2.reservation_id), array_agg(h2.amount), array_agg(h2.status),
-           array_agg(h2)
+    -- under it), and those still the reservation of an open usage job. Planned afresh
+    -- each time (EXECUTE), as the UPDATE of the holds finished below: a plan kept for the
+    -- session, made while holds was small, reads every hold of the account (by
+    -- holds_by_account_time) or the whole table, in time linear in the account's or the
+    -- table's history until an ANALYZE of holds.
+    EXECUTE 'SELECT array_agg(h2.reservation_id), array_agg(h2.amount),
+                    array_agg(h2.status), array_agg(h2)
+             FROM holds h2 WHERE h2.reservation_id = ANY ($1) AND h2.account_id = $2'
     INTO v_hids, v_hamounts, v_hstatus, v_hrows
-    FROM holds h2
-    WHERE h2.reservation_id = ANY (ARRAY(SELECT (y->'a'->>'reservation_id')::uuid
-                                         FROM jsonb_array_elements(p_calls) y
-                                         WHERE y->'a' ? 'reservation_id'))
-      AND h2.account_id = p_account_id;
+    USING ARRAY(SELECT (y->'a'->>'reservation_id')::uuid
+                FROM jsonb_array_elements(p_calls) y
+                WHERE y->'a' ? 'reservation_id'), p_account_id;
     SELECT array_agg(DISTINCT u.reservation_id) INTO v_open FROM usage_events u
     WHERE u.reservation_id = ANY (v_hids) AND u.status IN ('pending', 'processing');
     v_balance := a.balance;
@@ -428,15 +431,16 @@ BEGIN
         INTO v_new FROM placed p;
     END IF;
     IF cardinality(v_fin_ids) > 0 THEN
-        WITH finished AS (
+        EXECUTE 'WITH finished AS (
             UPDATE holds h2 SET status = t.status, captured = t.captured,
-                                finalized_at = v_stamp
-            FROM unnest(v_fin_ids, v_fin_status, v_fin_captured) AS t (id, status, captured)
+                                finalized_at = $4
+            FROM unnest($1, $2, $3) AS t (id, status, captured)
             WHERE h2.reservation_id = t.id
-            RETURNING h2.*
+            RETURNING h2
         )
-        SELECT array_agg(f ORDER BY array_position(v_fin_ids, f.reservation_id))
-        INTO v_done FROM finished f;
+        SELECT array_agg(f.h2 ORDER BY array_position($1, (f.h2).reservation_id))
+        FROM finished f'
+        INTO v_done USING v_fin_ids, v_fin_status, v_fin_captured, v_stamp;
     END IF;
     IF v_e > 0 THEN
         v_e_types := tally_draw_shares(p_account_id, v_e_shares);
