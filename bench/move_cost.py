@@ -54,6 +54,7 @@ RETURNS TABLE (step text, us_per_movement numeric) LANGUAGE plpgsql AS $$
 DECLARE
     t timestamptz;
     u timestamptz;
+    v_mark text;
     acc double precision[] := array_fill(0::double precision, ARRAY[14]);
     names text[] := ARRAY[
         'set_config(tally.caller)', 'exists(account) (folded into the lock since)',
@@ -116,7 +117,7 @@ BEGIN
             EXIT WHEN v_left = 0;
         END LOOP;
         u := clock_timestamp(); acc[7] := acc[7] + extract(epoch FROM u - t); t := u;
-        PERFORM set_config('tally.references_checked', 'on', true);  -- as tally_post_entry
+        v_mark := set_config('tally.references_checked', 'on', true);  -- as tally_post_entry
         INSERT INTO ledger_entries (
             account_id, sequence, entry_type, amount, balance_after, description,
             reference, metadata, request_id, reservation_id, created_at, credit_type
@@ -124,7 +125,7 @@ BEGIN
             v_id, a.last_sequence, 'debit', -$DEBIT$, a.balance, '', '', '{}', v_rid, NULL,
             a.balance_updated_at, v_first
         ) RETURNING * INTO e;
-        PERFORM set_config('tally.references_checked', '', true);
+        v_mark := set_config('tally.references_checked', '', true);
         u := clock_timestamp(); acc[8] := acc[8] + extract(epoch FROM u - t); t := u;
         PERFORM tally_maybe_reload(a, a.balance - a.reserved + $DEBIT$);
         u := clock_timestamp(); acc[9] := acc[9] + extract(epoch FROM u - t); t := u;
@@ -186,6 +187,7 @@ RETURNS TABLE (step text, us_per_pair numeric) LANGUAGE plpgsql AS $$
 DECLARE
     t timestamptz;
     u timestamptz;
+    v_mark text;
     acc double precision[] := array_fill(0::double precision, ARRAY[24]);
     names text[] := ARRAY[
         'Reserve: set_config(tally.caller)',
@@ -313,7 +315,7 @@ BEGIN
             EXIT WHEN v_left = 0;
         END LOOP;
         u := clock_timestamp(); acc[19] := acc[19] + extract(epoch FROM u - t); t := u;
-        PERFORM set_config('tally.references_checked', 'on', true);  -- as tally_post_entry
+        v_mark := set_config('tally.references_checked', 'on', true);  -- as tally_post_entry
         INSERT INTO ledger_entries (
             account_id, sequence, entry_type, amount, balance_after, description,
             reference, metadata, request_id, reservation_id, created_at, credit_type
@@ -321,7 +323,7 @@ BEGIN
             v_acc, a.last_sequence, 'debit', -h.amount, a.balance, '', h.reference,
             h.metadata, v_rid, v_res, a.balance_updated_at, v_first
         ) RETURNING * INTO e;
-        PERFORM set_config('tally.references_checked', '', true);
+        v_mark := set_config('tally.references_checked', '', true);
         u := clock_timestamp(); acc[20] := acc[20] + extract(epoch FROM u - t); t := u;
         PERFORM EXISTS (SELECT 1 FROM grants
                         WHERE account_id = v_acc AND NOT spent AND expired);

@@ -38,24 +38,30 @@ def _completed(account: str, event_id: str, product: str) -> UsageItem:
     )
 
 
-async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
-    """An account with a charged usage event: (account, product, its entry id)."""
-    suffix = uuid.uuid4().hex[:10]
-    account, product = f"refs-{suffix}", f"refs-prod-{suffix}"
+async def _new_account(conn: asyncpg.Connection, funded: bool = False) -> str:
+    account = f"refs-{uuid.uuid4().hex[:10]}"
     await conn.execute(
         "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', 0, NULL)",
-        f"create-{suffix}",
+        f"create-{account}",
         account,
     )
-    await conn.execute(
-        "SELECT tally_move($1, '\\x00', 'TopUp', $2, 'credit', 1000000, '', '', '{}', "
-        '\'{"type": "purchased"}\')',
-        f"top-up-{suffix}",
-        account,
-    )
+    if funded:
+        await conn.execute(
+            "SELECT tally_move($1, '\\x00', 'TopUp', $2, 'credit', 1000000, '', '', '{}', "
+            '\'{"type": "purchased"}\')',
+            f"top-up-{account}",
+            account,
+        )
+    return account
+
+
+async def _setup(conn: asyncpg.Connection) -> tuple[str, str, int]:
+    """An account with a charged usage event: (account, product, its entry id)."""
+    account = await _new_account(conn, funded=True)
+    product = f"{account}-product"
     await conn.execute(
         "SELECT tally_upsert_product($1, '\\x00', $2, '', 1000, false, 0)",
-        f"product-{suffix}",
+        f"product-{product}",
         product,
     )
     event = _completed(account, "e1", product)
@@ -174,23 +180,6 @@ def test_every_entry_is_stamped_with_the_caller(database_url: str, caller: str) 
             await conn.close()
 
     asyncio.run(scenario())
-
-
-async def _new_account(conn: asyncpg.Connection, funded: bool = False) -> str:
-    account = f"refs-{uuid.uuid4().hex[:10]}"
-    await conn.execute(
-        "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', 0, NULL)",
-        f"create-{account}",
-        account,
-    )
-    if funded:
-        await conn.execute(
-            "SELECT tally_move($1, '\\x00', 'TopUp', $2, 'credit', 1000000, '', '', '{}', "
-            '\'{"type": "purchased"}\')',
-            f"top-up-{account}",
-            account,
-        )
-    return account
 
 
 def _debit(account: str, key: str) -> dict[str, object]:

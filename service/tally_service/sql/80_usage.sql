@@ -348,7 +348,7 @@ BEGIN
     -- events are checked already (the mark of migrations 0017 and 0018): every account
     -- is locked FOR UPDATE (v_locked) and every product FOR KEY SHARE (above), and the
     -- statement inserts the entries its events refer to.
-    PERFORM set_config('tally.rollups_counted', 'on', true);
+    v_mark := set_config('tally.rollups_counted', 'on', true);
     v_mark := set_config('tally.references_checked', 'on', true);
     -- The writes, and every item's result, in one statement. The accepted events flow
     -- through window functions and are written from one materialised set; nothing
@@ -558,7 +558,7 @@ BEGIN
                      AS before,
                  bool_or(a.auto_reload_enabled) FILTER (WHERE a.charged > 0) AS reload
           FROM account a) p;
-    PERFORM set_config('tally.rollups_counted', '', true);
+    v_mark := set_config('tally.rollups_counted', '', true);
     v_mark := set_config('tally.references_checked', '', true);
     -- The reports and thresholds the rollups above touched.
     IF v_counted IS NOT NULL THEN
