@@ -64,15 +64,16 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from bench import metering_data, metering_load
-from bench.postgres import ServerFacts, admin_url, fresh_database, server_facts
+from bench.postgres import ServerFacts, admin_url, analyze, fresh_database, server_facts
 from bench.probe import WindowProbe, find_postmaster, plain_url
 from bench.run import TimeLimitExceeded, fmt, fmt_ms, hard_time_limit, log_problems
 from bench.server import HOST, ROOT, ServerProcess, free_port, start_server, wait_serving
 from tally.v1 import metering_pb2
-from tally_client import TallyClient
+from tally_client import TallyClient, usage_event
 
 DESCRIPTION = "Tally metering benchmark: recording throughput, GetUsage and export."
 CALL_PRODUCT = "bench-call"
+WARM_UP_EVENTS = 10  # per account, before the ANALYZE of the set-up
 CALL_PRICE = "0.001"
 ACCOUNT_TOP_UP = "1000000"  # a billion events at 0.001
 BIG_ACCOUNT = "meter-big"
@@ -148,6 +149,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="throughput only: no large account, GetUsage or export",
     )
     parser.add_argument("--skip-throughput", action="store_true", help="no throughput runs")
+    parser.add_argument(
+        "--fresh-plans",
+        action="store_true",
+        help="no usage warm-up and ANALYZE after the set-up: the server's plans stay those "
+        "made on empty tables (the figures before 2026-12-01)",
+    )
     parser.add_argument(
         "--only",
         default="",
@@ -284,7 +291,10 @@ def account_ids(n: int) -> list[str]:
     return [f"meter-{i:05d}" for i in range(n)]
 
 
-def set_up(target: str, accounts: list[str], with_big: bool) -> None:
+def set_up(url: str, target: str, accounts: list[str], with_big: bool, fresh_plans: bool) -> None:
+    """Products and funded accounts; then, unless ``fresh_plans``, a few events of every
+    account and an ANALYZE (``bench.postgres.analyze``), so the runs measure the plans of
+    a database with statistics, as autovacuum keeps a live one."""
     with TallyClient(target, timeout_seconds=CLIENT_TIMEOUT_SECONDS) as client:
         client.upsert_product(CALL_PRODUCT, CALL_PRICE)
         for product in metering_data.PRODUCTS:
@@ -294,10 +304,20 @@ def set_up(target: str, accounts: list[str], with_big: bool) -> None:
             client.create_account(account)
             client.top_up(account, ACCOUNT_TOP_UP, reference="bench")
 
+        def warm(account: str) -> None:
+            client.record_usage_batch(
+                usage_event(account, f"warm-up.{account}.{i}", CALL_PRODUCT, status_code=200)
+                for i in range(WARM_UP_EVENTS)
+            )
+
         with ThreadPoolExecutor(SETUP_THREADS) as pool:
             list(pool.map(fund, accounts, timeout=600))
+            if not fresh_plans:
+                list(pool.map(warm, accounts, timeout=600))
         if with_big:
             client.create_account(BIG_ACCOUNT, time_zone=BIG_TIME_ZONE)
+    if not fresh_plans:
+        log(f"ANALYZE {', '.join(analyze(url))}")
 
 
 def start_noop(log_path: Path) -> ServerProcess:
@@ -1007,7 +1027,13 @@ def benchmark(args: argparse.Namespace, workdir: Path, report: Report) -> None:
         try:
             accounts = account_ids(args.accounts)
             t = time.monotonic()
-            set_up(server.target, accounts if not args.skip_throughput else [], True)
+            set_up(
+                url,
+                server.target,
+                accounts if not args.skip_throughput else [],
+                True,
+                args.fresh_plans,
+            )
             log(f"products and {len(accounts):,} funded accounts in {time.monotonic() - t:.1f}s")
 
             if not args.skip_throughput:

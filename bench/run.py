@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench import load
-from bench.postgres import ServerFacts, admin_url, fresh_database, server_facts
+from bench.postgres import ServerFacts, admin_url, analyze, fresh_database, server_facts
 from bench.probe import WindowProbe, find_postmaster
 from bench.server import ServerProcess, start_server
 from tally_client import TallyClient
@@ -113,6 +113,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-log", default="", help="copy the server log here at the end")
     parser.add_argument(
         "--keep-database", action="store_true", help="do not drop the benchmark database"
+    )
+    parser.add_argument(
+        "--fresh-plans",
+        action="store_true",
+        help="no ANALYZE after the set-up: the server's plans stay those made on empty "
+        "tables (the figures before 2026-12-01)",
     )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or args.processes < 1 or args.accounts < 1:
@@ -321,6 +327,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
             accounts = account_ids(args.accounts)
             started = time.monotonic()
             set_up_accounts(server.target, accounts)
+            if not args.fresh_plans:
+                print(f"bench: ANALYZE {', '.join(analyze(url))}", flush=True)
             print(
                 f"bench: {len(accounts):,} accounts + {HOT_ACCOUNT} funded in "
                 f"{time.monotonic() - started:.1f}s",
