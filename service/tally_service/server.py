@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -344,6 +345,13 @@ def run(settings: Settings) -> None:
     url = resolve_database_url(settings)
     if settings.migrate_on_start or not settings.database_url:
         migrate(url)
+    # What start-up made (modules, descriptors, migrations' leftovers collected first)
+    # lives as long as the process: frozen, out of the collector's reach, so a full
+    # collection walks only what was made since. Measured under load (hot Debit, 64 in
+    # flight): each full collection paused every call for 30-39 ms (12 in a run), against
+    # at most 1.6 ms frozen (docs/benchmarks.md, "Garbage collection").
+    gc.collect()
+    gc.freeze()
     try:
         asyncio.run(serve(settings, url, tracer_provider=provider))
     finally:
