@@ -3,15 +3,17 @@
 
     python -m bench.metering_noop --listen 127.0.0.1:PORT
 
-The same ``grpc.aio`` server, options and interceptors (metrics, error mapping) as
-``tally_service.server``, plus grpc.health.v1, but the servicer neither validates nor
-touches a database: it reads every event and answers one result per event, echoing
-the event as recorded (with the 0.001 credits the real server would charge), so the
-request and response messages are about the size of the real ones.
+The same ``grpc.aio`` server, options, interceptors (metrics, error mapping) and
+frozen start-up objects as ``tally_service.server``, plus grpc.health.v1, but the
+servicer neither validates nor touches a database: it reads every event and answers
+one result per event, echoing the event as recorded (with the 0.001 credits the real
+server would charge), so the request and response messages are about the size of the
+real ones.
 """
 
 import argparse
 import asyncio
+import gc
 import signal
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -97,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.metering_noop")
     parser.add_argument("--listen", required=True, help="host:port (loopback)")
     args = parser.parse_args(argv)
+    # As tally_service.server.run does before serving: the same collector settings.
+    gc.collect()
+    gc.freeze()
     asyncio.run(serve(args.listen))
 
 
