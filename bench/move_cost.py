@@ -363,6 +363,7 @@ CREATE FUNCTION bench_grouped_pairs(p_n integer, p_hot boolean, p_tag text, p_gr
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     v_half integer := p_group / 2;
+    v_reserves integer;
     v_held text[] := '{}';
     v_calls jsonb;
     v_answers jsonb;
@@ -371,6 +372,9 @@ DECLARE
     i integer := 0;
 BEGIN
     WHILE v_done < p_n LOOP
+        -- This round's reserves: v_half, fewer in the last round when p_n is not a
+        -- multiple of it (the loop ends when every reserve is captured).
+        v_reserves := greatest(0, least(v_half, p_n - i * v_half));
         SELECT coalesce(jsonb_agg(c ORDER BY k), '[]') INTO v_calls FROM (
             SELECT j AS k, jsonb_build_object('f', 'tally_reserve', 'caller', 'bench',
                 'a', jsonb_build_object(
@@ -379,8 +383,7 @@ BEGIN
                         ELSE 'bench-' || ((i * v_half + j) % $ACCOUNTS$) END,
                     'amount', $DEBIT$, 'ttl_seconds', $TTL$, 'reference', '',
                     'metadata', '{}')) AS c
-            FROM generate_series(1, v_half) AS j
-            WHERE (i + 1) * v_half <= p_n
+            FROM generate_series(1, v_reserves) AS j
             UNION ALL
             SELECT v_half + n, jsonb_build_object('f', 'tally_capture', 'caller', 'bench',
                 'a', jsonb_build_object(
@@ -394,7 +397,7 @@ BEGIN
                                   ORDER BY k), '{}')
         INTO v_new
         FROM jsonb_array_elements(v_answers) WITH ORDINALITY AS y (x, k)
-        WHERE k <= v_half AND (i + 1) * v_half <= p_n;
+        WHERE k <= v_reserves;
         IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_answers) x WHERE x ? 'error') THEN
             RAISE EXCEPTION 'a grouped call was refused: %', v_answers;
         END IF;
