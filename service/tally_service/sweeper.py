@@ -1,4 +1,5 @@
-"""Writes down holds and grants that have expired, and renews subscriptions.
+"""Writes down holds and grants that have expired, and renews subscriptions; gives a
+new database's tables their first statistics.
 
 Correctness never waits for this: every money movement catches up on what fell due
 under the account lock, and reads catch up first too. The sweeper only makes the rows
@@ -40,8 +41,50 @@ async def sweep_once(db: Database, batch: int = 100, metrics: Metrics | None = N
     return len(accounts)
 
 
+# The tables of Tally's schema that were never analysed (reltuples -1) and have grown
+# past the ten pages that the planner assumes of such a table. Their file size is read
+# directly, so the answer does not wait for the statistics collector.
+_UNANALYSED = text(
+    """
+    SELECT c.oid::regclass::text FROM pg_class c
+    WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+      AND c.reltuples < 0
+      AND pg_relation_size(c.oid) >= :pages * current_setting('block_size')::bigint
+    ORDER BY 1
+    """
+)
+
+
+async def analyze_new_tables(db: Database, min_pages: int = 10) -> list[str]:
+    """ANALYZEs the tables that have no statistics yet but at least `min_pages` pages;
+    returns their names. Autovacuum does the same within about a minute. Until then,
+    every session's plans made on such a table stay as they were made: on a new or
+    restored database the first calls plan on empty tables, and some of those plans
+    read more the more the table grows (docs/benchmarks.md, "Plans made on empty
+    tables"). An ANALYZE makes every session plan again. A table smaller than the
+    planner's ten-page assumption is left to autovacuum: analysed almost empty, it would
+    be planned as empty until its next ANALYZE. SKIP_LOCKED: a replica already
+    analysing a table is left to it."""
+    async with db.engine.connect() as conn:
+        names = list((await conn.execute(_UNANALYSED, {"pages": min_pages})).scalars())
+        await conn.rollback()
+    for name in names:
+        async with db.engine.begin() as conn:
+            await conn.execute(text(f"ANALYZE (SKIP_LOCKED) {name}"))
+    if names:
+        log.info("first statistics of %s", ", ".join(names))
+    return names
+
+
 async def run(db: Database, interval_seconds: float, metrics: Metrics | None = None) -> None:
     while True:
+        try:
+            await analyze_new_tables(db)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not outage.absorb(exc, "first statistics"):
+                log.exception("ANALYZE of new tables failed; will retry")
         try:
             while await sweep_once(db, metrics=metrics) > 0:
                 pass
