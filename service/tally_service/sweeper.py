@@ -55,7 +55,9 @@ _UNANALYSED = text(
 )
 
 
-async def analyze_new_tables(db: Database, min_pages: int = 10) -> list[str]:
+async def analyze_new_tables(
+    db: Database, min_pages: int = 10, tried: set[str] | None = None
+) -> list[str]:
     """ANALYZEs the tables that have no statistics yet but at least `min_pages` pages;
     returns their names. Autovacuum does the same within about a minute. Until then,
     every session's plans made on such a table stay as they were made: on a new or
@@ -64,10 +66,15 @@ async def analyze_new_tables(db: Database, min_pages: int = 10) -> list[str]:
     tables"). An ANALYZE makes every session plan again. A table smaller than the
     planner's ten-page assumption is left to autovacuum: analysed almost empty, it would
     be planned as empty until its next ANALYZE. SKIP_LOCKED: a replica already
-    analysing a table is left to it."""
+    analysing a table is left to it. A name in `tried` is not analysed again (a table
+    the database user may not analyse stays without statistics; its name is not logged
+    at every sweep)."""
     async with db.engine.connect() as conn:
         names = list((await conn.execute(_UNANALYSED, {"pages": min_pages})).scalars())
         await conn.rollback()
+    if tried is not None:
+        names = [n for n in names if n not in tried]
+        tried.update(names)
     for name in names:
         async with db.engine.begin() as conn:
             await conn.execute(text(f"ANALYZE (SKIP_LOCKED) {name}"))
@@ -77,9 +84,10 @@ async def analyze_new_tables(db: Database, min_pages: int = 10) -> list[str]:
 
 
 async def run(db: Database, interval_seconds: float, metrics: Metrics | None = None) -> None:
+    analysed: set[str] = set()
     while True:
         try:
-            await analyze_new_tables(db)
+            await analyze_new_tables(db, tried=analysed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
