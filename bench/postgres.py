@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tally_service.db import async_url, migrate
+from tally_service.db import Database, async_url, make_engine, migrate
+from tally_service.sweeper import analyze_new_tables
 
 # Bounds every administrative statement (CREATE/DROP DATABASE, SHOW ...).
 ADMIN_TIMEOUT_SECONDS = 60.0
@@ -63,39 +64,24 @@ def _run_admin(url: str, statement: str) -> None:
     asyncio.run(bounded())
 
 
-async def _analyze_filled(url: str) -> list[str]:
-    engine = create_async_engine(async_url(url), isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            tables = (
-                await conn.execute(
-                    text("SELECT quote_ident(relname) FROM pg_stat_user_tables ORDER BY relname")
-                )
-            ).scalars()
-            filled = [
-                t
-                for t in tables
-                if (await conn.execute(text(f"SELECT EXISTS (SELECT FROM {t})"))).scalar()
-            ]
-            for t in filled:
-                await conn.execute(text(f"ANALYZE {t}"))
-            return filled
-    finally:
-        await engine.dispose()
-
-
 def analyze(url: str) -> list[str]:
-    """ANALYZE every table of the benchmark database that has rows, as autovacuum does on
-    a live database (a table once 50 rows changed, within a minute); returns their names.
-    Every session's cached plans are made again after it. Without it, the server's plans
-    are those made on the empty tables of its first calls, for as long as a run lasts (an
+    """ANALYZE every table of the benchmark database that holds data and has no
+    statistics yet, as autovacuum does on a live database (a table once 50 rows changed,
+    within a minute), and as the server's sweeper does past ten pages
+    (`sweeper.analyze_new_tables`, here from one page); returns their names. Every
+    session's cached plans are made again after it. Without it, the server's plans are
+    those made on the empty tables of its first calls, for as long as a run lasts (an
     event looked up by (account, event id) through usage_events_by_product_time, reading
     the account's whole range). An empty table is left alone, as autovacuum leaves it:
     analysed empty, it would be planned as empty (a seq scan of holds by its primary key)
     until the next ANALYZE (docs/benchmarks.md, "Plans made on empty tables")."""
 
     async def bounded() -> list[str]:
-        return await asyncio.wait_for(_analyze_filled(url), ADMIN_TIMEOUT_SECONDS)
+        db = Database(make_engine(url, pool_size=1))
+        try:
+            return await asyncio.wait_for(analyze_new_tables(db, 1), ADMIN_TIMEOUT_SECONDS)
+        finally:
+            await db.engine.dispose()
 
     return asyncio.run(bounded())
 

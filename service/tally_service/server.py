@@ -349,7 +349,7 @@ def run(settings: Settings) -> None:
     # lives as long as the process: frozen, out of the collector's reach, so a full
     # collection walks only what was made since. Measured under load (hot Debit, 64 in
     # flight): each full collection paused every call for 30-39 ms (12 in a run), against
-    # at most 1.6 ms frozen (docs/benchmarks.md, "Garbage collection").
+    # at most 2.3 ms frozen (docs/benchmarks.md, "Garbage collection").
     gc.collect()
     gc.freeze()
     try:

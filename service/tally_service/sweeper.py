@@ -69,14 +69,12 @@ async def analyze_new_tables(
     analysing a table is left to it. A name in `tried` is not analysed again (a table
     the database user may not analyse stays without statistics; its name is not logged
     at every sweep)."""
-    async with db.engine.connect() as conn:
+    async with db.engine.begin() as conn:
         names = list((await conn.execute(_UNANALYSED, {"pages": min_pages})).scalars())
-        await conn.rollback()
-    if tried is not None:
-        names = [n for n in names if n not in tried]
-        tried.update(names)
-    for name in names:
-        async with db.engine.begin() as conn:
+        if tried is not None:
+            names = [n for n in names if n not in tried]
+            tried.update(names)
+        for name in names:
             await conn.execute(text(f"ANALYZE (SKIP_LOCKED) {name}"))
     if names:
         log.info("first statistics of %s", ", ".join(names))
