@@ -474,7 +474,7 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
         await conn.fetchval(
             "SELECT tally_upsert_product('product', '\\x00', 'hold-run', '', 1000, false, 0)"
         )
-        for acct in ("set", "seq"):
+        for acct in ("set", "set2", "seq"):
             await conn.fetchval(
                 "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', $3, NULL)",
                 f"create-{acct}",
@@ -543,13 +543,22 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
                 return common | {"amount": extra, "description": key, "metadata": '{"c": 1}'}
             return common
 
+        # Two accounts' runs interleaved in one group (one run over both), then a Reserve
+        # of an account that does not exist (one by one).
         calls = [
-            {"f": f, "caller": caller, "a": args("set", f, key, target, fp, extra)}
+            {"f": f, "caller": caller, "a": args(acct, f, key, target, fp, extra)}
             for f, key, target, fp, caller, extra in plan
+            for acct in ("set", "set2")
         ]
-        grouped = json.loads(
+        unknown: dict[str, Any] = {"request_id": "nobody-r", "fingerprint": "00"}
+        unknown |= {"account_id": "nobody", "amount": 1, "ttl_seconds": 60}
+        unknown |= {"reference": "", "metadata": "{}"}
+        calls.append({"f": "tally_reserve", "caller": "", "a": unknown})
+        both = json.loads(
             await conn.fetchval("SELECT tally_apply_group($1::jsonb)::text", json.dumps(calls))
         )
+        assert both[-1]["error"]["sqlstate"] == "TA404"
+        grouped, grouped2 = both[0:-1:2], both[1:-1:2]
         alone = []
         for f, key, target, fp, caller, extra in plan:
             a = args("seq", f, key, target, fp, extra)
@@ -595,7 +604,8 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
         ids = {v: k for acct in held for k, v in held[acct].items()}
 
         def same(value: Any) -> Any:
-            text = json.dumps(value, sort_keys=True).replace('"set', '"seq')
+            text = json.dumps(value, sort_keys=True).replace('"set2', '"seq')
+            text = text.replace('"set', '"seq')
             for rid, name in ids.items():
                 text = text.replace(rid, name)
             scrubbed = json.loads(text)
@@ -615,6 +625,7 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
             return scrubbed
 
         assert [same(r) for r in grouped] == [same(r) for r in alone]
+        assert [same(r) for r in grouped2] == [same(r) for r in alone]
         assert [("error" in r) for r in grouped] == [
             False,
             False,
@@ -672,6 +683,7 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
 
         set_state, seq_state = await state("set"), await state("seq")
         assert set_state == seq_state
+        assert await state("set2") == seq_state
         assert {e["credit_type"] for e in set_state[0]} >= {"promotional", "purchased"}
         # The run was applied as a set: its holds and entries share one instant.
         stamps = await conn.fetchval(
@@ -688,5 +700,5 @@ async def _hold_run_vs_one_by_one(url: str) -> None:
 
 def test_a_run_of_hold_calls_as_a_set_equals_one_by_one(own_database_url: str) -> None:
     """tally_hold_run gives each Reserve, Capture and Release of a group the outcome,
-    hold, entry and draw it would have alone, in order."""
+    hold, entry and draw it would have alone, in order, over two accounts at once."""
     asyncio.run(_hold_run_vs_one_by_one(own_database_url))

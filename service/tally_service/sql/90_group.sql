@@ -1,3 +1,48 @@
+-- The one draw of a run's entries (tally_debit_run, tally_hold_run): entry j of
+-- p_accounts[j] draws p_shares[j] from that account's grants, each account's entries in
+-- order (its draw as one, by tally_draw). Returns each entry's credit type in order:
+-- the type of the grant holding the first credit of its own share (NULL for a share of
+-- 0), as a lone movement's entry gets its own.
+CREATE OR REPLACE FUNCTION tally_draw_entries(p_accounts text[], p_shares bigint[])
+RETURNS text[] LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_ids text[];
+    v_draws bigint[];
+    v_d_accounts text[];
+    v_d_aheads bigint[];
+    v_d_remainings bigint[];
+    v_d_types text[];
+    v_types text[];
+BEGIN
+    SELECT array_agg(s.account_id), array_agg(s.draw) INTO v_ids, v_draws
+    FROM (SELECT account_id, sum(share)::bigint AS draw
+          FROM unnest(p_accounts, p_shares) AS u (account_id, share)
+          GROUP BY account_id HAVING sum(share) > 0) s;
+    IF v_ids IS NOT NULL THEN
+        SELECT array_agg(d.account_id), array_agg(d.ahead), array_agg(d.remaining),
+               array_agg(d.grant_type)
+        INTO v_d_accounts, v_d_aheads, v_d_remainings, v_d_types
+        FROM tally_draw(v_ids, v_draws) d;
+    END IF;
+    WITH drawn AS (
+        SELECT * FROM unnest(v_d_accounts, v_d_aheads, v_d_remainings, v_d_types)
+                      AS d (account_id, ahead, remaining, grant_type)
+    ), entries AS (
+        SELECT e.n, e.account_id, e.share,
+               coalesce(sum(e.share) OVER (PARTITION BY e.account_id ORDER BY e.n
+                                           ROWS BETWEEN UNBOUNDED PRECEDING
+                                                    AND 1 PRECEDING), 0) AS offset_
+        FROM unnest(p_accounts, p_shares) WITH ORDINALITY AS e (account_id, share, n)
+    )
+    SELECT array_agg((SELECT d.grant_type FROM drawn d
+                      WHERE e.share > 0 AND d.account_id = e.account_id
+                        AND d.ahead <= e.offset_ AND e.offset_ < d.ahead + d.remaining)
+                     ORDER BY e.n)
+    INTO v_types FROM entries e;
+    RETURN v_types;
+END $$;
+
 -- The debits of a group, applied as a set (issue 8): what the calls would do one after
 -- another, with each account row updated once, and the grant draws, the account updates,
 -- the entries and the keys of every account each written by one statement. Each call
@@ -32,10 +77,8 @@ DECLARE
     v_answers jsonb := '{}';
     v_now timestamptz;
     v_amount bigint;
-    v_take bigint;
     -- Per account handled, in account_id order.
     v_available_before bigint[] := '{}';
-    v_draws bigint[] := '{}';
     v_counts integer[] := '{}';
     -- Per applied debit, in order.
     v_n integer := 0;
@@ -51,15 +94,9 @@ DECLARE
     v_descs text[] := '{}';
     v_refs text[] := '{}';
     v_metas jsonb[] := '{}';
-    v_offsets bigint[] := '{}';
     v_shares bigint[] := '{}';
+    v_types text[];
     v_entries jsonb[];
-    v_need_ids text[];
-    v_need bigint[];
-    v_d_accounts text[];
-    v_d_aheads bigint[];
-    v_d_remainings bigint[];
-    v_d_types text[];
     v_mark text;
 BEGIN
     SELECT array_agg(DISTINCT y->'a'->>'account_id') INTO v_ids
@@ -94,7 +131,6 @@ BEGIN
                 v_k := v_k + 1;
                 a := v_rows[v_k];
                 v_available_before := v_available_before || (a.balance - a.reserved);
-                v_draws := v_draws || 0::bigint;
                 v_counts := v_counts || 0;
                 a.balance_updated_at := greatest(a.balance_updated_at, v_now);
             ELSE
@@ -112,10 +148,7 @@ BEGIN
             v_answers := v_answers || jsonb_build_object(c->>'i', tally_insufficient(a, -v_amount));
             CONTINUE;
         END IF;
-        v_take := least(-v_amount, greatest(a.balance, 0));
-        v_offsets := v_offsets || v_draws[v_k];
-        v_shares := v_shares || v_take;
-        v_draws[v_k] := v_draws[v_k] + v_take;
+        v_shares := v_shares || least(-v_amount, greatest(a.balance, 0));
         v_counts[v_k] := v_counts[v_k] + 1;
         a.balance := a.balance + v_amount;
         a.last_sequence := a.last_sequence + 1;
@@ -148,34 +181,17 @@ BEGIN
       AND t.account_id = r.account_id AND r.last_sequence <> t.last_sequence;
     -- The entries carry their callers already; the trigger then adds nothing.
     PERFORM set_config('tally.caller', '', true);
-    -- One draw for all the accounts (tally_draw); each entry's type is that of the grant
-    -- holding the first credit of its own share.
-    SELECT array_agg((v_rows[k]).account_id), array_agg(v_draws[k]) INTO v_need_ids, v_need
-    FROM generate_subscripts(v_draws, 1) k
-    WHERE v_draws[k] > 0;
-    SELECT array_agg(d.account_id), array_agg(d.ahead), array_agg(d.remaining),
-           array_agg(d.grant_type)
-    INTO v_d_accounts, v_d_aheads, v_d_remainings, v_d_types
-    FROM tally_draw(v_need_ids, v_need) d;
+    v_types := tally_draw_entries(v_accts, v_shares);
     -- Every entry's account is a locked row of v_rows: ledger_entries_account (migration
     -- 0017) need not look.
     v_mark := set_config('tally.references_checked', 'on', true);
-    WITH drawn AS (
-        SELECT * FROM unnest(v_d_accounts, v_d_aheads, v_d_remainings, v_d_types)
-                      AS d (account_id, ahead, remaining, grant_type)
-    ), written AS (
+    WITH written AS (
         INSERT INTO ledger_entries (
             account_id, sequence, entry_type, amount, balance_after, description,
             reference, metadata, request_id, created_at, credit_type)
-        SELECT e.account_id, e.sequence, 'debit', e.amount, e.balance_after,
-               e.description, e.reference, e.metadata, e.request_id, e.created_at,
-               (SELECT d.grant_type FROM drawn d
-                WHERE e.share > 0 AND d.account_id = e.account_id
-                  AND d.ahead <= e.offset_ AND e.offset_ < d.ahead + d.remaining)
-        FROM unnest(v_accts, v_seqs, v_amounts, v_afters, v_descs, v_refs, v_metas, v_rids,
-                    v_ats, v_offsets, v_shares)
-             AS e (account_id, sequence, amount, balance_after, description, reference,
-                   metadata, request_id, created_at, offset_, share)
+        SELECT * FROM unnest(v_accts, v_seqs, array_fill('debit'::text, ARRAY[v_n]),
+                             v_amounts, v_afters, v_descs, v_refs, v_metas, v_rids, v_ats,
+                             v_types)
         RETURNING *
     )
     SELECT array_agg(jsonb_build_object('entry', to_jsonb(w))
@@ -195,69 +211,54 @@ BEGIN
     RETURN v_answers;
 END $$;
 
--- Draws the captures of a hold run from the account's grants at once (tally_draw):
--- p_shares[j] is what the j-th entry draws (in order); returns each entry's credit type,
--- the type of the grant holding the first credit of its own share (NULL for a share of
--- 0), as tally_debit_run's entries get theirs.
-CREATE OR REPLACE FUNCTION tally_draw_shares(p_account_id text, p_shares bigint[])
-RETURNS text[] LANGUAGE plpgsql AS $$
+-- The Reserves, Captures and Releases of a group, applied as a set (issue 8), over every
+-- account whose calls in the group are all of them, as tally_debit_run does for debits:
+-- what the calls would do one after another, with each account row updated once, the
+-- grants of every account drawn once for the captures, and the new holds, the finished
+-- holds, the entries and the keys of every account each written by one statement. Each
+-- call keeps exactly its own outcome, in order: replays and refused keys are answered
+-- from the stored key; a Reserve is held to the balance rule over its account's running
+-- balance and reserved credit; a Capture or Release of a hold that an earlier call of
+-- the run finished is refused as it would be then (no longer pending). Every new hold,
+-- every finished hold and every entry of an account carries the one instant of that
+-- account's update (a hold expires its TTL after it), as the entries of a debit run do;
+-- everything due by that instant was caught up first.
+-- p_calls: [{"i": position in the group, "acct": the call's account (a Capture's or a
+-- Release's is its hold's), "caller": name, "f": function, "a": arguments}], request ids
+-- distinct in the group, each account's calls in group order. Every account is already
+-- locked by the caller (tally_apply_group). Returns the answers by position of the calls
+-- it handled; an account it does not handle gets no answer and nothing written, and its
+-- calls run one by one: none; alerts on available credit or auto-reload on (decided per
+-- movement; a run of holds can cross a threshold more than once); expired credit kept
+-- under holds (whose write-off a capture or release may have to do).
+CREATE OR REPLACE FUNCTION tally_hold_run(p_calls jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+-- Plans made once per session and kept, as tally_debit_run's; every statement probes
+-- accounts, holds and keys by index whatever the size of its arrays.
+SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    v_types text[];
-BEGIN
-    WITH drawn AS MATERIALIZED (
-        SELECT * FROM tally_draw(
-            ARRAY[p_account_id],
-            ARRAY[(SELECT coalesce(sum(s), 0)::bigint FROM unnest(p_shares) s)])
-    ), shares AS (
-        SELECT s.n, s.share, coalesce(sum(s.share) OVER (ORDER BY s.n ROWS BETWEEN
-                                      UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS offset_
-        FROM unnest(p_shares) WITH ORDINALITY AS s (share, n)
-    )
-    SELECT array_agg(
-        (SELECT d.grant_type FROM drawn d
-         WHERE x.share > 0 AND d.ahead <= x.offset_ AND x.offset_ < d.ahead + d.remaining)
-        ORDER BY x.n)
-    INTO v_types
-    FROM shares x, (SELECT count(*) FROM drawn) AS every_draw_made;
-    RETURN coalesce(v_types, '{}');
-END $$;
-
--- The Reserves, Captures and Releases of one account in a group, applied as a set (issue
--- 8), as tally_debit_run does for debits: what the calls would do one after another,
--- with the account row updated once, the grants drawn once for the run's captures, and
--- the new holds, the finished holds, the entries and the keys each written by one
--- statement. Each call keeps exactly its own outcome, in order: replays and refused keys
--- are answered from the stored key; a Reserve is held to the balance rule over the
--- running balance and reserved credit; a Capture or Release of a hold that an earlier
--- call of the run finished is refused as it would be then (no longer pending). Every
--- new hold, every finished hold and every entry carries the one instant of the run's
--- account update (a hold expires its TTL after it), as the entries of a debit run do.
--- p_calls: [{"i": position in the group, "caller": name, "f": function, "a": arguments}],
--- Reserves of p_account_id and Captures and Releases of its holds, with request ids
--- distinct in the group. Returns the answers by position, or NULL when it does not
--- handle this account (nothing written then): none; alerts on available credit or
--- auto-reload on (decided per movement); or expired credit kept under holds (whose
--- write-off a capture or release may have to do).
-CREATE OR REPLACE FUNCTION tally_hold_run(p_account_id text, p_calls jsonb)
-RETURNS jsonb LANGUAGE plpgsql AS $$
-DECLARE
-    a accounts;
     c jsonb;
     x jsonb;
+    a accounts;
     h holds;
+    v_rows accounts[];
+    v_k integer := 0;
+    v_ids text[];
+    v_account text;
     v_f text;
     v_rid text;
     v_known text[];
     v_answers jsonb := '{}';
-    v_balance bigint;
-    v_reserved bigint;
-    v_amount bigint;
-    v_k integer;
+    v_now timestamptz;
     v_stamp timestamptz;
+    v_amount bigint;
     v_refusal jsonb;
+    v_hk integer;
+    -- Per account handled, in account_id order: its instant, its calls applied.
+    v_stamps timestamptz[] := '{}';
+    v_counts integer[] := '{}';
     -- The holds the run's Captures and Releases name, and their state as the run goes.
     v_hids uuid[];
-    v_hamounts bigint[];
     v_hstatus text[];
     v_hrows holds[];
     v_open uuid[];
@@ -268,17 +269,22 @@ DECLARE
     v_rids text[] := '{}';
     v_methods text[] := '{}';
     v_fps bytea[] := '{}';
-    v_slot integer[] := '{}';      -- the hold's index in v_hids (Captures, Releases)
+    v_slot integer[] := '{}';      -- the index of its new or finished hold
     v_res_ids uuid[] := '{}';      -- new holds (Reserves)
+    v_res_accts text[] := '{}';
     v_res_amounts bigint[] := '{}';
     v_res_ttls bigint[] := '{}';
     v_res_refs text[] := '{}';
     v_res_metas jsonb[] := '{}';
     v_res_rids text[] := '{}';
+    v_res_ats timestamptz[] := '{}';
     v_fin_ids uuid[] := '{}';      -- finished holds (Captures, Releases)
     v_fin_status text[] := '{}';
     v_fin_captured bigint[] := '{}';
+    v_fin_ats timestamptz[] := '{}';
     v_e integer := 0;              -- entries (Captures), in order
+    v_e_accts text[] := '{}';
+    v_e_seqs bigint[] := '{}';
     v_e_amounts bigint[] := '{}';
     v_e_afters bigint[] := '{}';
     v_e_descs text[] := '{}';
@@ -286,47 +292,70 @@ DECLARE
     v_e_metas jsonb[] := '{}';
     v_e_rids text[] := '{}';
     v_e_res uuid[] := '{}';
+    v_e_ats timestamptz[] := '{}';
     v_e_shares bigint[] := '{}';
     v_e_types text[];
     v_new holds[];
     v_done holds[];
     v_entries ledger_entries[];
     v_responses jsonb[] := '{}';
-    e ledger_entries;
     v_j integer;
     v_mark text;
 BEGIN
-    PERFORM set_config('tally.caller', coalesce(p_calls->0->>'caller', ''), true);
-    a := tally_find_account(p_account_id);
-    IF a.account_id IS NULL OR a.available_alerts OR a.auto_reload_enabled
-       OR EXISTS (SELECT 1 FROM grants
-                  WHERE account_id = p_account_id AND NOT spent AND expired) THEN
-        RETURN NULL;
+    SELECT array_agg(DISTINCT y->>'acct') INTO v_ids FROM jsonb_array_elements(p_calls) y;
+    -- The catch-up, only where something is due (as tally_find_account would do at the
+    -- start of the account's first call alone, stamped with that call's caller). The
+    -- run's instant is not before this check, so nothing due by it is left undone.
+    v_now := clock_timestamp();
+    FOR v_account IN SELECT d FROM tally_due_accounts(v_ids, v_now) d ORDER BY d LOOP
+        PERFORM set_config('tally.caller', coalesce((
+            SELECT y->>'caller' FROM jsonb_array_elements(p_calls) y
+            WHERE y->>'acct' = v_account LIMIT 1), ''), true);
+        PERFORM tally_find_account(v_account);
+    END LOOP;
+    SELECT array_agg(t ORDER BY t.account_id COLLATE "C") INTO v_rows FROM accounts t
+    WHERE t.account_id = ANY (v_ids) AND NOT t.available_alerts AND NOT t.auto_reload_enabled
+      -- A subquery, not NOT EXISTS: an anti join's generic plan scanned all of grants.
+      AND NOT coalesce((SELECT true FROM grants g
+                        WHERE g.account_id = t.account_id AND NOT g.spent AND g.expired
+                        LIMIT 1), false);
+    IF v_rows IS NULL THEN
+        RETURN v_answers;
     END IF;
     SELECT array_agg(request_id) INTO v_known FROM idempotency_keys
     WHERE request_id = ANY (ARRAY(SELECT y->'a'->>'request_id'
                                   FROM jsonb_array_elements(p_calls) y));
-    -- The holds named, read under the account's lock (every change of a hold is made
+    -- The holds named, read under their accounts' locks (every change of a hold is made
     -- under it), and those still the reservation of an open usage job. Planned afresh
     -- each time (EXECUTE), as the UPDATE of the holds finished below: a plan kept for the
-    -- session, made while holds was small, reads every hold of the account (by
-    -- holds_by_account_time) or the whole table, in time linear in the account's or the
+    -- session, made while holds was small, reads the whole table, in time linear in the
     -- table's history until an ANALYZE of holds.
-    EXECUTE 'SELECT array_agg(h2.reservation_id), array_agg(h2.amount),
-                    array_agg(h2.status), array_agg(h2)
-             FROM holds h2 WHERE h2.reservation_id = ANY ($1) AND h2.account_id = $2'
-    INTO v_hids, v_hamounts, v_hstatus, v_hrows
+    EXECUTE 'SELECT array_agg(h2.reservation_id), array_agg(h2.status), array_agg(h2)
+             FROM holds h2 WHERE h2.reservation_id = ANY ($1)'
+    INTO v_hids, v_hstatus, v_hrows
     USING ARRAY(SELECT (y->'a'->>'reservation_id')::uuid
                 FROM jsonb_array_elements(p_calls) y
-                WHERE y->'a' ? 'reservation_id'), p_account_id;
+                WHERE y->'a' ? 'reservation_id');
     SELECT array_agg(DISTINCT u.reservation_id) INTO v_open FROM usage_events u
     WHERE u.reservation_id = ANY (v_hids) AND u.status IN ('pending', 'processing');
-    v_balance := a.balance;
-    v_reserved := a.reserved;
-    FOR c IN SELECT value FROM jsonb_array_elements(p_calls) LOOP
+    -- The calls by account (in account_id order), each account's in group order.
+    FOR c IN SELECT y.value FROM jsonb_array_elements(p_calls) WITH ORDINALITY y
+             ORDER BY (y.value->>'acct') COLLATE "C", y.ordinality LOOP
+        IF v_k = 0 OR v_rows[v_k].account_id IS DISTINCT FROM c->>'acct' THEN
+            -- The next account handled, if this call's account is one.
+            IF v_k < cardinality(v_rows) AND v_rows[v_k + 1].account_id = c->>'acct' THEN
+                v_k := v_k + 1;
+                a := v_rows[v_k];
+                v_stamps := v_stamps || greatest(a.balance_updated_at, v_now);
+                v_counts := v_counts || 0;
+            ELSE
+                CONTINUE;
+            END IF;
+        END IF;
         x := c->'a';
         v_f := c->>'f';
         v_rid := x->>'request_id';
+        v_stamp := v_stamps[v_k];
         IF v_f = 'tally_reserve' THEN
             IF v_rid = ANY (v_known) THEN
                 v_answers := v_answers || jsonb_build_object(c->>'i', tally_replay(
@@ -334,31 +363,31 @@ BEGIN
                 CONTINUE;
             END IF;
             v_amount := (x->>'amount')::bigint;
-            a.balance := v_balance;
-            a.reserved := v_reserved;
             IF NOT tally_fits(a, v_amount) THEN
                 v_answers := v_answers || jsonb_build_object(c->>'i',
                                                              tally_insufficient(a, v_amount));
                 CONTINUE;
             END IF;
-            v_reserved := v_reserved + v_amount;
+            a.reserved := a.reserved + v_amount;
             v_res_ids := v_res_ids || gen_random_uuid();
+            v_res_accts := v_res_accts || a.account_id;
             v_res_amounts := v_res_amounts || v_amount;
             v_res_ttls := v_res_ttls || (x->>'ttl_seconds')::bigint;
             v_res_refs := v_res_refs || (x->>'reference');
             v_res_metas := v_res_metas || (x->>'metadata')::jsonb;
             v_res_rids := v_res_rids || v_rid;
+            v_res_ats := v_res_ats || v_stamp;
             v_slot := v_slot || cardinality(v_res_ids);
             v_methods := v_methods || 'Reserve'::text;
         ELSE
-            v_k := array_position(v_hids, (x->>'reservation_id')::uuid);
-            IF v_k IS NULL THEN
+            v_hk := array_position(v_hids, (x->>'reservation_id')::uuid);
+            IF v_hk IS NULL OR v_hrows[v_hk].account_id <> a.account_id THEN
                 -- Not a hold of this account: the dispatch never sends one.
-                RAISE EXCEPTION 'hold % is not of %', x->>'reservation_id', p_account_id
+                RAISE EXCEPTION 'hold % is not of %', x->>'reservation_id', a.account_id
                     USING ERRCODE = 'TA999';
             END IF;
-            h := v_hrows[v_k];
-            h.status := v_hstatus[v_k];
+            h := v_hrows[v_hk];
+            h.status := v_hstatus[v_hk];
             v_refusal := CASE WHEN v_rid = ANY (v_known) THEN tally_replay(
                 v_rid, CASE v_f WHEN 'tally_capture' THEN 'Capture' ELSE 'Release' END,
                 decode(x->>'fingerprint', 'hex')) END;
@@ -378,17 +407,22 @@ BEGIN
                 CONTINUE;
             END IF;
             v_fin_ids := v_fin_ids || h.reservation_id;
+            v_fin_ats := v_fin_ats || v_stamp;
             v_slot := v_slot || cardinality(v_fin_ids);
-            v_reserved := v_reserved - h.amount;
+            -- The whole hold leaves reserved; only the captured part leaves the balance.
+            a.reserved := a.reserved - h.amount;
             IF v_f = 'tally_capture' THEN
-                v_hstatus[v_k] := 'captured';
+                v_hstatus[v_hk] := 'captured';
                 v_fin_status := v_fin_status || 'captured'::text;
                 v_fin_captured := v_fin_captured || v_amount;
+                v_e_shares := v_e_shares || least(v_amount, greatest(a.balance, 0));
+                a.balance := a.balance - v_amount;
+                a.last_sequence := a.last_sequence + 1;
                 v_e := v_e + 1;
-                v_e_shares := v_e_shares || least(v_amount, greatest(v_balance, 0));
-                v_balance := v_balance - v_amount;
+                v_e_accts := v_e_accts || a.account_id;
+                v_e_seqs := v_e_seqs || a.last_sequence;
                 v_e_amounts := v_e_amounts || -v_amount;
-                v_e_afters := v_e_afters || v_balance;
+                v_e_afters := v_e_afters || a.balance;
                 v_e_descs := v_e_descs || (x->>'description');
                 v_e_refs := v_e_refs || h.reference;
                 v_e_metas := v_e_metas || CASE WHEN coalesce(c->>'caller', '') <> ''
@@ -397,14 +431,17 @@ BEGIN
                     ELSE h.metadata || (x->>'metadata')::jsonb END;
                 v_e_rids := v_e_rids || v_rid;
                 v_e_res := v_e_res || h.reservation_id;
+                v_e_ats := v_e_ats || v_stamp;
                 v_methods := v_methods || 'Capture'::text;
             ELSE
-                v_hstatus[v_k] := 'released';
+                v_hstatus[v_hk] := 'released';
                 v_fin_status := v_fin_status || 'released'::text;
                 v_fin_captured := v_fin_captured || 0::bigint;
                 v_methods := v_methods || 'Release'::text;
             END IF;
         END IF;
+        v_rows[v_k] := a;
+        v_counts[v_k] := v_counts[v_k] + 1;
         v_n := v_n + 1;
         v_pos := v_pos || (c->>'i');
         v_kinds := v_kinds || v_f;
@@ -414,17 +451,15 @@ BEGIN
     IF v_n = 0 THEN
         RETURN v_answers;
     END IF;
-    -- The one instant of the run: its account update, its holds and its entries.
-    v_stamp := greatest(a.balance_updated_at, clock_timestamp());
     IF cardinality(v_res_ids) > 0 THEN
         WITH placed AS (
             INSERT INTO holds (reservation_id, account_id, status, amount, expires_at,
                                reference, metadata, request_id, created_at)
-            SELECT id, p_account_id, 'pending', amount,
-                   v_stamp + make_interval(secs => ttl), reference, metadata, request_id,
-                   v_stamp
-            FROM unnest(v_res_ids, v_res_amounts, v_res_ttls, v_res_refs, v_res_metas,
-                        v_res_rids) AS t (id, amount, ttl, reference, metadata, request_id)
+            SELECT id, account_id, 'pending', amount, at + make_interval(secs => ttl),
+                   reference, metadata, request_id, at
+            FROM unnest(v_res_ids, v_res_accts, v_res_amounts, v_res_ttls, v_res_refs,
+                        v_res_metas, v_res_rids, v_res_ats)
+                 AS t (id, account_id, amount, ttl, reference, metadata, request_id, at)
             RETURNING *
         )
         SELECT array_agg(p ORDER BY array_position(v_res_ids, p.reservation_id))
@@ -433,47 +468,45 @@ BEGIN
     IF cardinality(v_fin_ids) > 0 THEN
         EXECUTE 'WITH finished AS (
             UPDATE holds h2 SET status = t.status, captured = t.captured,
-                                finalized_at = $4
-            FROM unnest($1, $2, $3) AS t (id, status, captured)
+                                finalized_at = t.at
+            FROM unnest($1, $2, $3, $4) AS t (id, status, captured, at)
             WHERE h2.reservation_id = t.id
             RETURNING h2
         )
         SELECT array_agg(f.h2 ORDER BY array_position($1, (f.h2).reservation_id))
         FROM finished f'
-        INTO v_done USING v_fin_ids, v_fin_status, v_fin_captured, v_stamp;
+        INTO v_done USING v_fin_ids, v_fin_status, v_fin_captured, v_fin_ats;
     END IF;
     IF v_e > 0 THEN
-        v_e_types := tally_draw_shares(p_account_id, v_e_shares);
+        v_e_types := tally_draw_entries(v_e_accts, v_e_shares);
     END IF;
-    UPDATE accounts
-    SET balance = v_balance,
-        reserved = v_reserved,
-        last_sequence = last_sequence + v_e,
-        balance_updated_at = v_stamp
-    WHERE account_id = p_account_id
-    RETURNING * INTO a;
+    -- The accounts, once each: the running state the loop left in v_rows.
+    UPDATE accounts t
+    SET balance = (v_rows[k]).balance, reserved = (v_rows[k]).reserved,
+        last_sequence = (v_rows[k]).last_sequence, balance_updated_at = v_stamps[k]
+    FROM generate_subscripts(v_rows, 1) k
+    WHERE t.account_id = ANY (v_ids)  -- by the key's index, whatever the planner guesses
+      AND t.account_id = (v_rows[k]).account_id AND v_counts[k] > 0;
     IF v_e > 0 THEN
         -- The entries carry their callers already; the trigger then adds nothing.
         PERFORM set_config('tally.caller', '', true);
-        -- The account is locked (tally_find_account, then updated just above):
-        -- ledger_entries_account (migration 0017) need not look.
+        -- Every entry's account is locked (by tally_apply_group, and updated just
+        -- above): ledger_entries_account (migration 0017) need not look.
         v_mark := set_config('tally.references_checked', 'on', true);
         WITH written AS (
             INSERT INTO ledger_entries (
                 account_id, sequence, entry_type, amount, balance_after, description,
                 reference, metadata, request_id, reservation_id, created_at, credit_type)
-            SELECT p_account_id, a.last_sequence - v_e + n, 'debit', amount, balance_after,
-                   description, reference, metadata, request_id, reservation_id, v_stamp,
-                   credit_type
-            FROM unnest(v_e_amounts, v_e_afters, v_e_descs, v_e_refs, v_e_metas, v_e_rids,
-                        v_e_res, v_e_types)
-                 WITH ORDINALITY AS t (amount, balance_after, description, reference,
-                                       metadata, request_id, reservation_id, credit_type, n)
+            SELECT * FROM unnest(v_e_accts, v_e_seqs, array_fill('debit'::text, ARRAY[v_e]),
+                                 v_e_amounts, v_e_afters, v_e_descs, v_e_refs, v_e_metas,
+                                 v_e_rids, v_e_res, v_e_ats, v_e_types)
             RETURNING *
         )
-        SELECT array_agg(w ORDER BY w.sequence) INTO v_entries FROM written w;
+        SELECT array_agg(w ORDER BY w.account_id COLLATE "C", w.sequence)
+        INTO v_entries FROM written w;
         v_mark := set_config('tally.references_checked', '', true);
     END IF;
+    -- The answers, in the loop's order (the entries' order too).
     v_e := 0;
     FOR v_j IN 1 .. v_n LOOP
         IF v_kinds[v_j] = 'tally_reserve' THEN
@@ -488,11 +521,12 @@ BEGIN
             v_responses := v_responses
                 || jsonb_build_object('reservation', to_jsonb(v_done[v_slot[v_j]]));
         END IF;
-        v_answers := v_answers || jsonb_build_object(
-            v_pos[v_j], jsonb_build_object('replayed', false, 'response', v_responses[v_j]));
     END LOOP;
     INSERT INTO idempotency_keys (request_id, method, fingerprint, response)
     SELECT * FROM unnest(v_rids, v_methods, v_fps, v_responses);
+    SELECT v_answers || jsonb_object_agg(
+               t.pos, jsonb_build_object('replayed', false, 'response', t.response))
+    INTO v_answers FROM unnest(v_pos, v_responses) AS t (pos, response);
     RETURN v_answers;
 END $$;
 
@@ -523,10 +557,8 @@ DECLARE
     a jsonb;
     r jsonb;
     i bigint;
-    v_account text;
     v_accounts text[];
     v_run jsonb;
-    v_set jsonb;
     v_answers jsonb := '{}';
     v_results jsonb[] := '{}';
 BEGIN
@@ -543,9 +575,9 @@ BEGIN
     -- Set-based first, in a group of movements with distinct keys (so no call of the
     -- group can see another's key or account): the calls of every account whose calls
     -- are all debits, as one run (tally_debit_run; a lone debit alone in its group is
-    -- cheaper as itself), and each account with two or more calls, all Reserves,
-    -- Captures and Releases of its holds, as one run (tally_hold_run). Every other call
-    -- runs on its own below, in order.
+    -- cheaper as itself), and the calls of every account whose calls are all Reserves,
+    -- Captures and Releases of its holds, as one run (tally_hold_run; likewise). Every
+    -- other call runs on its own below, in order.
     IF (SELECT count(DISTINCT x->'a'->>'request_id') = count(*)
         FROM jsonb_array_elements(p_calls) x) THEN
         SELECT jsonb_agg(y.c ORDER BY y.i) INTO v_run
@@ -559,24 +591,18 @@ BEGIN
         IF jsonb_array_length(v_run) > 1 THEN
             v_answers := tally_debit_run(v_run);
         END IF;
-        FOR v_account, v_run IN
-            SELECT y.account_id,
-                   jsonb_agg(y.value || jsonb_build_object('i', y.ordinality)
-                             ORDER BY y.ordinality)
-            FROM (SELECT x.value, x.ordinality, x.value->>'f' AS f,
-                         v_accounts[x.ordinality] AS account_id
-                  FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) y
-            WHERE y.account_id IS NOT NULL
-            GROUP BY y.account_id
-            HAVING count(*) > 1
-               AND bool_and(y.f IN ('tally_reserve', 'tally_capture', 'tally_release'))
-            ORDER BY y.account_id
-        LOOP
-            v_set := tally_hold_run(v_account, v_run);
-            IF v_set IS NOT NULL THEN
-                v_answers := v_answers || v_set;
-            END IF;
-        END LOOP;
+        SELECT jsonb_agg(y.c ORDER BY y.i) INTO v_run
+        FROM (SELECT x.value || jsonb_build_object('i', x.ordinality,
+                                                   'acct', v_accounts[x.ordinality]) AS c,
+                     x.ordinality AS i, v_accounts[x.ordinality] AS account_id,
+                     bool_and(x.value->>'f' IN ('tally_reserve', 'tally_capture',
+                                                'tally_release'))
+                         OVER (PARTITION BY v_accounts[x.ordinality]) AS holds
+              FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) y
+        WHERE y.holds AND y.account_id IS NOT NULL;
+        IF jsonb_array_length(v_run) > 1 THEN
+            v_answers := v_answers || tally_hold_run(v_run);
+        END IF;
     END IF;
     FOR c, i IN SELECT value, ordinality FROM jsonb_array_elements(p_calls) WITH ORDINALITY
     LOOP
