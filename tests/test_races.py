@@ -86,6 +86,10 @@ def test_debit_race_never_overdraws(
     assert_consistent(client, account_id)
 
 
+async def _reserve(c: AsyncTallyClient, account_id: str, amount: str) -> Any:
+    return await c.reserve(account_id, amount, ttl_seconds=600)
+
+
 async def _capture(c: AsyncTallyClient, reservation_id: str, amount: str | None) -> Any:
     return await c.capture(reservation_id, amount)
 
@@ -119,6 +123,50 @@ def test_capture_and_release_of_one_hold_exactly_one_wins(
     assert balance.reserved == "0"
     assert Decimal(balance.balance) == 100 - spent
     assert_consistent(client, funded)
+
+
+def test_holds_over_many_accounts_at_once(
+    client: TallyClient, account_id: str, replicas: tuple[ServerProcess, ServerProcess]
+) -> None:
+    """Reserves, then Captures and Releases, spread over accounts and fired at once on
+    both replicas: each replica's groups then hold calls of many accounts, applied as one
+    run (tally_hold_run). Exactly the reserves the funds allow succeed on every account,
+    exactly one of each hold's Capture and Release wins, and every account's balance,
+    reserved credit and ledger stay exact."""
+    accounts = [f"{account_id}-{k}" for k in range(8)]
+    for a in accounts:
+        client.create_account(a)
+        client.top_up(a, "10")
+    # 7 reserves of 2 on each account, interleaved over the accounts: exactly 5 fit.
+    reserves = [
+        functools.partial(_reserve, account_id=a, amount="2") for _ in range(7) for a in accounts
+    ]
+    results = run_on_both(replicas, reserves)
+    assert not _unexpected(results, InsufficientCredits)
+    holds = [r for r in results if not isinstance(r, BaseException)]
+    for a in accounts:
+        assert sum(h.account_id == a for h in holds) == 5, a
+        assert client.get_balance(a).available == "0"
+    # Each hold: a Capture and a Release at once (on different replicas): one wins.
+    calls: list[Callable[[AsyncTallyClient], Awaitable[Any]]] = []
+    for i, hold in enumerate(holds):
+        h = hold.reservation_id
+        capture = functools.partial(_capture, reservation_id=h, amount="1.5" if i % 2 else None)
+        release = functools.partial(_release, reservation_id=h)
+        calls += [capture, release] if i % 3 else [release, capture]
+    results = run_on_both(replicas, calls)
+    assert not _unexpected(results, ReservationNotPending)
+    for i in range(len(holds)):
+        assert sum(not isinstance(r, BaseException) for r in results[2 * i : 2 * i + 2]) == 1
+    captures = [r for r in results if isinstance(r, credits_pb2.CaptureResponse)]
+    for a in accounts:
+        spent = sum(
+            (-Decimal(c.entry.amount) for c in captures if c.entry.account_id == a), Decimal(0)
+        )
+        balance = client.get_balance(a)
+        assert balance.reserved == "0"
+        assert Decimal(balance.balance) == 10 - spent
+        assert_consistent(client, a)
 
 
 def test_same_request_id_on_both_replicas_applies_once(
