@@ -138,7 +138,7 @@ def test_holds_over_many_accounts_at_once(
         client.create_account(a)
         client.top_up(a, "10")
     # 7 reserves of 2 on each account, interleaved over the accounts: exactly 5 fit.
-    reserves = [
+    reserves: list[Callable[[AsyncTallyClient], Awaitable[Any]]] = [
         functools.partial(_reserve, account_id=a, amount="2") for _ in range(7) for a in accounts
     ]
     results = run_on_both(replicas, reserves)
