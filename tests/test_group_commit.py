@@ -702,3 +702,191 @@ def test_a_run_of_hold_calls_as_a_set_equals_one_by_one(own_database_url: str) -
     """tally_hold_run gives each Reserve, Capture and Release of a group the outcome,
     hold, entry and draw it would have alone, in order, over two accounts at once."""
     asyncio.run(_hold_run_vs_one_by_one(own_database_url))
+
+
+async def _alerting_and_reloading_single_calls(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+
+        async def state(acct: str) -> Any:
+            entries = await conn.fetch(
+                "SELECT sequence, entry_type, amount, balance_after, credit_type, request_id "
+                "FROM ledger_entries WHERE account_id = $1 ORDER BY sequence",
+                acct,
+            )
+            holds = await conn.fetch(
+                "SELECT request_id, status, amount, captured FROM holds WHERE account_id = $1 "
+                "ORDER BY request_id",
+                acct,
+            )
+            notes = await conn.fetch(
+                "SELECT metric, observed, fire_at FROM notifications WHERE account_id = $1 "
+                "ORDER BY crossed_at",
+                acct,
+            )
+            reloads = await conn.fetch(
+                "SELECT status, amount FROM reload_intents WHERE account_id = $1 "
+                "ORDER BY created_at",
+                acct,
+            )
+            account = await conn.fetchrow(
+                "SELECT balance, reserved, last_sequence FROM accounts WHERE account_id = $1",
+                acct,
+            )
+            rows = [
+                [{k: str(v).replace(acct, "acct") for k, v in dict(r).items()} for r in part]
+                for part in (entries, holds, notes, reloads)
+            ]
+            return [*rows, dict(account)]
+
+        # alert: a threshold on available credit; reload: auto-reload on; both are
+        # crossed by their one call. two: alerts too, but two calls (one by one).
+        kinds = ("alert", "reload", "two", "plain", "debit-alert", "debit-plain")
+        for side in ("set", "seq"):
+            for kind in kinds:
+                acct = f"{side}-{kind}"
+                await conn.fetchval(
+                    "SELECT tally_create_account($1, '\\x00', $2, '', '', 'UTC', 'CREDIT', 0, "
+                    "NULL)",
+                    f"create-{acct}",
+                    acct,
+                )
+                await conn.fetchval(
+                    "SELECT tally_move($1, '\\x00', 'TopUp', $2, 'credit', $3, '', '', '{}', "
+                    '\'{"type": "purchased"}\')',
+                    f"{acct}-top",
+                    acct,
+                    10 * _C,
+                )
+                if kind in ("alert", "two", "debit-alert"):
+                    await conn.fetchval(
+                        "SELECT tally_create_threshold($1, '\\x00', $2, 'available_credit', "
+                        "$3, 100, NULL)",
+                        f"{acct}-threshold",
+                        acct,
+                        5 * _C,
+                    )
+                if kind == "reload":
+                    await conn.fetchval(
+                        "SELECT tally_set_auto_reload($1, '\\x00', $2, true, $3, $4, 0, 0)",
+                        f"{acct}-auto",
+                        acct,
+                        5 * _C,
+                        10 * _C,
+                    )
+
+        def calls(side: str) -> list[dict[str, Any]]:
+            def reserve(kind: str, key: str, amount: int) -> dict[str, Any]:
+                acct = f"{side}-{kind}"
+                return {
+                    "f": "tally_reserve",
+                    "caller": "alice",
+                    "a": {
+                        "request_id": f"{acct}-{key}",
+                        "fingerprint": "00",
+                        "account_id": acct,
+                        "amount": amount,
+                        "ttl_seconds": 600,
+                        "reference": key,
+                        "metadata": "{}",
+                    },
+                }
+
+            def debit(kind: str, amount: int) -> dict[str, Any]:
+                acct = f"{side}-{kind}"
+                return {
+                    "f": "tally_move",
+                    "caller": "bob",
+                    "a": {
+                        "request_id": f"{acct}-d",
+                        "fingerprint": "00",
+                        "method": "Debit",
+                        "account_id": acct,
+                        "type": "debit",
+                        "amount": -amount,
+                        "description": "",
+                        "reference": "",
+                        "metadata": "{}",
+                        "grant": None,
+                    },
+                }
+
+            return [
+                reserve("alert", "r", 6 * _C),
+                debit("debit-alert", 6 * _C),
+                reserve("reload", "r", 6 * _C),
+                reserve("two", "r1", 3 * _C),
+                debit("debit-plain", 6 * _C),
+                reserve("plain", "r", 6 * _C),
+                reserve("two", "r2", 3 * _C),
+            ]
+
+        grouped = json.loads(
+            await conn.fetchval(
+                "SELECT tally_apply_group($1::jsonb)::text", json.dumps(calls("set"))
+            )
+        )
+        alone = []
+        for call in calls("seq"):
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('tally.caller', $1, true)", call["caller"])
+                statement = (
+                    "SELECT tally_apply_group($1::jsonb)::text"  # a group of one: the call alone
+                )
+                alone.append(json.loads(await conn.fetchval(statement, json.dumps([call])))[0])
+
+        def same(value: Any) -> Any:
+            text = json.dumps(value, sort_keys=True).replace('"set-', '"seq-')
+            scrubbed = json.loads(text)
+            response = scrubbed.get("response") or {}
+            for part in ("entry", "reservation"):
+                row = response.get(part)
+                if row:
+                    for column in (
+                        "entry_id",
+                        "created_at",
+                        "reservation_id",
+                        "expires_at",
+                        "finalized_at",
+                    ):
+                        row.pop(column, None)
+            return scrubbed
+
+        assert [same(r) for r in grouped] == [same(r) for r in alone]
+        assert all("error" not in r for r in grouped)
+        for kind in kinds:
+            assert await state(f"set-{kind}") == await state(f"seq-{kind}"), kind
+        crossed = await conn.fetchval(
+            "SELECT count(*) FROM notifications WHERE account_id LIKE 'set-%'"
+        )
+        assert crossed == 3  # alert, debit-alert, and two's second reserve
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM reload_intents WHERE account_id = 'set-reload'"
+            )
+            == 1
+        )
+        # The single calls were applied as sets: their holds (or entries) carry their
+        # run's instant, shared by the accounts of the run.
+        held = await conn.fetchval(
+            "SELECT count(DISTINCT created_at) FROM holds "
+            "WHERE request_id IN ('set-alert-r', 'set-reload-r', 'set-plain-r')"
+        )
+        assert held == 1
+        debited = await conn.fetchval(
+            "SELECT count(DISTINCT created_at) FROM ledger_entries "
+            "WHERE request_id IN ('set-debit-alert-d', 'set-debit-plain-d')"
+        )
+        assert debited == 1
+    finally:
+        await conn.close()
+
+
+def test_single_calls_of_alerting_and_reloading_accounts_as_a_set(
+    own_database_url: str,
+) -> None:
+    """An account with alerts on available credit or auto-reload, with one call in a
+    group, joins the group's run (hold or debit): its one update and reload check are
+    the movement's own, so its answer, alerts and reload intent are those of the call
+    alone. With two calls it runs one by one."""
+    asyncio.run(_alerting_and_reloading_single_calls(own_database_url))

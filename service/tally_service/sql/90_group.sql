@@ -57,8 +57,10 @@ END $$;
 -- every one a debit (amount < 0), with request ids distinct in the group, each account's
 -- calls in group order. Every account is already locked by the caller (tally_apply_group).
 -- Returns the answers by position of the calls it handled; an account it does not
--- handle (none, or alerts on available credit, whose crossings are per movement) gets
--- no answer and nothing written: its calls run one by one.
+-- handle gets no answer and nothing written, and its calls run one by one: none, or
+-- alerts on available credit (whose crossings are per movement) with two calls or more
+-- in the group. With one call, the run's one update of the account is that movement's
+-- own (the alerts' trigger sees the same before and after).
 CREATE OR REPLACE FUNCTION tally_debit_run(p_calls jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 -- Plans made once per session and kept (as tally_record_usage's): planning the draw and
@@ -71,6 +73,7 @@ DECLARE
     v_rows accounts[];
     v_k integer := 0;
     v_ids text[];
+    v_single text[];
     v_account text;
     v_rid text;
     v_known text[];
@@ -99,8 +102,9 @@ DECLARE
     v_entries jsonb[];
     v_mark text;
 BEGIN
-    SELECT array_agg(DISTINCT y->'a'->>'account_id') INTO v_ids
-    FROM jsonb_array_elements(p_calls) y;
+    SELECT array_agg(s.acct), array_agg(s.acct) FILTER (WHERE s.n = 1) INTO v_ids, v_single
+    FROM (SELECT y->'a'->>'account_id' AS acct, count(*) AS n
+          FROM jsonb_array_elements(p_calls) y GROUP BY 1) s;
     -- The catch-up, only where something is due (as tally_find_account would do at the
     -- start of the account's first call alone, stamped with that call's caller).
     v_now := clock_timestamp();
@@ -111,7 +115,8 @@ BEGIN
         PERFORM tally_find_account(v_account);
     END LOOP;
     SELECT array_agg(t ORDER BY t.account_id COLLATE "C") INTO v_rows FROM accounts t
-    WHERE t.account_id = ANY (v_ids) AND NOT t.available_alerts;
+    WHERE t.account_id = ANY (v_ids)
+      AND (NOT t.available_alerts OR t.account_id = ANY (v_single));
     IF v_rows IS NULL THEN
         RETURN v_answers;
     END IF;
@@ -228,9 +233,11 @@ END $$;
 -- distinct in the group, each account's calls in group order. Every account is already
 -- locked by the caller (tally_apply_group). Returns the answers by position of the calls
 -- it handled; an account it does not handle gets no answer and nothing written, and its
--- calls run one by one: none; alerts on available credit or auto-reload on (decided per
--- movement; a run of holds can cross a threshold more than once); expired credit kept
--- under holds (whose write-off a capture or release may have to do).
+-- calls run one by one: none; alerts on available credit or auto-reload on, with two
+-- calls or more in the group (decided per movement; a run of holds can cross a
+-- threshold more than once; with one call, the run's one update of the account and its
+-- one reload check are exactly the movement's); expired credit kept under holds (whose
+-- write-off a capture or release may have to do).
 CREATE OR REPLACE FUNCTION tally_hold_run(p_calls jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 -- Plans made once per session and kept, as tally_debit_run's; every statement probes
@@ -244,6 +251,7 @@ DECLARE
     v_rows accounts[];
     v_k integer := 0;
     v_ids text[];
+    v_single text[];
     v_account text;
     v_f text;
     v_rid text;
@@ -254,9 +262,12 @@ DECLARE
     v_amount bigint;
     v_refusal jsonb;
     v_hk integer;
-    -- Per account handled, in account_id order: its instant, its calls applied.
+    -- Per account handled, in account_id order: its instant, its available credit
+    -- before the run, its calls applied; whether any has auto-reload on.
     v_stamps timestamptz[] := '{}';
+    v_available_before bigint[] := '{}';
     v_counts integer[] := '{}';
+    v_reload boolean := false;
     -- The holds the run's Captures and Releases name, and their state as the run goes.
     v_hids uuid[];
     v_hstatus text[];
@@ -302,7 +313,9 @@ DECLARE
     v_j integer;
     v_mark text;
 BEGIN
-    SELECT array_agg(DISTINCT y->>'acct') INTO v_ids FROM jsonb_array_elements(p_calls) y;
+    SELECT array_agg(s.acct), array_agg(s.acct) FILTER (WHERE s.n = 1) INTO v_ids, v_single
+    FROM (SELECT y->>'acct' AS acct, count(*) AS n
+          FROM jsonb_array_elements(p_calls) y GROUP BY 1) s;
     -- The catch-up, only where something is due (as tally_find_account would do at the
     -- start of the account's first call alone, stamped with that call's caller). The
     -- run's instant is not before this check, so nothing due by it is left undone.
@@ -314,7 +327,9 @@ BEGIN
         PERFORM tally_find_account(v_account);
     END LOOP;
     SELECT array_agg(t ORDER BY t.account_id COLLATE "C") INTO v_rows FROM accounts t
-    WHERE t.account_id = ANY (v_ids) AND NOT t.available_alerts AND NOT t.auto_reload_enabled
+    WHERE t.account_id = ANY (v_ids)
+      AND ((NOT t.available_alerts AND NOT t.auto_reload_enabled)
+           OR t.account_id = ANY (v_single))
       -- A subquery, not NOT EXISTS: an anti join's generic plan scanned all of grants.
       AND NOT coalesce((SELECT true FROM grants g
                         WHERE g.account_id = t.account_id AND NOT g.spent AND g.expired
@@ -347,6 +362,8 @@ BEGIN
                 v_k := v_k + 1;
                 a := v_rows[v_k];
                 v_stamps := v_stamps || greatest(a.balance_updated_at, v_now);
+                v_available_before := v_available_before || (a.balance - a.reserved);
+                v_reload := v_reload OR a.auto_reload_enabled;
                 v_counts := v_counts || 0;
             ELSE
                 CONTINUE;
@@ -487,6 +504,15 @@ BEGIN
     FROM generate_subscripts(v_rows, 1) k
     WHERE t.account_id = ANY (v_ids)  -- by the key's index, whatever the planner guesses
       AND t.account_id = (v_rows[k]).account_id AND v_counts[k] > 0;
+    -- The reload rule, for an account with auto-reload on (one call: see above), on its
+    -- available credit before and after, as the movement alone checks it.
+    IF v_reload THEN
+        FOR v_k IN 1 .. cardinality(v_rows) LOOP
+            IF v_rows[v_k].auto_reload_enabled AND v_counts[v_k] > 0 THEN
+                PERFORM tally_maybe_reload(v_rows[v_k], v_available_before[v_k]);
+            END IF;
+        END LOOP;
+    END IF;
     IF v_e > 0 THEN
         -- The entries carry their callers already; the trigger then adds nothing.
         PERFORM set_config('tally.caller', '', true);
