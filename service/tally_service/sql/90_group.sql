@@ -263,11 +263,10 @@ DECLARE
     v_refusal jsonb;
     v_hk integer;
     -- Per account handled, in account_id order: its instant, its available credit
-    -- before the run, its calls applied; whether any has auto-reload on.
+    -- before the run, its calls applied.
     v_stamps timestamptz[] := '{}';
     v_available_before bigint[] := '{}';
     v_counts integer[] := '{}';
-    v_reload boolean := false;
     -- The holds the run's Captures and Releases name, and their state as the run goes.
     v_hids uuid[];
     v_hstatus text[];
@@ -363,7 +362,6 @@ BEGIN
                 a := v_rows[v_k];
                 v_stamps := v_stamps || greatest(a.balance_updated_at, v_now);
                 v_available_before := v_available_before || (a.balance - a.reserved);
-                v_reload := v_reload OR a.auto_reload_enabled;
                 v_counts := v_counts || 0;
             ELSE
                 CONTINUE;
@@ -506,13 +504,11 @@ BEGIN
       AND t.account_id = (v_rows[k]).account_id AND v_counts[k] > 0;
     -- The reload rule, for an account with auto-reload on (one call: see above), on its
     -- available credit before and after, as the movement alone checks it.
-    IF v_reload THEN
-        FOR v_k IN 1 .. cardinality(v_rows) LOOP
-            IF v_rows[v_k].auto_reload_enabled AND v_counts[v_k] > 0 THEN
-                PERFORM tally_maybe_reload(v_rows[v_k], v_available_before[v_k]);
-            END IF;
-        END LOOP;
-    END IF;
+    FOR v_k IN 1 .. cardinality(v_rows) LOOP
+        IF v_rows[v_k].auto_reload_enabled AND v_counts[v_k] > 0 THEN
+            PERFORM tally_maybe_reload(v_rows[v_k], v_available_before[v_k]);
+        END IF;
+    END LOOP;
     IF v_e > 0 THEN
         -- The entries carry their callers already; the trigger then adds nothing.
         PERFORM set_config('tally.caller', '', true);
@@ -584,7 +580,8 @@ DECLARE
     r jsonb;
     i bigint;
     v_accounts text[];
-    v_run jsonb;
+    v_debits jsonb;
+    v_holds jsonb;
     v_answers jsonb := '{}';
     v_results jsonb[] := '{}';
 BEGIN
@@ -606,28 +603,26 @@ BEGIN
     -- other call runs on its own below, in order.
     IF (SELECT count(DISTINCT x->'a'->>'request_id') = count(*)
         FROM jsonb_array_elements(p_calls) x) THEN
-        SELECT jsonb_agg(y.c ORDER BY y.i) INTO v_run
-        FROM (SELECT x.value || jsonb_build_object('i', x.ordinality) AS c, x.ordinality AS i,
-                     bool_and(x.value->>'f' = 'tally_move'
-                              AND x.value->'a'->>'type' = 'debit'
-                              AND (x.value->'a'->>'amount')::bigint < 0)
-                         OVER (PARTITION BY v_accounts[x.ordinality]) AS debits
-              FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) y
-        WHERE y.debits;
-        IF jsonb_array_length(v_run) > 1 THEN
-            v_answers := tally_debit_run(v_run);
-        END IF;
-        SELECT jsonb_agg(y.c ORDER BY y.i) INTO v_run
+        -- Both runs' calls by one pass over the group (each call with its position and
+        -- its account).
+        SELECT jsonb_agg(y.c ORDER BY y.i) FILTER (WHERE y.debits),
+               jsonb_agg(y.c ORDER BY y.i) FILTER (WHERE y.holds AND y.account_id IS NOT NULL)
+        INTO v_debits, v_holds
         FROM (SELECT x.value || jsonb_build_object('i', x.ordinality,
                                                    'acct', v_accounts[x.ordinality]) AS c,
                      x.ordinality AS i, v_accounts[x.ordinality] AS account_id,
+                     bool_and(x.value->>'f' = 'tally_move'
+                              AND x.value->'a'->>'type' = 'debit'
+                              AND (x.value->'a'->>'amount')::bigint < 0) OVER w AS debits,
                      bool_and(x.value->>'f' IN ('tally_reserve', 'tally_capture',
-                                                'tally_release'))
-                         OVER (PARTITION BY v_accounts[x.ordinality]) AS holds
-              FROM jsonb_array_elements(p_calls) WITH ORDINALITY x) y
-        WHERE y.holds AND y.account_id IS NOT NULL;
-        IF jsonb_array_length(v_run) > 1 THEN
-            v_answers := v_answers || tally_hold_run(v_run);
+                                                'tally_release')) OVER w AS holds
+              FROM jsonb_array_elements(p_calls) WITH ORDINALITY x
+              WINDOW w AS (PARTITION BY v_accounts[x.ordinality])) y;
+        IF jsonb_array_length(v_debits) > 1 THEN
+            v_answers := tally_debit_run(v_debits);
+        END IF;
+        IF jsonb_array_length(v_holds) > 1 THEN
+            v_answers := v_answers || tally_hold_run(v_holds);
         END IF;
     END IF;
     FOR c, i IN SELECT value, ordinality FROM jsonb_array_elements(p_calls) WITH ORDINALITY
