@@ -52,6 +52,10 @@ RECORD = (
     "FROM (SELECT set_config('tally.caller', $2, true)) AS audit"
 )
 TIMEOUT = 120.0
+# Events recorded per group size before the ANALYZE: enough rows that no plan made on
+# these statistics prefers a scan of the table to its index (with 48 rows, a spread group
+# of 16 planned a Seq Scan of usage_events for each event's lookup).
+WARM_UP_EVENTS = 1_000
 
 
 def setup_sql(accounts: int) -> str:
@@ -67,13 +71,15 @@ FROM generate_series(0, {accounts - 1}) AS i;
 """
 
 
-def events(account: str, prefix: str, n: int) -> list[UsageItem]:
-    """``n`` completed events of one account as the servicer sends them."""
+def events(accounts: str | list[str], prefix: str, n: int) -> list[UsageItem]:
+    """``n`` completed events as the servicer sends them: of one account, or the i-th of
+    ``accounts[i % len(accounts)]``."""
     now = datetime.now(UTC)
+    walk = [accounts] if isinstance(accounts, str) else accounts
     items = [
         UsageItem(
             idx=i,
-            account_id=account,
+            account_id=walk[i % len(walk)],
             event_id=f"{prefix}.{i}",
             product_id=PRODUCT,
             endpoint=ENDPOINTS[i % len(ENDPOINTS)],
@@ -123,9 +129,10 @@ def _cpu(process: Any) -> float | None:
 class Caller:
     """One connection calling ``tally_record_usage`` in a closed loop."""
 
-    def __init__(self, conn: asyncpg.Connection, accounts: int) -> None:
+    def __init__(self, conn: asyncpg.Connection, accounts: int, spread: bool = False) -> None:
         self.conn = conn
         self.accounts = accounts
+        self.spread = spread
         self.n = 0
         self.process: Any = None
 
@@ -137,10 +144,18 @@ class Caller:
         except (psutil.Error, OSError):
             self.process = None  # a server on another machine: wall time only
 
-    async def call(self, group: int) -> None:
-        account = f"usage-{self.n % self.accounts}"
+    def walk(self, group: int) -> str | list[str]:
+        """The account of the next call, or (``spread``) its events' accounts: ``group``
+        consecutive ones (at most every account), as the unary lane's groups are."""
+        first = self.n
         self.n += 1
-        payload = events(account, f"{os.getpid()}-{self.n}-{secrets.token_hex(4)}", group)
+        if not self.spread:
+            return f"usage-{first % self.accounts}"
+        k = min(group, self.accounts)
+        return [f"usage-{(first * k + j) % self.accounts}" for j in range(k)]
+
+    async def call(self, group: int) -> None:
+        payload = events(self.walk(group), f"{os.getpid()}-{self.n}-{secrets.token_hex(4)}", group)
         raw = await self.conn.fetchval(RECORD, payload, CALLER, timeout=TIMEOUT)
         answer = json.loads(raw)
         response = answer["response"]
@@ -237,14 +252,12 @@ async def explain(conn: asyncpg.Connection, caller: Caller, group: int) -> None:
     conn.add_log_listener(listen)
     profiled = RECORD.replace("tally_record_usage(", "tally_record_usage_profiled(")
     for _ in range(3):  # plans made and cached, as in a long-lived session
-        payload = events(f"usage-{caller.n % caller.accounts}", secrets.token_hex(6), group)
+        payload = events(caller.walk(group), secrets.token_hex(6), group)
         await conn.fetchval(profiled, payload, CALLER, timeout=TIMEOUT)
     notices.clear()
     await conn.execute("SET track_functions = 'all'")
     await conn.execute("SELECT pg_stat_reset()")
-    payload = events(
-        f"usage-{caller.n % caller.accounts}", f"explain-{secrets.token_hex(4)}", group
-    )
+    payload = events(caller.walk(group), f"explain-{secrets.token_hex(4)}", group)
     await conn.fetchval(profiled, payload, CALLER, timeout=TIMEOUT)
     await asyncio.sleep(0.7)  # the statistics of the call reach the shared counters
     await conn.execute("SELECT pg_stat_clear_snapshot()")
@@ -268,10 +281,10 @@ async def run(url: str, args: argparse.Namespace) -> list[Sample]:
     conn = await asyncpg.connect(plain_url(url), timeout=30)
     try:
         await conn.execute(setup_sql(args.accounts), timeout=TIMEOUT)
-        caller = Caller(conn, args.accounts)
+        caller = Caller(conn, args.accounts, args.spread)
         await caller.start()
         for group in args.groups:  # warm-up: pages in memory, tables not empty
-            for _ in range(3):
+            for _ in range(max(3, -(-WARM_UP_EVENTS // group))):
                 await caller.call(group)
         # Statistics, as autovacuum keeps them on a live database; ANALYZE also makes every
         # cached plan be planned again. Without it the session's generic plans stay those
@@ -313,6 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="measurements per group size")
     parser.add_argument("--accounts", type=int, default=50)
     parser.add_argument("--explain", action="store_true", help="profile one call per size")
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="each call's events over consecutive accounts, one account per event (as "
+        "unary RecordUsage calls grouped by the usage lane), instead of one account",
+    )
     parser.add_argument("--database-url", default="")
     args = parser.parse_args(argv)
     with admin_url(args.database_url or None) as admin, fresh_database(admin) as url:
