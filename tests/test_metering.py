@@ -248,6 +248,7 @@ def test_batch_reports_per_event_and_replays(
         9,
         0,
     ]  # OK, NOT_FOUND, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+    assert [r.HasField("result") for r in results] == [c == 0 for c in codes]
     assert results[0].result.event.credits == "10" and results[5].result.entry.amount == "-20"
     assert client.get_balance(funded).balance == "70"
     replay = call(metering.RecordUsageBatch, m.RecordUsageBatchRequest(events=events)).results

@@ -88,6 +88,9 @@ def test_a_thousand_events_over_accounts_with_duplicates_and_refusals(
         995: FAILED_PRECONDITION,
         997: FAILED_PRECONDITION,
     }
+    # A refused event's result is its status alone (no response begun for it remains).
+    assert not any(results[i].HasField("result") for i in codes)
+    assert all(results[i].HasField("result") for i in range(1000) if i not in codes)
     assert results[10].result.duplicate and results[10].result.event == results[7].result.event
     assert results[10].result.entry == results[7].result.entry
     assert results[990].result.duplicate

@@ -513,7 +513,17 @@ class WrittenUsage:
         is copied) with the response for an event written by this call, from the event
         as sent (`event` and its `item`: the one that was written, of which this result
         may be a duplicate) and what the database decided (`row`, see `Written`)."""
-        message.duplicate = row[Written.DUPLICATE]
+        self.begin(message, event, item)
+        self.finish(message, row, item)
+
+    def begin(
+        self,
+        message: metering_pb2.RecordUsageResponse,
+        event: metering_pb2.UsageEvent,
+        item: UsageItem,
+    ) -> None:
+        """The part of `fill` that the event as sent decides (a batch builds it while
+        its events are in the database)."""
         out = message.event
         out.CopyFrom(event)
         out.DiscardUnknownFields()
@@ -522,22 +532,29 @@ class WrittenUsage:
         out.status = USAGE_STATUSES[item.status]
         out.success = item.success
         out.quantity = item.quantity
-        charge: int = row[Written.CREDITS]
-        credits = self._credits.get(charge)
-        if credits is None:
-            credits = self._credits[charge] = format_amount(charge)
-        out.credits = credits
-        out.credit_type = CREDIT_TYPES[row[Written.CREDIT_TYPE]]
         set_time(out.start_time, item.started_at)
         if item.completed_at is None:
             out.ClearField("complete_time")
         else:
             set_time(out.complete_time, item.completed_at)
         out.processing_time_ms = item.processing_time_ms
+        out.reservation_id = ""
+
+    def finish(
+        self, message: metering_pb2.RecordUsageResponse, row: list[Any], item: UsageItem
+    ) -> None:
+        """The part of `fill` that the database decided (`row`), after `begin`."""
+        message.duplicate = row[Written.DUPLICATE]
+        out = message.event
+        charge: int = row[Written.CREDITS]
+        credits = self._credits.get(charge)
+        if credits is None:
+            credits = self._credits[charge] = format_amount(charge)
+        out.credits = credits
+        out.credit_type = CREDIT_TYPES[row[Written.CREDIT_TYPE]]
         set_micros(out.create_time, row[Written.CREATED_AT])
         entry_id = row[Written.ENTRY_ID]
         out.entry_id = entry_id or 0
-        out.reservation_id = ""
         if entry_id:
             entry = message.entry
             entry.CopyFrom(self._entry(item))

@@ -277,14 +277,33 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         items, invalid = self._items(events, 0)
         for index, error in invalid.items():
             results[index].status.CopyFrom(error.to_rpc_status())
+        if not items:
+            return
         by_index = {item.idx: item for item in items}
         written = convert.WrittenUsage(current_caller.get())
-        for result in await self._record(items) if items else []:
+        # The statement leaves first; while PostgreSQL works, each valid event's response
+        # is begun from the event itself (most events are written, each answered with
+        # itself), so only what the database decides is left after its answer.
+        recording = asyncio.ensure_future(self._record(items))
+        try:
+            await asyncio.sleep(0)
+            for item in items:
+                written.begin(results[item.idx].result, events[item.idx], item)
+            answered = await recording
+        except BaseException:
+            recording.cancel()
+            raise
+        for result in answered:
             if isinstance(result, list):
                 index, of = result[convert.Written.INDEX], result[convert.Written.OF]
-                written.fill(results[index].result, result, events[of], by_index[of])
+                message = results[index].result
+                if of != index:  # a duplicate within the batch answers with its first
+                    message.Clear()
+                    written.begin(message, events[of], by_index[of])
+                written.finish(message, result, by_index[of])
                 continue
             index = int(result["index"])
+            results[index].ClearField("result")
             if "error" in result:
                 results[index].status.CopyFrom(
                     self._item_error(result, by_index[index]).to_rpc_status()
