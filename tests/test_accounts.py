@@ -1,8 +1,10 @@
 """AccountsService against a real server."""
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import text
 
 from tally_client import (
     AccountAlreadyExists,
@@ -11,6 +13,8 @@ from tally_client import (
     RequestIdReused,
     TallyClient,
 )
+from tally_service import errors
+from tally_service.db import Database, make_engine
 
 
 def test_create_get_defaults(client: TallyClient, account_id: str) -> None:
@@ -48,6 +52,11 @@ def test_create_is_idempotent_and_ids_are_unique(client: TallyClient, account_id
         ({"account_id": "has space"}, "account.account_id"),
         ({"account_id": "x" * 65}, "account.account_id"),
         ({"time_zone": "Mars/Olympus"}, "time_zone"),
+        # Files zoneinfo loads that are not IANA zones (and PostgreSQL does not know).
+        ({"time_zone": "posixrules"}, "time_zone"),
+        ({"time_zone": "localtime"}, "time_zone"),
+        ({"time_zone": "right/UTC"}, "time_zone"),
+        ({"time_zone": "posix/Europe/Paris"}, "time_zone"),
         ({"currency": "usd"}, "currency"),
         ({"overdraft_limit": "-1"}, "account.overdraft_limit"),
         ({"overdraft_limit": "0.0000001"}, "account.overdraft_limit"),
@@ -151,3 +160,76 @@ def test_list_accounts_paginates(client: TallyClient) -> None:
         client.list_accounts(page_token="garbage!")
     assert bad_token.value.field_violations[0][0] == "page_token"
     assert len(client.list_accounts(page_size=1000).accounts) <= 100
+
+
+@pytest.mark.parametrize("zone", ["posixrules", "localtime", "right/UTC"])
+def test_update_refuses_a_zone_that_is_not_a_place(
+    client: TallyClient, account_id: str, zone: str
+) -> None:
+    """Such an account would fail every later call that needs its local time (a
+    subscription's period, a usage day) as an internal error: the fuzzer found it."""
+    client.create_account(account_id)
+    with pytest.raises(InvalidArgument) as info:
+        client.update_account(account_id, time_zone=zone)
+    assert info.value.field_violations[0][0] == "time_zone"
+    assert client.get_account(account_id).time_zone == "UTC"
+
+
+def test_the_database_refuses_a_zone_it_does_not_know(own_database_url: str) -> None:
+    """Behind the validation, tally_create_account and tally_update_account refuse a
+    name PostgreSQL's time zone data lacks (zoneinfo may know one it does not: a newer
+    zone, or a host file) as INVALID_ARGUMENT on time_zone, never an internal error."""
+
+    def create(account_id: str, zone: str) -> dict[str, object]:
+        return {
+            "request_id": f"create-{account_id}",
+            "fingerprint": b"c" * 32,
+            "account_id": account_id,
+            "email": "",
+            "name": "",
+            "time_zone": zone,
+            "currency": "CREDIT",
+            "overdraft_limit": 0,
+            "trial_ends_at": None,
+        }
+
+    def update(zone: str, mask: list[str]) -> dict[str, object]:
+        return {
+            "request_id": f"update-{zone}-{len(mask)}",
+            "fingerprint": b"u" * 32,
+            "account_id": "tz-known",
+            "mask": mask,
+            "email": "",
+            "name": "renamed",
+            "time_zone": zone,
+            "overdraft_limit": 0,
+            "trial_ends_at": None,
+        }
+
+    async def main() -> None:
+        db = Database(make_engine(own_database_url, pool_size=2))
+        try:
+            with pytest.raises(errors.InvalidArgument) as refused:
+                await db.call("tally_create_account", create("tz-unknown", "posixrules"))
+            assert refused.value.field == "time_zone"
+            await db.call("tally_create_account", create("tz-known", "Asia/Kolkata"))
+            with pytest.raises(errors.InvalidArgument) as refused:
+                await db.call("tally_update_account", update("right/UTC", ["time_zone"]))
+            assert refused.value.field == "time_zone"
+            # A zone not in the mask is not looked at.
+            answer, _ = await db.call("tally_update_account", update("right/UTC", ["name"]))
+            assert (answer["account"]["name"], answer["account"]["time_zone"]) == (
+                "renamed",
+                "Asia/Kolkata",
+            )
+            async with db.engine.connect() as conn:
+                rows = (
+                    await conn.execute(
+                        text("SELECT account_id FROM accounts WHERE account_id LIKE 'tz-%'")
+                    )
+                ).all()
+            assert [r[0] for r in rows] == ["tz-known"]
+        finally:
+            await db.engine.dispose()
+
+    asyncio.run(main())

@@ -153,6 +153,8 @@ def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -
     """Maps a SQLSTATE (and the JSON detail of Tally's own TA errors) to a domain error
     (or to _LostRace, which calling again resolves)."""
     detail = _parse_detail(raw_detail)
+    if sqlstate == "TA400":
+        return errors.InvalidArgument(str(detail["field"]), str(detail["reason"]))
     if sqlstate == "TA404":
         return errors.NotFound(detail["resource"], str(detail["id"]))
     if sqlstate == "TA409":

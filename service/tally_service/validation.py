@@ -3,11 +3,12 @@
 Every limit a caller can meet is here, so the documentation and the code agree.
 """
 
+import functools
 import json
 import re
 from datetime import UTC, datetime
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -79,9 +80,21 @@ def metadata(value: struct_pb2.Struct, field: str = "metadata") -> str:
     return encoded
 
 
+@functools.cache
+def _time_zones() -> frozenset[str]:
+    """The IANA names zoneinfo lists (read once: it walks the time zone files). ZoneInfo
+    also loads files that are not zones: "posixrules", the "posix/" and "right/" trees,
+    and "localtime", which is the host's own zone, not a place."""
+    return frozenset(available_timezones() - {"localtime"})
+
+
 def time_zone(value: str) -> str:
+    """An IANA time zone name (the database must know it too: tally_create_account and
+    tally_update_account refuse one its time zone data lacks)."""
     if not value:
         return "UTC"
+    if value not in _time_zones():
+        raise InvalidArgument("time_zone", f"{quote(value)} is not an IANA time zone")
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):

@@ -81,6 +81,22 @@ BEGIN
     PERFORM tally_lock_account(p_account_id);
 END $$;
 
+-- A refusal (TA400, the time_zone field) unless PostgreSQL knows p_time_zone: it computes
+-- the account's local days, periods and reports in that zone. Python's zoneinfo, which
+-- validation.time_zone asks first, loads names that PostgreSQL's time zone data may not
+-- have (a zone newer than it, or host files such as "posixrules"); an account holding
+-- one would fail every later call that needs its local time. NULL when it is known.
+CREATE OR REPLACE FUNCTION tally_unknown_time_zone(p_time_zone text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM now() AT TIME ZONE p_time_zone;
+    RETURN NULL;
+EXCEPTION WHEN invalid_parameter_value THEN
+    RETURN tally_refusal('TA400', json_build_object(
+        'field', 'time_zone',
+        'reason', format('%s is not a time zone the database knows', p_time_zone)));
+END $$;
+
 CREATE OR REPLACE FUNCTION tally_create_account(
     p_request_id text, p_fingerprint bytea, p_account_id text, p_email text,
     p_name text, p_time_zone text, p_currency text, p_overdraft_limit bigint,
@@ -90,7 +106,8 @@ DECLARE
     a accounts;
     r jsonb;
 BEGIN
-    r := tally_replay(p_request_id, 'CreateAccount', p_fingerprint);
+    r := coalesce(tally_replay(p_request_id, 'CreateAccount', p_fingerprint),
+                  tally_unknown_time_zone(p_time_zone));
     IF r IS NOT NULL THEN
         RETURN r;
     END IF;
@@ -125,6 +142,9 @@ DECLARE
 BEGIN
     PERFORM tally_lock_account(p_account_id);
     r := tally_replay(p_request_id, 'UpdateAccount', p_fingerprint);
+    IF r IS NULL AND 'time_zone' = ANY (p_mask) THEN
+        r := tally_unknown_time_zone(p_time_zone);
+    END IF;
     IF r IS NOT NULL THEN
         RETURN r;
     END IF;
