@@ -446,6 +446,8 @@ def test_slow_database_deadlines_hold_and_the_pool_does_not_leak(
         with TallyClient(server.target, timeout_seconds=10, max_attempts=1) as client:
             client.create_account("slow")
             client.top_up("slow", "100", request_id="slow-start")
+            client.upsert_product("slow-call", "1")
+        batch = [TallyClient.usage_event("slow", f"slow-event-{i}", "slow-call") for i in range(3)]
         timed_out: list[str] = []
         with RowLock(own_database_url, "slow"):
             # 30 callers with a 0.5 s deadline, 10 at a time: 3 wait on the lock, the rest
@@ -464,6 +466,14 @@ def test_slow_database_deadlines_hold_and_the_pool_does_not_leak(
             assert {code for code, _ in outcomes} == {"DEADLINE_EXCEEDED"}, outcomes
             assert max(took for _, took in outcomes) < 1.5, outcomes
             timed_out = [f"slow-{i}" for i in range(30)]
+            # A batch gives up the same way: its statement, sent before its responses
+            # are begun, is cancelled with the call.
+            with (
+                TallyClient(server.target, timeout_seconds=0.5, max_attempts=1) as c,
+                pytest.raises(TallyError) as batch_info,
+            ):
+                c.record_usage_batch(batch)
+            assert batch_info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             # A caller with a long deadline meets the server's bound instead.
             with TallyClient(server.target, timeout_seconds=20, max_attempts=1) as c:
                 started = time.monotonic()
@@ -489,6 +499,10 @@ def test_slow_database_deadlines_hold_and_the_pool_does_not_leak(
                 client.debit("slow", "1", request_id=request_id)
             for request_id in timed_out:  # replays
                 client.debit("slow", "1", request_id=request_id)
+            recorded = client.record_usage_batch(batch).results
+            assert [r.status.code for r in recorded] == [0, 0, 0]
+            assert not any(r.result.duplicate for r in recorded)  # the cancelled one wrote none
+            timed_out += [f"slow-event-{i}" for i in range(3)]
             ids = sorted(e.request_id for e in client.iter_entries("slow", page_size=100))
             assert ids == sorted(["slow-start", *timed_out])
             assert client.get_balance("slow").balance == str(100 - len(timed_out))

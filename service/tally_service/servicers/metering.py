@@ -51,6 +51,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _retrieve(task: "asyncio.Task[Any]") -> None:
+    """Consumes a task's outcome that nobody awaits any more."""
+    if not task.cancelled():
+        task.exception()
+
+
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
@@ -291,7 +297,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 written.begin(results[item.idx].result, events[item.idx], item)
             answered = await recording
         except BaseException:
+            # Cancelled (or failed) before the answer: the statement is cancelled too, as
+            # when it was awaited in place; its outcome is retrieved, never logged.
             recording.cancel()
+            recording.add_done_callback(_retrieve)
             raise
         for result in answered:
             if isinstance(result, list):
