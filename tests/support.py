@@ -1,11 +1,17 @@
 """Shared assertions and helpers for tests."""
 
+import asyncio
 import contextlib
 import os
 import socket
 import threading
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tally_client import TallyClient
+from tally_service.db import async_url
 
 # How many times more examples a Hypothesis test draws under the "long" profile.
 LONG_FACTOR = 25
@@ -24,6 +30,21 @@ def assert_consistent(client: TallyClient, account_id: str) -> None:
     assert report.consistent, list(report.violations)
     assert report.stored_balance == report.ledger_balance
     assert report.stored_reserved == report.holds_reserved
+
+
+def query(database_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """One SQL statement in its own committed transaction; its rows (none for a
+    statement that returns none)."""
+
+    async def run() -> list[tuple[Any, ...]]:
+        engine = create_async_engine(async_url(database_url))
+        async with engine.begin() as conn:
+            result = await conn.execute(text(sql), params)
+            rows = [tuple(r) for r in result] if result.returns_rows else []
+        await engine.dispose()
+        return rows
+
+    return asyncio.run(run())
 
 
 class DroppingProxy:

@@ -1,6 +1,7 @@
 """AccountsService against a real server."""
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -8,6 +9,7 @@ from sqlalchemy import text
 
 from tally_client import (
     AccountAlreadyExists,
+    AccountTimeZoneUnknown,
     InvalidArgument,
     NotFound,
     RequestIdReused,
@@ -15,6 +17,7 @@ from tally_client import (
 )
 from tally_service import errors
 from tally_service.db import Database, make_engine
+from tests.support import query
 
 
 def test_create_get_defaults(client: TallyClient, account_id: str) -> None:
@@ -233,3 +236,43 @@ def test_the_database_refuses_a_zone_it_does_not_know(own_database_url: str) -> 
             await db.engine.dispose()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("zone", ["posixrules", "Mars/Olympus"])
+def test_a_stored_zone_nobody_knows_is_a_precondition_until_updated(
+    client: TallyClient, account_id: str, database_url: str, zone: str
+) -> None:
+    """An account stored before its time zone was checked against zoneinfo's list and
+    the database's data (the fuzzer's "posixrules") cannot answer anything in its local
+    time. Each such call, whether the server or PostgreSQL finds it out, is
+    FAILED_PRECONDITION ACCOUNT_TIME_ZONE_UNKNOWN naming the zone, never INTERNAL; the
+    account's other calls go on, and UpdateAccount repairs it."""
+    client.create_account(account_id)
+    client.top_up(account_id, "100")
+    product = client.upsert_product(f"P-{account_id}", "1").product_id
+    query(
+        database_url,
+        "UPDATE accounts SET time_zone = :zone WHERE account_id = :account_id",
+        zone=zone,
+        account_id=account_id,
+    )
+    calls: dict[str, Callable[[], object]] = {
+        "GetUsage": lambda: client.get_usage(account_id),
+        "GetUsageSummary": lambda: client.get_usage_summary(account_id),
+        "GetAccountSummary": lambda: client.get_account_summary(account_id),
+        "ListUsageEvents": lambda: client.list_usage_events(account_id),
+        "SetSubscription": lambda: client.set_subscription(
+            account_id, "pro", "10", request_id=f"sub-{account_id}"
+        ),
+        "RecordUsage": lambda: client.record_usage(account_id, "e-1", product),
+    }
+    for name, call in calls.items():
+        with pytest.raises(AccountTimeZoneUnknown) as info:
+            call()
+        assert info.value.metadata["time_zone"] == zone, name
+    assert client.get_balance(account_id).balance == "100"
+    client.debit(account_id, "1")  # no local time: unaffected
+    client.update_account(account_id, time_zone="Europe/Paris")
+    for call in calls.values():
+        call()
+    assert client.get_balance(account_id).balance == "108"

@@ -1,6 +1,5 @@
 """Subscriptions: period arithmetic in the account's zone, renewal, expiry, rollover."""
 
-import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -10,14 +9,11 @@ from zoneinfo import ZoneInfo
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from tally.v1 import accounts_pb2 as a
 from tally.v1 import credits_pb2 as c
 from tally_client import TallyClient
-from tally_service.db import async_url
-from tests.support import assert_consistent
+from tests.support import assert_consistent, query
 
 
 def ts(t: datetime) -> timestamp_pb2.Timestamp:
@@ -38,17 +34,6 @@ def subscribe(client: TallyClient, account_id: str, **fields: Any) -> a.Subscrip
     )
     subscription: a.Subscription = response.subscription
     return subscription
-
-
-def query(database_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    async def run() -> list[tuple[Any, ...]]:
-        engine = create_async_engine(async_url(database_url))
-        async with engine.connect() as conn:
-            rows = [tuple(r) for r in await conn.execute(text(sql), params)]
-        await engine.dispose()
-        return rows
-
-    return asyncio.run(run())
 
 
 def test_month_ends_in_kolkata_do_not_drift(

@@ -38,6 +38,7 @@ __all__ = [
     "Aborted",
     "AccountAlreadyExists",
     "AccountNotFound",
+    "AccountTimeZoneUnknown",
     "AlreadyExists",
     "BalanceLimit",
     "Cancelled",
@@ -321,6 +322,13 @@ class PeriodNotClosed(FailedPrecondition):
     grpc_reason = reason_of(_R.ERROR_REASON_PERIOD_NOT_CLOSED)
 
 
+class AccountTimeZoneUnknown(FailedPrecondition):
+    """The account's stored time zone is unknown to the service (stored before such
+    names were refused): set another with ``update_account``."""
+
+    grpc_reason = reason_of(_R.ERROR_REASON_ACCOUNT_TIME_ZONE_UNKNOWN)
+
+
 class ReportVersionNotFound(NotFound):
     """The period report has no such version (its versions are 1 to the latest)."""
 
@@ -379,6 +387,7 @@ _REASON_CLASSES: tuple[type[TallyError], ...] = (
     BalanceLimit,
     PeriodNotClosed,
     ReportVersionNotFound,
+    AccountTimeZoneUnknown,
 )
 #: The reasons without a class of their own, raised as the class of their status code.
 GENERIC_REASONS: dict[str, type[TallyError]] = {

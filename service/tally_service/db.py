@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -149,6 +150,17 @@ def translate(exc: DBAPIError) -> Exception:
     return translate_state(sqlstate, getattr(cause, "detail", None), exc)
 
 
+# PostgreSQL's message for a time zone name its time zone data lacks.
+_UNKNOWN_ZONE = re.compile(r'time zone "(.*)" not recognized')
+
+
+def unknown_zone(sqlstate: str, exc: BaseException) -> str | None:
+    """The name in PostgreSQL's error for a time zone its data lacks (an account's
+    zone stored before such names were refused), or None for any other error."""
+    found = _UNKNOWN_ZONE.search(str(exc)) if sqlstate == "22023" else None
+    return found[1] if found else None
+
+
 def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -> Exception:
     """Maps a SQLSTATE (and the JSON detail of Tally's own TA errors) to a domain error
     (or to _LostRace, which calling again resolves)."""
@@ -202,6 +214,8 @@ def translate_state(sqlstate: str, raw_detail: str | None, exc: BaseException) -
             "delete one first",
             metadata={k: str(v) for k, v in detail.items()},
         )
+    if (zone := unknown_zone(sqlstate, exc)) is not None:
+        return errors.AccountTimeZoneUnknown(None, zone)
     if sqlstate == "22003":
         return errors.BalanceLimit("the movement would take the balance out of range")
     if sqlstate == "23505" and "idempotency_keys_pkey" in str(exc):

@@ -189,6 +189,22 @@ class PeriodNotClosed(DomainError):
     reason = reason_of(R.ERROR_REASON_PERIOD_NOT_CLOSED)
 
 
+class AccountTimeZoneUnknown(DomainError):
+    """The account's stored time zone is one this server or its database does not know
+    (stored before such names were refused), so its local time cannot be computed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = reason_of(R.ERROR_REASON_ACCOUNT_TIME_ZONE_UNKNOWN)
+
+    def __init__(self, account_id: str | None, time_zone: str) -> None:
+        whose = f"account {quote(account_id)}'s" if account_id else "the account's"
+        super().__init__(
+            f"{whose} time zone {quote(time_zone)} is not one this service knows; "
+            "set another with UpdateAccount",
+            metadata={"time_zone": time_zone} | ({"account_id": account_id} if account_id else {}),
+        )
+
+
 class DatabaseUnavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = reason_of(R.ERROR_REASON_DATABASE_UNAVAILABLE)

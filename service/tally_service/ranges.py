@@ -6,8 +6,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from tally.v1 import metering_pb2
-from tally_service import validation
-from tally_service.errors import InvalidArgument
+from tally_service import models, validation
+from tally_service.errors import AccountTimeZoneUnknown, InvalidArgument
 
 #: The UsageRange field of GetUsage, ListUsageEvents and ExportUsageReport requests.
 RANGE_FIELD = "time_range"
@@ -21,6 +21,15 @@ PERIOD_UNITS: dict[int, str] = {
     metering_pb2.USAGE_PERIOD_MONTHLY: "month",
     metering_pb2.USAGE_PERIOD_YEARLY: "year",
 }
+
+
+def account_zone(account: models.Account) -> ZoneInfo:
+    """The account's time zone. One stored before validation refused such names (a file
+    zoneinfo loads that is not a place, like "posixrules") is FAILED_PRECONDITION, never an
+    internal error; `db.translate_state` does the same for a name the database lacks."""
+    if not validation.known_time_zone(account.time_zone):
+        raise AccountTimeZoneUnknown(account.account_id, account.time_zone)
+    return ZoneInfo(account.time_zone)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from tally_service import models, reads
+from tally_service import models, ranges, reads
 from tally_service.db import Database
 from tally_service.money import format_amount
 from tally_service.ranges import Range
@@ -105,7 +105,7 @@ class Report:
         self.sheet_rows = sheet_rows
 
     def file_name(self, extension: str) -> str:
-        zone = ZoneInfo(self.account.time_zone)
+        zone = ranges.account_zone(self.account)
         start = _day(self.range.start, zone)
         end = _day(self.range.end, zone)
         return f"usage-{self.account.account_id}-{start}-{end}.{extension}"
@@ -209,7 +209,7 @@ class Report:
         if out.size:
             yield out.take()
 
-        zone = ZoneInfo(self.account.time_zone)
+        zone = ranges.account_zone(self.account)
         stats = await reads.usage_stats(
             self.db, self.account.account_id, self.range, "day", zone, self.product_id
         )

@@ -11,9 +11,10 @@ import asyncio
 import logging
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
-from tally_service import reads
-from tally_service.db import Database
+from tally_service import errors, reads
+from tally_service.db import Database, unknown_zone
 from tally_service.metrics import Metrics
 from tally_service.outage import outage
 
@@ -26,19 +27,30 @@ _PENDING = text("SELECT count(*) FROM holds WHERE account_id = :a AND status = '
 
 
 async def sweep_once(db: Database, batch: int = 100, metrics: Metrics | None = None) -> int:
-    """Expires the overdue holds of up to `batch` holds' accounts; returns accounts swept."""
+    """Expires the overdue holds of up to `batch` holds' accounts; returns accounts swept.
+    An account that cannot be swept for a reason of its own (a time zone stored before
+    unknown ones were refused) is logged and passed over: it never stops the others."""
     accounts = await reads.due_accounts(db, batch)
-    expired = 0
+    expired = swept = 0
     for account_id in accounts:
-        async with db.engine.begin() as conn:
-            await conn.execute(_LOCK, {"a": account_id})
-            before = (await conn.execute(_PENDING, {"a": account_id})).scalar_one()
-            await conn.execute(text("SELECT tally_expire_holds(:a)"), {"a": account_id})
-            after = (await conn.execute(_PENDING, {"a": account_id})).scalar_one()
+        try:
+            async with db.engine.begin() as conn:
+                await conn.execute(_LOCK, {"a": account_id})
+                before = (await conn.execute(_PENDING, {"a": account_id})).scalar_one()
+                await conn.execute(text("SELECT tally_expire_holds(:a)"), {"a": account_id})
+                after = (await conn.execute(_PENDING, {"a": account_id})).scalar_one()
+        except DBAPIError as exc:
+            zone = unknown_zone(getattr(exc.orig, "sqlstate", None) or "", exc)
+            if zone is None:
+                raise
+            error = errors.AccountTimeZoneUnknown(account_id, zone)
+            log.warning("account %r was not swept: %s", account_id, error.message)
+            continue
         expired += int(before) - int(after)
+        swept += 1
     if metrics is not None:
         metrics.hold("expired", expired)
-    return len(accounts)
+    return swept
 
 
 # The tables of Tally's schema that were never analysed (reltuples -1) and have grown

@@ -1,8 +1,6 @@
 """GetUsage's answer (also GetAccountSummary's month): the period's unit, the
 statistics from `reads.usage_stats`, the message from `convert.usage`."""
 
-from zoneinfo import ZoneInfo
-
 from tally.v1 import metering_pb2
 from tally_service import convert, errors, models, ranges, reads
 from tally_service.db import Database
@@ -15,7 +13,7 @@ async def usage_response(
     r: ranges.Range,
     product_id: str,
 ) -> metering_pb2.GetUsageResponse:
-    zone = ZoneInfo(account.time_zone)
+    zone = ranges.account_zone(account)
     unit = ranges.PERIOD_UNITS.get(period)
     if unit is None:
         raise errors.InvalidArgument("period", f"unknown period {period}")

@@ -88,12 +88,17 @@ def _time_zones() -> frozenset[str]:
     return frozenset(available_timezones() - {"localtime"})
 
 
+def known_time_zone(value: str) -> bool:
+    """Whether the name is an IANA time zone zoneinfo lists."""
+    return value in _time_zones()
+
+
 def time_zone(value: str) -> str:
     """An IANA time zone name (the database must know it too: tally_create_account and
     tally_update_account refuse one its time zone data lacks)."""
     if not value:
         return "UTC"
-    if value not in _time_zones():
+    if not known_time_zone(value):
         raise InvalidArgument("time_zone", f"{quote(value)} is not an IANA time zone")
     return value
 

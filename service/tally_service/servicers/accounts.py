@@ -1,7 +1,6 @@
 """tally.v1.AccountsService."""
 
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo
 
 import grpc
 
@@ -120,7 +119,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         balance = await reads.get_balance(self.db, validation.account_id(request.account_id))
         account = balance.account
         this_month = ranges.preset_range(
-            metering_pb2.RANGE_PRESET_THIS_MONTH, ZoneInfo(account.time_zone), datetime.now(UTC)
+            metering_pb2.RANGE_PRESET_THIS_MONTH, ranges.account_zone(account), datetime.now(UTC)
         )
         usage_this_month = await usage.usage_response(
             self.db, account, metering_pb2.USAGE_PERIOD_MONTHLY, this_month, ""

@@ -6,7 +6,6 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import grpc
 
@@ -495,7 +494,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     @staticmethod
     def _range(request: Any, account: models.Account) -> ranges.Range:
-        return ranges.resolve(request.time_range, ZoneInfo(account.time_zone), _now())
+        return ranges.resolve(request.time_range, ranges.account_zone(account), _now())
 
     async def GetUsageSummary(
         self, request: metering_pb2.GetUsageSummaryRequest, context: grpc.aio.ServicerContext
@@ -506,7 +505,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         recent = min(request.recent_events or 10, 100)
         balance = await reads.get_balance(self.db, account_id)
         account = balance.account
-        zone = ZoneInfo(account.time_zone)
+        zone = ranges.account_zone(account)
         now = _now()
         months = []
         for preset in (metering_pb2.RANGE_PRESET_THIS_MONTH, metering_pb2.RANGE_PRESET_LAST_MONTH):
@@ -549,7 +548,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         account = await reads.get_account(self.db, account_id)
         # Days are the account's calendar days (a range across a DST change may be
         # 7 x 24 hours plus or minus one).
-        zone = ZoneInfo(account.time_zone)
+        zone = ranges.account_zone(account)
         days = self.settings.usage_list_max_days
         if key is None:
             # Not before the earliest instant the API accepts, so the token issued
@@ -594,7 +593,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         account = await reads.get_account(self.db, validation.account_id(request.account_id))
         r = self._range(request, account)
         days = self.settings.usage_export_max_days
-        if not ranges.within_days(r, days, ZoneInfo(account.time_zone)):
+        if not ranges.within_days(r, days, ranges.account_zone(account)):
             raise errors.InvalidArgument(
                 "time_range.end_time",
                 f"the range may span at most {days} days of the account's time zone "
@@ -650,7 +649,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise errors.InvalidArgument("version", "must not be negative")
         account = await reads.get_account(self.db, account_id)
         p = period_reports.period_of(
-            request.period, request.year, request.month, request.day, ZoneInfo(account.time_zone)
+            request.period, request.year, request.month, request.day, ranges.account_zone(account)
         )
         report = await period_reports.get(self.db, account, p, request.version, _now())
         return metering_pb2.GetPeriodReportResponse(report=convert.period_report(report))

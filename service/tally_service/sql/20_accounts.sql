@@ -140,7 +140,20 @@ DECLARE
     a accounts;
     r jsonb;
 BEGIN
-    PERFORM tally_lock_account(p_account_id);
+    BEGIN
+        PERFORM tally_lock_account(p_account_id);
+    EXCEPTION WHEN invalid_parameter_value THEN
+        -- The catch-up could not compute a local day: the stored zone is one the
+        -- database does not know (accepted before such names were refused). An update
+        -- that gives a known zone, under a request id not used before, repairs it
+        -- first; anything else fails as before (ACCOUNT_TIME_ZONE_UNKNOWN).
+        IF NOT 'time_zone' = ANY (p_mask) OR tally_unknown_time_zone(p_time_zone) IS NOT NULL
+           OR tally_replay(p_request_id, 'UpdateAccount', p_fingerprint) IS NOT NULL THEN
+            RAISE;
+        END IF;
+        UPDATE accounts SET time_zone = p_time_zone WHERE account_id = p_account_id;
+        PERFORM tally_lock_account(p_account_id);
+    END;
     r := tally_replay(p_request_id, 'UpdateAccount', p_fingerprint);
     IF r IS NULL AND 'time_zone' = ANY (p_mask) THEN
         r := tally_unknown_time_zone(p_time_zone);
