@@ -559,10 +559,12 @@ def test_an_account_it_cannot_sweep_does_not_stop_the_sweeper(
     for account_id in (broken, *others):
         client.create_account(account_id)
         client.top_up(account_id, "10", request_id=f"top-up-{account_id}")
-    client.start_usage(broken, "job", product, ttl_seconds=1)
+    client.start_usage(broken, "job", product, ttl_seconds=3600)
+    # Both at once, so that nothing sweeps the job before its zone is broken.
     query(
         database_url,
-        "UPDATE accounts SET time_zone = 'posixrules' WHERE account_id = :a",
+        "WITH zone AS (UPDATE accounts SET time_zone = 'posixrules' WHERE account_id = :a) "
+        "UPDATE holds SET expires_at = clock_timestamp() WHERE account_id = :a",
         a=broken,
     )
     for account_id in others:
