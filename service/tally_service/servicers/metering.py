@@ -50,10 +50,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _retrieve(task: "asyncio.Task[Any]") -> None:
-    """Consumes a task's outcome that nobody awaits any more."""
-    if not task.cancelled():
-        task.exception()
+async def _abandon(recording: "asyncio.Future[Any]") -> None:
+    """Cancels a statement whose answer the handler no longer waits for (its call ended
+    or failed first) and waits until it has stopped; its outcome is nobody's answer."""
+    recording.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await recording
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -297,9 +299,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             answered = await recording
         except BaseException:
             # Cancelled (or failed) before the answer: the statement is cancelled too, as
-            # when it was awaited in place; its outcome is retrieved, never logged.
-            recording.cancel()
-            recording.add_done_callback(_retrieve)
+            # when it was awaited in place.
+            await _abandon(recording)
             raise
         for result in answered:
             if isinstance(result, list):
@@ -411,9 +412,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             await settle()
         finally:
             if recording is not None and not recording.done():
-                recording.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await recording
+                await _abandon(recording)
         return response
 
     # -- long jobs ----------------------------------------------------------------
